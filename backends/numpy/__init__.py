@@ -1,0 +1,67 @@
+"""The NumPy reference backend: float32, float64 (the oracle), and bf16/fp16 rounding emulated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from backends.numpy.ops import STORAGE, compute_dtype, make_op_table, make_rounder
+from gemma_core.backend import Backend
+from gemma_core.errors import BackendError
+
+
+class NumpyBackend(Backend):
+    """Reference realisation; clarity over speed."""
+
+    name = "numpy"
+    dtypes = tuple(STORAGE)
+
+    def __init__(self) -> None:
+        self._tables: dict[str, Mapping[str, Callable[..., Any]]] = {}
+
+    def op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
+        if dtype not in self._tables:
+            self._tables[dtype] = make_op_table(dtype)
+        return self._tables[dtype]
+
+    def prepare_weights(self, weights: Mapping[str, np.ndarray], dtype: str,
+                        device: str | None) -> dict[str, Any]:
+        _check_device(device)
+        rnd = make_rounder(dtype)
+        converted: dict[int, np.ndarray] = {}  # by id, so a tied tensor is converted once
+        out = {}
+        for name, w in weights.items():
+            if id(w) not in converted:
+                converted[id(w)] = rnd(np.asarray(w))
+            out[name] = converted[id(w)]
+        return out
+
+    def asarray(self, x: np.ndarray, device: str | None) -> Any:
+        return np.asarray(x)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype.kind == "f" and x.dtype.itemsize < 4:
+            return x.astype(np.float32)
+        return x
+
+    def new_cache_layer(self, batch: int, kv_heads: int, capacity: int, head_dim: int,
+                        dtype: str, device: str | None) -> Any:
+        _check_device(device)
+        shape = (batch, kv_heads, capacity, head_dim)
+        acc = compute_dtype(dtype)
+        return np.zeros(shape, acc), np.zeros(shape, acc)
+
+    def export_cache_layer(self, state: Any) -> tuple[np.ndarray, np.ndarray]:
+        k, v = state
+        return np.array(k), np.array(v)
+
+
+def _check_device(device: str | None) -> None:
+    if device not in (None, "cpu"):
+        raise BackendError(f"device: the numpy backend runs on the CPU only, got {device!r}")
+
+
+backend = NumpyBackend()

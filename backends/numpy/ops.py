@@ -1,0 +1,141 @@
+"""The reference op table in NumPy: tiny functions that every other backend is compared with.
+
+Arrays are held in float32 (float64 for the oracle dtype). For bfloat16 and float16 every op
+computes in float32 and rounds its result to the compute dtype through `ml_dtypes`, which is how
+PyTorch evaluates each op of a bf16 model (fp32 accumulation, one rounding per op output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+STORAGE = {
+    "float64": np.dtype(np.float64),
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+
+
+def compute_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype arrays are held in: float64 for the oracle, float32 otherwise."""
+    return np.dtype(np.float64) if dtype == "float64" else np.dtype(np.float32)
+
+
+def make_rounder(dtype: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Round an array to `dtype`'s precision, keeping it in the compute dtype."""
+    acc, store = compute_dtype(dtype), STORAGE[dtype]
+    if store == acc:
+        return lambda x: np.asarray(x, acc)
+    return lambda x: np.asarray(x).astype(store).astype(acc)
+
+
+def rope_angles(positions: np.ndarray, head_dim: int, theta: float, scaling: float,
+                acc: np.dtype) -> np.ndarray:
+    """Angles `[B, T, H]`: float32 (or the oracle's float64) inverse frequencies, duplicated halves."""
+    inv_freq = 1.0 / (acc.type(theta) ** (np.arange(0, head_dim, 2, dtype=acc) / acc.type(head_dim)))
+    inv_freq = inv_freq / acc.type(scaling)  # linear scaling divides positions by the factor
+    freqs = positions.astype(acc)[..., None] * inv_freq  # [B,T,H/2]
+    return np.concatenate([freqs, freqs], axis=-1)
+
+
+def attention_mask(key_slots: np.ndarray, query_slots: np.ndarray, valid: np.ndarray,
+                   window: int | None) -> np.ndarray:
+    """Boolean `[B, 1, T, S]`: causal, within the window (W keys including itself), not padding."""
+    q = query_slots[:, None]  # [T,1]
+    k = key_slots[None, :]  # [1,S]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= k > q - window
+    real = valid[:, np.clip(key_slots, 0, None)] & (key_slots >= 0)  # [B,S]
+    return visible[None, None] & real[:, None, None, :]
+
+
+def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
+    """The op table computing in `dtype` (float64, float32, bfloat16 or float16)."""
+    acc = compute_dtype(dtype)
+    rnd = make_rounder(dtype)
+    # bf16 and fp16 masks use their own finite minimum, as transformers does.
+    fmin = acc.type(np.finfo(STORAGE[dtype]).min)
+
+    def embed(ids: np.ndarray, table: np.ndarray, *, scale: float) -> np.ndarray:
+        return rnd(table[ids] * rnd(acc.type(scale)))
+
+    def rms_norm(x: np.ndarray, w: np.ndarray, *, eps: float) -> np.ndarray:
+        x32 = x.astype(np.promote_types(x.dtype, np.float32))
+        inv = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + x32.dtype.type(eps))
+        return rnd(x32 * inv * (1.0 + w.astype(x32.dtype)))
+
+    def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return rnd(x @ w.T)
+
+    def split_heads(x: np.ndarray, *, heads: int, head_dim: int) -> np.ndarray:
+        b, t, _ = x.shape
+        return x.reshape(b, t, heads, head_dim).transpose(0, 2, 1, 3)
+
+    def merge_heads(x: np.ndarray) -> np.ndarray:
+        b, n, t, h = x.shape
+        return x.transpose(0, 2, 1, 3).reshape(b, t, n * h)
+
+    def rope(x: np.ndarray, positions: np.ndarray, *, theta: float, scaling: float) -> np.ndarray:
+        angles = rope_angles(positions, x.shape[-1], theta, scaling, acc)[:, None]  # [B,1,T,H]
+        cos, sin = rnd(np.cos(angles)), rnd(np.sin(angles))
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return rnd(rnd(x * cos) + rnd(rotated * sin))
+
+    def kv_cache(k: np.ndarray, v: np.ndarray, layer: tuple[np.ndarray, np.ndarray],
+                 query_slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+        kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C
+        cap, start, t = kbuf.shape[2], int(query_slots[0]), k.shape[2]
+        prev = np.arange(max(0, start - cap), start)
+        keys = np.concatenate([kbuf[:, :, prev % cap], k], axis=2)  # [B,K,S,H]
+        values = np.concatenate([vbuf[:, :, prev % cap], v], axis=2)
+        kept = np.arange(max(0, t - cap), t)  # only the last `cap` new tokens fit
+        kbuf[:, :, (start + kept) % cap] = k[:, :, kept]
+        vbuf[:, :, (start + kept) % cap] = v[:, :, kept]
+        key_slots = np.arange(prev[0] if len(prev) else start, start + t)
+        return keys, values, key_slots, (kbuf, vbuf)
+
+    def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, key_slots: np.ndarray,
+                  query_slots: np.ndarray, valid: np.ndarray, *, scale: float,
+                  softcap: float | None, window: int | None) -> np.ndarray:
+        groups = q.shape[1] // keys.shape[1]
+        keys = np.repeat(keys, groups, axis=1)  # query head h reads kv head h // groups
+        values = np.repeat(values, groups, axis=1)
+        scores = rnd(rnd(q @ keys.transpose(0, 1, 3, 2)) * acc.type(scale))  # [B,N,T,S]
+        if softcap is not None:
+            scores = rnd(rnd(np.tanh(rnd(scores / acc.type(softcap)))) * acc.type(softcap))
+        mask = attention_mask(key_slots, query_slots, valid, window)
+        scores = np.where(mask, scores, rnd(scores + fmin)).astype(np.promote_types(acc, np.float32))
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs = rnd(probs / probs.sum(axis=-1, keepdims=True))
+        return rnd(probs @ values)  # [B,N,T,H]
+
+    def gelu_tanh(x: np.ndarray) -> np.ndarray:
+        c = acc.type(np.sqrt(2.0 / np.pi))
+        return rnd(0.5 * x * (1.0 + np.tanh(c * (x + acc.type(0.044715) * x**3))))
+
+    def mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return rnd(a * b)
+
+    def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return rnd(a + b)
+
+    def softcap(x: np.ndarray, *, cap: float) -> np.ndarray:
+        return rnd(rnd(np.tanh(rnd(x / acc.type(cap)))) * acc.type(cap))
+
+    def gather_positions(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return x[:, index]
+
+    return {
+        "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
+        "merge_heads": merge_heads, "rope": rope, "kv_cache": kv_cache, "attention": attention,
+        "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
+        "gather_positions": gather_positions,
+    }

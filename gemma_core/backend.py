@@ -1,0 +1,118 @@
+"""What a backend provides, and the lazy registry that finds backends by name.
+
+A backend realises the op vocabulary of `gemma_core.graph` once for its framework and decides how
+weights are placed. Built-in backends live in the top-level `backends` package; third-party ones
+register an object under the entry-point group `gemma_core.backends`. Nothing is imported until a
+backend is asked for, and several backends can be used in one process.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from gemma_core.errors import BackendError
+
+ENTRY_POINT_GROUP = "gemma_core.backends"
+DEFAULT_BACKEND = "numpy"
+
+# name -> "module:attribute" of the backend object.
+BUILTIN_BACKENDS: dict[str, str] = {
+    "numpy": "backends.numpy:backend",
+}
+# Frameworks a backend may need, with the extra that installs each.
+_INSTALL_HINTS = {
+    "torch": "pip install 'gemma-core[torch]'",
+    "jax": "pip install 'gemma-core[jax]'",
+    "jaxlib": "pip install 'gemma-core[jax]'",
+    "tensorflow": "pip install 'gemma-core[tensorflow]'",
+    "keras": "pip install 'gemma-core[tensorflow]'",
+    "ml_dtypes": "pip install ml_dtypes",
+}
+
+
+class Backend(abc.ABC):
+    """A realisation of the op vocabulary for one array library."""
+
+    name: str
+    dtypes: tuple[str, ...]
+
+    @abc.abstractmethod
+    def op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
+        """The op kinds of `gemma_core.graph.OP_KINDS`, computing in `dtype`."""
+
+    @abc.abstractmethod
+    def prepare_weights(self, weights: Mapping[str, np.ndarray], dtype: str,
+                        device: str | None) -> dict[str, Any]:
+        """Convert canonical numpy weights once to backend arrays (tied tensors stay shared)."""
+
+    @abc.abstractmethod
+    def asarray(self, x: np.ndarray, device: str | None) -> Any:
+        """A host integer or boolean array (ids, positions, masks) on the backend."""
+
+    @abc.abstractmethod
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """Any backend array as numpy; float dtypes narrower than float32 become float32."""
+
+    @abc.abstractmethod
+    def new_cache_layer(self, batch: int, kv_heads: int, capacity: int, head_dim: int,
+                        dtype: str, device: str | None) -> Any:
+        """An empty static cache layer of `capacity` slots."""
+
+    @abc.abstractmethod
+    def export_cache_layer(self, state: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's (keys, values) slot buffers `[B, K, capacity, H]` as numpy."""
+
+
+def default_backend_name() -> str:
+    """`GEMMA_BACKEND` if set, else numpy. An explicit argument always wins over this."""
+    return os.environ.get("GEMMA_BACKEND") or DEFAULT_BACKEND
+
+
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def known_backends() -> list[str]:
+    """Every backend name that can be asked for: built-in and registered plugins."""
+    return sorted(set(BUILTIN_BACKENDS) | set(_entry_points()))
+
+
+_LOADED: dict[str, Backend] = {}
+
+
+def _import_target(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """The backend called `name` (default: `default_backend_name()`), imported on first use."""
+    name = name or default_backend_name()
+    if name in _LOADED:
+        return _LOADED[name]
+    try:
+        if name in BUILTIN_BACKENDS:
+            backend = _import_target(BUILTIN_BACKENDS[name])
+        else:
+            eps = _entry_points()
+            if name not in eps:
+                raise BackendError(
+                    f"unknown backend {name!r} (known: {', '.join(known_backends())})"
+                )
+            backend = eps[name].load()
+    except ModuleNotFoundError as e:
+        hint = _INSTALL_HINTS.get((e.name or "").split(".")[0])
+        if hint is None:
+            raise
+        raise BackendError(f"backend {name!r} needs {e.name}, which is not installed: {hint}") from None
+    if callable(backend) and not isinstance(backend, Backend):
+        backend = backend()
+    _LOADED[name] = backend
+    return backend

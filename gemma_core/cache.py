@@ -1,0 +1,62 @@
+"""The KV-cache contract, shared by every backend.
+
+Per layer, keys and values `[B, K, S, H]` in the compute dtype, keys after RoPE (and after the
+Gemma 3 key norm), plus the number of cache slots written. A global layer holds `max_length`
+slots; a sliding layer holds `min(window, max_length)` slots used as a ring buffer: token `t`
+lives in slot `t % capacity`. The exported (numpy) form of a layer is its last
+`min(length, capacity)` tokens in chronological order, the same for every backend.
+
+Slots count every token fed, left padding included, as in transformers; `valid` records which
+slots are real tokens and `seen` how many real tokens each row has had (its next RoPE position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from gemma_core.config import GemmaConfig
+
+
+def layer_capacity(config: GemmaConfig, layer: int, max_length: int) -> int:
+    """Slots a layer's static cache needs: `max_length`, or the window for sliding layers."""
+    window = config.window(layer)
+    return max_length if window is None else min(window, max_length)
+
+
+def ring_order(length: int, capacity: int) -> np.ndarray:
+    """Slot indices of the last `min(length, capacity)` tokens, oldest first."""
+    start = max(0, length - capacity)
+    return np.arange(start, length) % capacity
+
+
+@dataclasses.dataclass
+class KVCache:
+    """A static cache: backend layer states plus host-side bookkeeping (small numpy arrays).
+
+    A forward pass returns a new `KVCache` that may share (and update in place) the buffers of
+    the one passed in: keep using the returned cache, not the old one.
+    """
+
+    layers: list[Any]
+    length: int
+    max_length: int
+    valid: np.ndarray  # [B, max_length] bool: slot holds a real (non-pad) token
+    seen: np.ndarray  # [B] int: real tokens per row so far
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the cache."""
+        return int(self.valid.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheState:
+    """A cache exported to the contract layout, in numpy, for comparisons across backends."""
+
+    keys: tuple[np.ndarray, ...]  # per layer [B, K, S_layer, H]
+    values: tuple[np.ndarray, ...]
+    length: int
+    seen: np.ndarray

@@ -1,0 +1,187 @@
+"""The model as an ordered op list, built once from a config and run by `execute` on any op table.
+
+Op vocabulary (every backend's op table implements exactly these, with these signatures;
+arrays are in the compute dtype unless noted, axis letters as in `gemma_core.config`):
+
+- embed(ids[B,T] int, table[V,D]; scale) -> [B,T,D]: rows times sqrt(D) rounded to the compute dtype.
+- rms_norm(x[...,E], w[E]; eps) -> [...,E]: in float32, x * rsqrt(mean(x^2) + eps) * (1 + w), one cast back.
+- linear(x[...,I], w[O,I]) -> [...,O]: x @ w^T, no bias.
+- split_heads(x[B,T,N*H]; heads, head_dim) -> [B,N,T,H].
+- merge_heads(x[B,N,T,H]) -> [B,T,N*H].
+- rope(x[B,N,T,H], positions[B,T] int; theta, scaling) -> [B,N,T,H]: rotate-half; angles in float32,
+  positions divided by the linear `scaling`, cos/sin cast to the compute dtype.
+- kv_cache(k[B,K,T,H], v[B,K,T,H], layer_cache, query_slots[T] int) -> (keys[B,K,S,H], values,
+  key_slots[S] int, layer_cache'): writes the new keys/values (keys post-RoPE) and returns every key
+  this step may attend to, with the absolute cache slot of each (-1 for an empty slot).
+- attention(q[B,N,T,H], keys, values, key_slots[S], query_slots[T], valid[B,P] bool; scale, softcap,
+  window) -> [B,N,T,H]: q head h reads kv head h // (N/K); scores scaled, soft-capped (if set) before
+  the mask; key j visible to query i iff slot_j <= slot_i, slot_j > slot_i - window (if set) and
+  valid[b, slot_j]; additive mask with the dtype's finite minimum; softmax in float32.
+- gelu_tanh(x) -> x: the tanh approximation of GELU.
+- mul(a, b), add(a, b) -> elementwise.
+- softcap(x; cap) -> tanh(x / cap) * cap.
+- gather_positions(x[B,T,D], index[P] int) -> [B,P,D]: the positions whose logits are wanted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any
+
+from gemma_core.config import Architecture, GemmaConfig
+from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD
+
+OP_KINDS: tuple[str, ...] = (
+    "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope", "kv_cache", "attention",
+    "gelu_tanh", "mul", "add", "softcap", "gather_positions",
+)
+
+# Names the executor provides before the first op runs.
+GRAPH_INPUTS: tuple[str, ...] = ("ids", "positions", "query_slots", "valid", "logit_index")
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One step: `outputs = kind(*inputs, *params, **attrs)`."""
+
+    kind: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    params: tuple[str, ...] = ()
+    attrs: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in OP_KINDS:
+            raise ValueError(f"kind: unknown op kind {self.kind!r}")
+        object.__setattr__(self, "attrs", types.MappingProxyType(dict(self.attrs)))
+
+
+def cache_name(layer: int) -> str:
+    """Environment name of a layer's cache state."""
+    return f"cache.{layer}"
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self.layer: int | None = None
+
+    def add(self, kind: str, inputs: Sequence[str], outputs: str | Sequence[str],
+            params: Sequence[str] = (), **attrs: Any) -> None:
+        outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+        self.ops.append(Op(kind, tuple(inputs), outs, tuple(params), attrs, self.layer))
+
+
+def _attention_block(b: _Builder, c: GemmaConfig, i: int, p: str) -> None:
+    attn = f"{p}.self_attn"
+    theta, scaling = c.rope(i)
+    b.add("linear", ["h"], "q", [f"{attn}.q_proj.weight"])
+    b.add("linear", ["h"], "k", [f"{attn}.k_proj.weight"])
+    b.add("linear", ["h"], "v", [f"{attn}.v_proj.weight"])
+    b.add("split_heads", ["q"], "q", heads=c.num_heads, head_dim=c.head_dim)  # [B,N,T,H]
+    b.add("split_heads", ["k"], "k", heads=c.num_kv_heads, head_dim=c.head_dim)  # [B,K,T,H]
+    b.add("split_heads", ["v"], "v", heads=c.num_kv_heads, head_dim=c.head_dim)
+    if c.has_qk_norm:
+        b.add("rms_norm", ["q"], "q", [f"{attn}.q_norm.weight"], eps=c.rms_norm_eps)
+        b.add("rms_norm", ["k"], "k", [f"{attn}.k_norm.weight"], eps=c.rms_norm_eps)
+    b.add("rope", ["q", "positions"], "q", theta=theta, scaling=scaling)
+    b.add("rope", ["k", "positions"], "k", theta=theta, scaling=scaling)
+    b.add("kv_cache", ["k", "v", cache_name(i), "query_slots"],
+          ["keys", "values", "key_slots", cache_name(i)])
+    softcap = c.attn_logit_softcap if c.architecture is Architecture.GEMMA2 else None
+    b.add("attention", ["q", "keys", "values", "key_slots", "query_slots", "valid"], "a",
+          scale=c.query_scale, softcap=softcap, window=c.window(i))
+    b.add("merge_heads", ["a"], "a")  # [B,T,N*H]
+    b.add("linear", ["a"], "a", [f"{attn}.o_proj.weight"])
+
+
+def _layer(b: _Builder, c: GemmaConfig, i: int) -> None:
+    p = f"model.layers.{i}"
+    eps = c.rms_norm_eps
+    b.add("rms_norm", ["x"], "h", [f"{p}.input_layernorm.weight"], eps=eps)
+    _attention_block(b, c, i, p)
+    if c.has_sandwich_norms:
+        b.add("rms_norm", ["a"], "a", [f"{p}.post_attention_layernorm.weight"], eps=eps)
+        b.add("add", ["x", "a"], "x")
+        b.add("rms_norm", ["x"], "h", [f"{p}.pre_feedforward_layernorm.weight"], eps=eps)
+    else:
+        b.add("add", ["x", "a"], "x")
+        b.add("rms_norm", ["x"], "h", [f"{p}.post_attention_layernorm.weight"], eps=eps)
+    b.add("linear", ["h"], "gate", [f"{p}.mlp.gate_proj.weight"])  # [B,T,F]
+    b.add("linear", ["h"], "up", [f"{p}.mlp.up_proj.weight"])
+    b.add("gelu_tanh", ["gate"], "gate")
+    b.add("mul", ["gate", "up"], "m")
+    b.add("linear", ["m"], "m", [f"{p}.mlp.down_proj.weight"])  # [B,T,D]
+    if c.has_sandwich_norms:
+        b.add("rms_norm", ["m"], "m", [f"{p}.post_feedforward_layernorm.weight"], eps=eps)
+    b.add("add", ["x", "m"], "x")
+
+
+def build_graph(config: GemmaConfig) -> list[Op]:
+    """The ordered op list of `config`'s causal LM; reads `GRAPH_INPUTS`, writes `logits` and caches."""
+    b = _Builder()
+    b.add("embed", ["ids"], "x", [EMBED], scale=config.embed_scale)  # [B,T,D]
+    for i in range(config.num_layers):
+        b.layer = i
+        _layer(b, config, i)
+    b.layer = None
+    b.add("gather_positions", ["x", "logit_index"], "x")  # [B,P,D]
+    b.add("rms_norm", ["x"], "x", [FINAL_NORM], eps=config.rms_norm_eps)
+    b.add("linear", ["x"], "logits", [EMBED if config.tie_word_embeddings else LM_HEAD])  # [B,P,V]
+    if config.final_logit_softcap is not None:
+        b.add("softcap", ["logits"], "logits", cap=config.final_logit_softcap)
+    return b.ops
+
+
+def execute(ops: Sequence[Op], table: Mapping[str, Callable[..., Any]],
+            weights: Mapping[str, Any], env: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Run `ops` in order, each through `table[op.kind]`, reading and writing `env`."""
+    for op in ops:
+        args = [env[name] for name in op.inputs] + [weights[name] for name in op.params]
+        result = table[op.kind](*args, **op.attrs)
+        if len(op.outputs) == 1:
+            env[op.outputs[0]] = result
+        else:
+            env.update(zip(op.outputs, result, strict=True))
+    return env
+
+
+def _fmt_attr(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def format_op(op: Op) -> str:
+    """One op as `kind  inputs -> outputs  [params]  attrs`."""
+    text = f"{op.kind:<16} {', '.join(op.inputs)} -> {', '.join(op.outputs)}"
+    if op.params:
+        text += f"  [{', '.join(op.params)}]"
+    if op.attrs:
+        text += "  " + " ".join(f"{k}={_fmt_attr(v)}" for k, v in op.attrs.items())
+    return text
+
+
+def format_graph(config: GemmaConfig, ops: Sequence[Op] | None = None) -> str:
+    """The op list as text, a header per layer (its attention kind and RoPE)."""
+    ops = build_graph(config) if ops is None else ops
+    c = config
+    lines = [
+        f"# {c.architecture.value}: {c.num_layers} layers, D={c.hidden_size}, F={c.intermediate_size}, "
+        f"heads {c.num_heads}/{c.num_kv_heads}x{c.head_dim}, V={c.vocab_size}, {len(ops)} ops",
+        f"# inputs: {', '.join(GRAPH_INPUTS)}",
+    ]
+    current: int | None = -1
+    for op in ops:
+        if op.layer != current:
+            current = op.layer
+            if current is None:
+                lines.append("output" if len(lines) > 2 else "input")
+            else:
+                theta, scaling = c.rope(current)
+                window = c.window(current)
+                kind = f"local window={window}" if window else "global"
+                lines.append(f"layer {current} ({kind}, rope theta={theta:g} scaling={scaling:g})")
+        lines.append("  " + format_op(op))
+    return "\n".join(lines)

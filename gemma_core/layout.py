@@ -1,0 +1,132 @@
+"""The weight layout: one row per tensor, in the Hugging Face (canonical) names and `[out, in]` shapes.
+
+Shapes are written in config symbols (see `gemma_core.config`): V vocab, D hidden, F intermediate,
+N query heads, K kv heads, H head_dim. `{layer}` stands for the layer index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from gemma_core.config import GemmaConfig
+from gemma_core.errors import WeightError
+
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRow:
+    """One tensor of the layout. `when` names the config property that must hold for it to exist."""
+
+    name: str
+    shape: tuple[str, ...]
+    when: str = "always"
+    note: str = ""
+
+
+LAYOUT: tuple[ParamRow, ...] = (
+    ParamRow(EMBED, ("V", "D"), note="unscaled; also the tied LM head"),
+    ParamRow("model.layers.{layer}.input_layernorm.weight", ("D",), note="stored as w, applied as 1+w"),
+    ParamRow("model.layers.{layer}.self_attn.q_proj.weight", ("N*H", "D")),
+    ParamRow("model.layers.{layer}.self_attn.k_proj.weight", ("K*H", "D")),
+    ParamRow("model.layers.{layer}.self_attn.v_proj.weight", ("K*H", "D")),
+    ParamRow("model.layers.{layer}.self_attn.q_norm.weight", ("H",), "has_qk_norm", "Gemma 3"),
+    ParamRow("model.layers.{layer}.self_attn.k_norm.weight", ("H",), "has_qk_norm", "Gemma 3"),
+    ParamRow("model.layers.{layer}.self_attn.o_proj.weight", ("D", "N*H")),
+    ParamRow("model.layers.{layer}.post_attention_layernorm.weight", ("D",),
+             note="Gemma 1: the pre-MLP norm; Gemma 2/3: the post-attention norm"),
+    ParamRow("model.layers.{layer}.pre_feedforward_layernorm.weight", ("D",), "has_sandwich_norms"),
+    ParamRow("model.layers.{layer}.post_feedforward_layernorm.weight", ("D",), "has_sandwich_norms"),
+    ParamRow("model.layers.{layer}.mlp.gate_proj.weight", ("F", "D"), note="GELU branch"),
+    ParamRow("model.layers.{layer}.mlp.up_proj.weight", ("F", "D"), note="linear branch"),
+    ParamRow("model.layers.{layer}.mlp.down_proj.weight", ("D", "F")),
+    ParamRow(FINAL_NORM, ("D",)),
+    ParamRow(LM_HEAD, ("V", "D"), "untied", "absent when tied to the embedding"),
+)
+
+
+def _symbols(config: GemmaConfig) -> dict[str, int]:
+    c = config
+    return {"V": c.vocab_size, "D": c.hidden_size, "F": c.intermediate_size, "N": c.num_heads,
+            "K": c.num_kv_heads, "H": c.head_dim}
+
+
+def _dim(symbol: str, values: Mapping[str, int]) -> int:
+    return math.prod(values[s] for s in symbol.split("*"))
+
+
+def _applies(row: ParamRow, config: GemmaConfig) -> bool:
+    if row.when == "always":
+        return True
+    if row.when == "untied":
+        return not config.tie_word_embeddings
+    return bool(getattr(config, row.when))
+
+
+def iter_params(config: GemmaConfig) -> Iterator[tuple[str, tuple[int, ...], ParamRow]]:
+    """Every tensor name of `config` with its concrete shape, in layout order."""
+    values = _symbols(config)
+    for row in LAYOUT:
+        if not _applies(row, config):
+            continue
+        shape = tuple(_dim(s, values) for s in row.shape)
+        if "{layer}" in row.name:
+            for layer in range(config.num_layers):
+                yield row.name.format(layer=layer), shape, row
+        else:
+            yield row.name, shape, row
+
+
+def expected_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor `config` needs."""
+    return {name: shape for name, shape, _ in iter_params(config)}
+
+
+def param_count(config: GemmaConfig) -> int:
+    """Number of parameters, the tied embedding counted once."""
+    return sum(math.prod(shape) for _, shape, _ in iter_params(config))
+
+
+def validate_weights(config: GemmaConfig, weights: Mapping[str, Any]) -> None:
+    """Raise one `WeightError` naming every missing, unexpected and mis-shaped tensor.
+
+    `weights` maps names to anything with a `.shape`. A tied model may also carry
+    `lm_head.weight` (some exporters write it); it must then have the embedding's shape.
+    """
+    expected = expected_shapes(config)
+    allowed = dict(expected)
+    if config.tie_word_embeddings:
+        allowed[LM_HEAD] = expected[EMBED]
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(allowed))
+    misshaped = [
+        f"{name}: expected {list(allowed[name])}, got {list(weights[name].shape)}"
+        for name in weights
+        if name in allowed and tuple(weights[name].shape) != allowed[name]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped {len(misshaped)}: {'; '.join(misshaped)}")
+    if problems:
+        raise WeightError("weights do not match the config: " + " | ".join(problems))
+
+
+def format_layout(config: GemmaConfig) -> str:
+    """The layout table as text, one row per template."""
+    values = _symbols(config)
+    lines = []
+    for row in LAYOUT:
+        if not _applies(row, config):
+            continue
+        shape = ", ".join(f"{s}={_dim(s, values)}" for s in row.shape)
+        lines.append(f"{row.name:<58} [{shape}]" + (f"  # {row.note}" if row.note else ""))
+    return "\n".join(lines)

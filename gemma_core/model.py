@@ -1,0 +1,213 @@
+"""`load()` and the `Model` it returns: the op list bound to one backend, dtype and weight set."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from gemma_core.backend import Backend, get_backend
+from gemma_core.cache import CacheState, KVCache, layer_capacity, ring_order
+from gemma_core.config import Architecture, GemmaConfig
+from gemma_core.errors import ConfigError, InputError
+from gemma_core.graph import build_graph, cache_name, execute
+from gemma_core.layout import validate_weights
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+class Float16OverflowWarning(UserWarning):
+    """Gemma 2/3 activations exceed float16's range; logits may be non-finite."""
+
+
+def check_dtype(config: GemmaConfig, dtype: str, allow_float16: bool = False) -> None:
+    """The float16 rule of the numerics contract, applied identically for every backend.
+
+    Gemma 2/3 residual activations reach about 1e5, past float16's 65504, so float16 is refused
+    for them unless `allow_float16` is set, which warns instead.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: unsupported value {dtype!r} (supported: {', '.join(DTYPES)})")
+    if dtype == "float16" and config.architecture is not Architecture.GEMMA:
+        message = (f"dtype: float16 overflows {config.architecture.value} activations (they exceed "
+                   "65504); use bfloat16 or float32")
+        if not allow_float16:
+            raise ConfigError(message + ", or pass allow_float16=True to run it anyway")
+        warnings.warn(message, Float16OverflowWarning, stacklevel=3)
+
+
+@dataclasses.dataclass
+class ForwardOutput:
+    """Logits `[B, T or 1, V]` as a backend array, and the updated cache."""
+
+    logits: Any
+    cache: KVCache
+
+
+class Model:
+    """A Gemma causal LM realised by one backend. Build it with `gemma_core.load`."""
+
+    def __init__(self, config: GemmaConfig, weights: Mapping[str, np.ndarray], *,
+                 backend: str | Backend | None = None, dtype: str = "float32",
+                 device: str | None = None, allow_float16: bool = False,
+                 tokenizer: Any = None) -> None:
+        check_dtype(config, dtype, allow_float16)
+        validate_weights(config, weights)
+        self.config = config
+        self.backend = backend if isinstance(backend, Backend) else get_backend(backend)
+        if dtype not in self.backend.dtypes:
+            raise ConfigError(f"dtype: backend {self.backend.name!r} does not support {dtype!r}")
+        self.dtype = dtype
+        self.device = device
+        self.graph = build_graph(config)
+        self.ops = self.backend.op_table(dtype)
+        self.weights = self.backend.prepare_weights(_tie(config, weights), dtype, device)
+        self.tokenizer = tokenizer
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty static cache for `batch_size` rows and up to `max_length` tokens."""
+        if max_length > self.config.max_position_embeddings:
+            raise InputError(f"max_length: {max_length} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        c = self.config
+        layers = [
+            self.backend.new_cache_layer(batch_size, c.num_kv_heads, layer_capacity(c, i, max_length),
+                                         c.head_dim, self.dtype, self.device)
+            for i in range(c.num_layers)
+        ]
+        return KVCache(layers=layers, length=0, max_length=max_length,
+                       valid=np.zeros((batch_size, max_length), bool),
+                       seen=np.zeros(batch_size, np.int64))
+
+    def forward(self, input_ids: Any, attention_mask: Any = None, cache: KVCache | None = None,
+                *, last_only: bool = False, max_length: int | None = None) -> ForwardOutput:
+        """Run `input_ids [B, T]` after whatever `cache` holds.
+
+        `attention_mask [B, T]` marks real tokens (1) and left padding (0); RoPE positions are
+        the running count of real tokens, as transformers' generate computes them. Without a
+        cache, one of `max_length` (default T) slots is made. `last_only` computes logits for the
+        last position only (decode).
+        """
+        ids = self._check_ids(input_ids)
+        b, t = ids.shape
+        mask = _check_mask(attention_mask, ids.shape, self.to_numpy)
+        if cache is None:
+            cache = self.new_cache(b, max_length or t)
+        if cache.batch_size != b:
+            raise InputError(f"input_ids: batch of {b} rows for a cache of {cache.batch_size}")
+        start = cache.length
+        if start + t > cache.max_length:
+            raise InputError(f"input_ids: {start} cached + {t} new tokens exceed the cache's "
+                             f"max_length {cache.max_length}")
+        valid = cache.valid.copy()
+        valid[:, start:start + t] = mask
+        positions = cache.seen[:, None] + np.cumsum(mask, axis=1) - 1  # [B,T]
+        positions = np.where(mask, positions, 0)
+        be, dev = self.backend, self.device
+        env: dict[str, Any] = {
+            "ids": be.asarray(ids, dev),
+            "positions": be.asarray(positions, dev),
+            "query_slots": be.asarray(np.arange(start, start + t), dev),
+            "valid": be.asarray(valid[:, :start + t], dev),
+            "logit_index": be.asarray(np.arange(t - 1 if last_only else 0, t), dev),
+        }
+        env.update({cache_name(i): layer for i, layer in enumerate(cache.layers)})
+        execute(self.graph, self.ops, self.weights, env)
+        new_cache = KVCache(
+            layers=[env[cache_name(i)] for i in range(self.config.num_layers)],
+            length=start + t, max_length=cache.max_length, valid=valid,
+            seen=cache.seen + mask.sum(axis=1),
+        )
+        return ForwardOutput(logits=env["logits"], cache=new_cache)
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None,
+                 cache: KVCache | None = None) -> ForwardOutput:
+        return self.forward(input_ids, attention_mask, cache)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """Any backend array as numpy (float32 for float dtypes narrower than float32)."""
+        return self.backend.to_numpy(x)
+
+    def export_cache(self, cache: KVCache) -> CacheState:
+        """The cache in the contract layout: per layer the last tokens it holds, oldest first."""
+        keys, values = [], []
+        for state in cache.layers:
+            k, v = self.backend.export_cache_layer(state)
+            order = ring_order(cache.length, k.shape[2])
+            keys.append(k[:, :, order])
+            values.append(v[:, :, order])
+        return CacheState(tuple(keys), tuple(values), cache.length, cache.seen.copy())
+
+    def _check_ids(self, input_ids: Any) -> np.ndarray:
+        ids = input_ids if isinstance(input_ids, np.ndarray) else self.to_numpy(input_ids)
+        ids = np.asarray(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise InputError(f"input_ids: expected a non-empty [batch, length] array, got shape {ids.shape}")
+        if ids.dtype.kind not in "iu":
+            raise InputError(f"input_ids: expected integer token ids, got dtype {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            raise InputError(f"input_ids: token id {int(ids[bad][0])} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        return ids.astype(np.int64)
+
+
+def _check_mask(mask: Any, shape: tuple[int, ...], to_numpy: Any) -> np.ndarray:
+    if mask is None:
+        return np.ones(shape, bool)
+    m = np.asarray(mask if isinstance(mask, np.ndarray) else to_numpy(mask))
+    if m.ndim == 1:
+        m = m[None]
+    if m.shape != shape:
+        raise InputError(f"attention_mask: shape {m.shape} differs from input_ids {shape}")
+    if not np.isin(m, (0, 1)).all():
+        raise InputError("attention_mask: values must be 0 or 1")
+    return m.astype(bool)
+
+
+def _tie(config: GemmaConfig, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop a redundant `lm_head.weight` of a tied model, so the embedding is held once."""
+    out = dict(weights)
+    if config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None = None,
+         dtype: str = "float32", device: str | None = None, *, seed: int = 0,
+         allow_float16: bool = False, **config_changes: Any) -> Model:
+    """A model from a Hugging Face folder, a safetensors file beside its config.json, or a preset
+    name (random weights from `seed`). `config_changes` override preset fields (tests)."""
+    from gemma_core.checkpoint import load_checkpoint
+    from gemma_core.presets import PRESETS
+    from gemma_core.weights import random_weights
+
+    key = os.fspath(path_or_preset)
+    if key in PRESETS and not os.path.exists(key):
+        config = PRESETS[key].replace(**config_changes) if config_changes else PRESETS[key]
+        weights = random_weights(config, seed)
+    else:
+        if config_changes:
+            raise ConfigError(f"config overrides apply to presets only, got {sorted(config_changes)}")
+        config, weights = load_checkpoint(key)
+    return Model(config, weights, backend=backend, dtype=dtype, device=device,
+                 allow_float16=allow_float16)
+
+
+def batch_ids(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token id lists into `(ids [B, T], attention_mask [B, T])`."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise InputError("sequences: expected one or more non-empty token lists")
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, np.int64)
+    mask = np.zeros((len(sequences), width), np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    return ids, mask
