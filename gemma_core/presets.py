@@ -54,11 +54,12 @@ PRESETS: dict[str, GemmaConfig] = {
     "gemma-3-27b": _g3(hidden_size=5376, intermediate_size=21_504, num_layers=62, num_heads=32,
                        num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168,
                        sliding_window=1024, rope_scaling_factor=8.0),
-    # Tiny random-weight models for tests: H*d != D, GQA, windows shorter than test prompts.
+    # Tiny random-weight models for tests: N*H != D, MQA/GQA, query_pre_attn_scalar != head_dim
+    # (tiny-gemma2), windows shorter than test prompts, Gemma 3 local/global RoPE with scaling.
     "tiny-gemma": _g1(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                       num_kv_heads=1).replace(vocab_size=512, head_dim=24, max_position_embeddings=256),
     "tiny-gemma2": _g2(hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4,
-                       num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                       num_kv_heads=2, head_dim=24, query_pre_attn_scalar=20,
                        ).replace(vocab_size=512, sliding_window=8, max_position_embeddings=256),
     "tiny-gemma3": _g3(hidden_size=48, intermediate_size=96, num_layers=6, num_heads=4,
                        num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=512,

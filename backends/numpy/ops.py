@@ -34,12 +34,14 @@ def make_rounder(dtype: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: np.asarray(x).astype(store).astype(acc)
 
 
-def rope_angles(positions: np.ndarray, head_dim: int, theta: float, scaling: float,
-                acc: np.dtype) -> np.ndarray:
-    """Angles `[B, T, H]`: float32 (or the oracle's float64) inverse frequencies, duplicated halves."""
-    inv_freq = 1.0 / (acc.type(theta) ** (np.arange(0, head_dim, 2, dtype=acc) / acc.type(head_dim)))
-    inv_freq = inv_freq / acc.type(scaling)  # linear scaling divides positions by the factor
-    freqs = positions.astype(acc)[..., None] * inv_freq  # [B,T,H/2]
+def rope_angles(positions: np.ndarray, head_dim: int, theta: float, scaling: float) -> np.ndarray:
+    """Angles `[B, T, H]` in float32, as the contract requires of every dtype (even the float64
+    oracle): float32 inverse frequencies divided by the linear scaling, times float32 positions,
+    halves duplicated (rotate-half layout)."""
+    f32 = np.float32
+    inv_freq = f32(1.0) / (f32(theta) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)))
+    inv_freq = inv_freq / f32(scaling)
+    freqs = positions.astype(f32)[..., None] * inv_freq  # [B,T,H/2]
     return np.concatenate([freqs, freqs], axis=-1)
 
 
@@ -60,7 +62,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     acc = compute_dtype(dtype)
     rnd = make_rounder(dtype)
     # bf16 and fp16 masks use their own finite minimum, as transformers does.
-    fmin = acc.type(np.finfo(STORAGE[dtype]).min)
+    fmin = acc.type(ml_dtypes.finfo(STORAGE[dtype]).min)
 
     def embed(ids: np.ndarray, table: np.ndarray, *, scale: float) -> np.ndarray:
         return rnd(table[ids] * rnd(acc.type(scale)))
@@ -82,7 +84,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         return x.transpose(0, 2, 1, 3).reshape(b, t, n * h)
 
     def rope(x: np.ndarray, positions: np.ndarray, *, theta: float, scaling: float) -> np.ndarray:
-        angles = rope_angles(positions, x.shape[-1], theta, scaling, acc)[:, None]  # [B,1,T,H]
+        angles = rope_angles(positions, x.shape[-1], theta, scaling).astype(acc)[:, None]  # [B,1,T,H]
         cos, sin = rnd(np.cos(angles)), rnd(np.sin(angles))
         half = x.shape[-1] // 2
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)

@@ -1,0 +1,180 @@
+"""The case catalogue: each numerics rule of DESIGN.md is exercised by a model case and/or an op case.
+
+Model cases run prefill on a left-padded batch and then greedy decode steps, comparing logits
+and exported cache states after every step. Op cases run one op kind on crafted inputs (a
+binding softcap, a window shorter than the keys, positions near 32k, a ring buffer that wraps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from gemma_core.backend import Backend
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """A model-level comparison: prefill rows of `lengths` real tokens (left-padded), then decode."""
+
+    name: str
+    rules: tuple[str, ...]
+    preset: str
+    lengths: tuple[int, ...]
+    decode_steps: int
+    changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+
+
+MODEL_CASES: tuple[ModelCase, ...] = (
+    ModelCase("gemma1-mqa-padded", ("1 embedding scale", "2 rmsnorm", "3 rope", "4 attention MQA",
+                                    "6 gelu_tanh mlp", "8 tied lm_head"),
+              "tiny-gemma", lengths=(12, 7), decode_steps=4),
+    ModelCase("gemma1-mha", ("4 query head h reads kv head h // (N/K)",), "tiny-gemma",
+              lengths=(9,), decode_steps=2, changes={"num_kv_heads": 4}),
+    ModelCase("gemma2-binding-softcaps", ("4 softcap before the mask", "8 final softcap",
+                                          "7 four norms"),
+              "tiny-gemma2", lengths=(10, 6), decode_steps=3,
+              changes={"attn_logit_softcap": 0.5, "final_logit_softcap": 1.0}),
+    ModelCase("gemma2-window-shorter-than-sequence", ("5 sliding window W keys incl. itself",
+                                                      "4 query_pre_attn_scalar != head_dim"),
+              "tiny-gemma2", lengths=(20, 13), decode_steps=12),
+    ModelCase("gemma3-local-global-rope", ("3 per-layer rope theta and linear scaling",
+                                           "7 qk-norm", "5 five local then one global"),
+              "tiny-gemma3", lengths=(18, 11), decode_steps=6),
+    ModelCase("gemma3-decode-past-ring", ("cache: sliding ring buffer wraps during decode",),
+              "tiny-gemma3", lengths=(3,), decode_steps=19),
+)
+
+
+class Harness:
+    """Moves case inputs onto one backend in one dtype and back."""
+
+    def __init__(self, backend: Backend, dtype: str) -> None:
+        self.backend, self.dtype = backend, dtype
+        self.table = backend.op_table(dtype)
+
+    def f(self, x: np.ndarray) -> Any:
+        """A float array in the compute dtype."""
+        return self.backend.prepare_weights({"x": x}, self.dtype, None)["x"]
+
+    def i(self, x: np.ndarray) -> Any:
+        """An integer or boolean array."""
+        return self.backend.asarray(x, None)
+
+    def np(self, x: Any) -> np.ndarray:
+        return np.asarray(self.backend.to_numpy(x), np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCase:
+    """One op kind on crafted inputs; `run` returns named numpy outputs to compare."""
+
+    name: str
+    kind: str
+    rules: tuple[str, ...]
+    run: Callable[[Harness, np.random.Generator], dict[str, np.ndarray]]
+
+
+def _normal(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return rng.standard_normal(shape) * scale
+
+
+def _embed(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    table = _normal(rng, 40, 3072, scale=0.05)  # D=3072: sqrt rounds to 55.5 in bf16
+    ids = rng.integers(0, 40, (2, 5))
+    return {"x": h.np(h.table["embed"](h.i(ids), h.f(table), scale=math.sqrt(3072)))}
+
+
+def _rms_norm(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    x = _normal(rng, 2, 3, 64, scale=300.0)  # large activations, as Gemma 2/3 residuals are
+    w = _normal(rng, 64, scale=3.0)
+    return {"y": h.np(h.table["rms_norm"](h.f(x), h.f(w), eps=1e-6))}
+
+
+def _linear(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    x, w = _normal(rng, 2, 3, 48), _normal(rng, 40, 48, scale=0.2)
+    return {"y": h.np(h.table["linear"](h.f(x), h.f(w)))}
+
+
+def _heads(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    x = _normal(rng, 2, 3, 4 * 6)
+    split = h.table["split_heads"](h.f(x), heads=4, head_dim=6)
+    return {"split": h.np(split), "merged": h.np(h.table["merge_heads"](split))}
+
+
+def _rope(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    x = _normal(rng, 2, 3, 4, 16)
+    positions = np.array([[0, 1, 2, 3], [8191, 16_000, 28_000, 32_767]])
+    out = {}
+    for theta, scaling in ((1e4, 1.0), (1e6, 8.0)):
+        y = h.table["rope"](h.f(x), h.i(positions), theta=theta, scaling=scaling)
+        out[f"theta={theta:g},scaling={scaling:g}"] = h.np(y)
+    return out
+
+
+def _kv_cache(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for capacity in (4, 16):  # a sliding ring that wraps, and a global layer
+        layer = h.backend.new_cache_layer(2, 2, capacity, 8, h.dtype, None)
+        start = 0
+        for step, t in enumerate((6, 1, 1, 1, 1, 1)):
+            k, v = _normal(rng, 2, 2, t, 8), _normal(rng, 2, 2, t, 8)
+            slots = np.arange(start, start + t)
+            keys, values, key_slots, layer = h.table["kv_cache"](h.f(k), h.f(v), layer, h.i(slots))
+            key_slots = np.asarray(h.backend.to_numpy(key_slots))
+            live = key_slots >= 0  # backends may return empty slots; compare the live ones
+            order = np.argsort(np.where(live, key_slots, np.iinfo(np.int64).max), kind="stable")
+            order = order[: int(live.sum())]
+            tag = f"capacity={capacity},step={step}"
+            out[f"{tag}:keys"] = h.np(keys)[:, :, order]
+            out[f"{tag}:values"] = h.np(values)[:, :, order]
+            out[f"{tag}:key_slots"] = key_slots[order].astype(np.float64)
+            start += t
+        kbuf, vbuf = h.backend.export_cache_layer(layer)
+        out[f"capacity={capacity}:exported_keys"] = np.asarray(kbuf, np.float64)
+        out[f"capacity={capacity}:exported_values"] = np.asarray(vbuf, np.float64)
+    return out
+
+
+def _attention(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    q = _normal(rng, 2, 4, 5, 8, scale=2.0)
+    keys, values = _normal(rng, 2, 2, 9, 8, scale=2.0), _normal(rng, 2, 2, 9, 8)
+    key_slots, query_slots = np.arange(4, 13), np.arange(8, 13)
+    valid = np.ones((2, 13), bool)
+    valid[1, :7] = False  # row 1 is left-padded up to slot 7
+    out = {}
+    for window, softcap in ((None, None), (3, None), (None, 0.5), (4, 0.5)):
+        y = h.table["attention"](h.f(q), h.f(keys), h.f(values), h.i(key_slots), h.i(query_slots),
+                                 h.i(valid), scale=0.3, softcap=softcap, window=window)
+        out[f"window={window},softcap={softcap}"] = h.np(y)
+    return out
+
+
+def _elementwise(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    a, b = _normal(rng, 2, 3, 16, scale=3.0), _normal(rng, 2, 3, 16, scale=3.0)
+    t = h.table
+    return {
+        "gelu_tanh": h.np(t["gelu_tanh"](h.f(np.linspace(-8, 8, 97)))),
+        "mul": h.np(t["mul"](h.f(a), h.f(b))),
+        "add": h.np(t["add"](h.f(a), h.f(b))),
+        "softcap": h.np(t["softcap"](h.f(a * 20), cap=30.0)),
+        "gather_positions": h.np(t["gather_positions"](h.f(a), h.i(np.array([2])))),
+    }
+
+
+OP_CASES: tuple[OpCase, ...] = (
+    OpCase("op-embed", "embed", ("1 scale rounded to the compute dtype",), _embed),
+    OpCase("op-rms_norm", "rms_norm", ("2 float32 norm, (1 + w), one cast",), _rms_norm),
+    OpCase("op-linear", "linear", ("x @ w^T, no bias",), _linear),
+    OpCase("op-heads", "split_heads", ("[B,T,N*H] <-> [B,N,T,H]",), _heads),
+    OpCase("op-rope", "rope", ("3 rotate-half, float32 angles, positions to 32k, linear scaling",), _rope),
+    OpCase("op-kv_cache", "kv_cache", ("cache: post-RoPE keys, ring buffer of W slots",), _kv_cache),
+    OpCase("op-attention", "attention", ("4 scale, GQA, softcap before mask, finfo.min mask",
+                                         "5 window of W keys incl. itself, left padding"), _attention),
+    OpCase("op-elementwise", "gelu_tanh", ("6 gelu tanh", "8 softcap", "mul/add/gather"), _elementwise),
+)

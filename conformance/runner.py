@@ -1,0 +1,185 @@
+"""Runs the catalogue for chosen backends and dtypes against the NumPy reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from conformance.cases import MODEL_CASES, OP_CASES, Harness, ModelCase, OpCase
+from conformance.compare import compare_logits, compare_op, compare_tensor
+from conformance.tolerances import TOLERANCES, Tolerance
+from gemma_core.backend import Backend, get_backend, known_backends
+from gemma_core.config import Architecture
+from gemma_core.errors import BackendError, ConfigError
+from gemma_core.graph import OP_KINDS
+from gemma_core.model import Float16OverflowWarning, Model, batch_ids
+from gemma_core.presets import get_preset
+from gemma_core.weights import random_weights
+
+DEFAULT_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One cell of the case x backend x dtype matrix."""
+
+    case: str
+    backend: str
+    dtype: str
+    status: str  # "pass", "fail" or "skip"
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+class _Failure(Exception):
+    pass
+
+
+def _check(ok: bool, text: str, what: str, worst: list[str]) -> None:
+    if not ok:
+        raise _Failure(f"{what}: {text}")
+    if not worst:
+        worst.append(f"{what}: {text}")
+
+
+def run_op_case(case: OpCase, backend: Backend, dtype: str, tol: Tolerance) -> str:
+    """Compare one op case with the reference; returns a summary or raises _Failure."""
+    reference = get_backend("numpy")
+    ref = case.run(Harness(reference, tol.reference_dtype), np.random.default_rng(0))
+    cand = case.run(Harness(backend, dtype), np.random.default_rng(0))
+    if set(ref) != set(cand):
+        raise _Failure(f"outputs {sorted(cand)} != reference {sorted(ref)}")
+    worst: list[str] = []
+    for name in ref:
+        _check(*compare_op(ref[name], cand[name], tol), what=name, worst=worst)
+    return f"{len(ref)} outputs within tolerance"
+
+
+def _prompt(case: ModelCase, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(case.seed + 1)
+    return batch_ids([list(rng.integers(3, vocab, n)) for n in case.lengths])
+
+
+def _compare_caches(ref: Model, cand: Model, ref_cache: Any, cand_cache: Any, step: str,
+                    tol: Tolerance, worst: list[str]) -> None:
+    r, c = ref.export_cache(ref_cache), cand.export_cache(cand_cache)
+    for layer, (rk, ck, rv, cv) in enumerate(zip(r.keys, c.keys, r.values, c.values, strict=True)):
+        _check(*compare_tensor(rk, ck, tol), what=f"{step} cache keys layer {layer}", worst=worst)
+        _check(*compare_tensor(rv, cv, tol), what=f"{step} cache values layer {layer}", worst=worst)
+
+
+def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance) -> str:
+    """Prefill + greedy decode on reference and candidate; logits and caches after every step,
+    then the candidate's incremental logits against its own full forward pass."""
+    config = get_preset(case.preset).replace(**case.changes)
+    weights = random_weights(config, case.seed)
+    ref = Model(config, weights, backend="numpy", dtype=tol.reference_dtype)
+    cand = Model(config, weights, backend=backend, dtype=dtype)
+    ids, mask = _prompt(case, config.vocab_size)
+    max_length = ids.shape[1] + case.decode_steps
+    worst: list[str] = []
+    r = ref.forward(ids, mask, ref.new_cache(len(ids), max_length))
+    c = cand.forward(ids, mask, cand.new_cache(len(ids), max_length))
+    c_logits = cand.to_numpy(c.logits)
+    _check(*compare_logits(np.asarray(r.logits), c_logits, mask.astype(bool), tol), worst=worst,
+           what="prefill logits")
+    _compare_caches(ref, cand, r.cache, c.cache, "prefill", tol, worst)
+    steps = [c_logits]
+    tokens = [ids]
+    for step in range(case.decode_steps):
+        nxt = np.asarray(r.logits)[:, -1].argmax(-1)[:, None]
+        tokens.append(nxt)
+        r = ref.forward(nxt, None, r.cache, last_only=True)
+        c = cand.forward(nxt, None, c.cache, last_only=True)
+        c_logits = cand.to_numpy(c.logits)
+        steps.append(c_logits)
+        real = np.ones(nxt.shape, bool)
+        _check(*compare_logits(np.asarray(r.logits), c_logits, real, tol),
+               what=f"decode {step} logits", worst=worst)
+        _compare_caches(ref, cand, r.cache, c.cache, f"decode {step}", tol, worst)
+    full_ids = np.concatenate(tokens, axis=1)
+    full_mask = np.concatenate([mask, np.ones((len(ids), case.decode_steps), mask.dtype)], axis=1)
+    full = cand.to_numpy(cand.forward(full_ids, full_mask).logits)
+    _check(*compare_logits(full, np.concatenate(steps, axis=1), full_mask.astype(bool), tol),
+           what="incremental vs full forward", worst=worst)
+    return f"{case.decode_steps} decode steps; first check: {worst[0]}"
+
+
+def check_float16_policy(backend: Backend) -> str:
+    """Rule 9: float16 Gemma 2/3 is refused, or runs with a warning when allowed."""
+    config = get_preset("tiny-gemma2")
+    weights = random_weights(config, 0)
+    try:
+        Model(config, weights, backend=backend, dtype="float16")
+    except ConfigError:
+        pass
+    else:
+        raise _Failure("float16 Gemma 2 was accepted without allow_float16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Model(config, weights, backend=backend, dtype="float16", allow_float16=True)
+    if not any(issubclass(w.category, Float16OverflowWarning) for w in caught):
+        raise _Failure("allow_float16=True did not warn")
+    return "refused by default, warns when allowed"
+
+
+def _op_table_check(backend: Backend, dtype: str) -> str:
+    kinds = set(backend.op_table(dtype))
+    if kinds != set(OP_KINDS):
+        missing, extra = sorted(set(OP_KINDS) - kinds), sorted(kinds - set(OP_KINDS))
+        raise _Failure(f"op table differs from the vocabulary: missing {missing}, extra {extra}")
+    return f"all {len(OP_KINDS)} op kinds"
+
+
+def _cell(fn: Any, case: str, name: str, dtype: str, *args: Any) -> Result:
+    try:
+        return Result(case, name, dtype, "pass", fn(*args))
+    except _Failure as e:
+        return Result(case, name, dtype, "fail", str(e))
+    except Exception as e:  # a crash in a backend is a failure of that cell, not of the run
+        return Result(case, name, dtype, "fail", f"{type(e).__name__}: {e}")
+
+
+def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str] = DEFAULT_DTYPES,
+                    cases: Iterable[str] | None = None) -> list[Result]:
+    """The full matrix. Backends named explicitly must load; by default every known backend is
+    tried and one that is not installed is reported as skipped."""
+    explicit = backends is not None
+    names = list(backends) if explicit else known_backends()
+    wanted = set(cases) if cases is not None else None
+    results: list[Result] = []
+    for name in names:
+        try:
+            backend = get_backend(name)
+        except BackendError as e:
+            results.append(Result("load", name, "-", "fail" if explicit else "skip", str(e)))
+            continue
+        results.append(_cell(check_float16_policy, "float16-policy", name, "float16", backend))
+        for dtype in dtypes:
+            if dtype not in TOLERANCES:
+                raise ConfigError(f"dtype: no tolerance for {dtype!r} (known: {', '.join(TOLERANCES)})")
+            if dtype not in backend.dtypes:
+                results.append(Result("*", name, dtype, "skip", f"{name} does not support {dtype}"))
+                continue
+            tol = TOLERANCES[dtype]
+            results.append(_cell(_op_table_check, "op-table", name, dtype, backend, dtype))
+            for op_case in OP_CASES:
+                if wanted is None or op_case.name in wanted:
+                    results.append(_cell(run_op_case, op_case.name, name, dtype, op_case, backend,
+                                         dtype, tol))
+            for case in MODEL_CASES:
+                if wanted is not None and case.name not in wanted:
+                    continue
+                arch = get_preset(case.preset).architecture
+                if dtype == "float16" and arch is not Architecture.GEMMA:
+                    results.append(Result(case.name, name, dtype, "skip",
+                                          "float16 is refused for Gemma 2/3 (rule 9)"))
+                    continue
+                results.append(_cell(run_model_case, case.name, name, dtype, case, backend, dtype, tol))
+    return results
