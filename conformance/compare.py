@@ -46,7 +46,7 @@ def compare_tensor(ref: np.ndarray, cand: np.ndarray, tol: Tolerance) -> tuple[b
         err = float(np.abs(r - c).max() / max(r.std(), 1e-30))
         return err <= tol.cache_scale, f"max|diff|/std {err:.2e} (bound {tol.cache_scale:.0e})"
     assert tol.cache_rel_l2 is not None
-    err = float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-30))
+    err = float(np.linalg.norm(r - c)) / max(float(np.linalg.norm(r)), 1e-30)
     return err <= tol.cache_rel_l2, f"relative L2 {err:.2e} (bound {tol.cache_rel_l2:.0e})"
 
 

@@ -151,7 +151,7 @@ def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str]
     """The full matrix. Backends named explicitly must load; by default every known backend is
     tried and one that is not installed is reported as skipped."""
     explicit = backends is not None
-    names = list(backends) if explicit else known_backends()
+    names = list(backends) if backends is not None else known_backends()
     wanted = set(cases) if cases is not None else None
     results: list[Result] = []
     for name in names:

@@ -21,10 +21,8 @@ def _config_arg(value: str) -> GemmaConfig:
     if value in PRESETS and not os.path.exists(value):
         return get_preset(value)
     path = Path(value)
-    if path.is_dir():
-        return read_config(path)
-    if path.is_file():
-        return read_config(path.parent) if path.name == "config.json" else read_config(path.parent)
+    if path.exists():
+        return read_config(path if path.is_dir() else path.parent)
     return get_preset(value)
 
 

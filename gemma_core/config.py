@@ -143,7 +143,9 @@ class GemmaConfig:
                 raise ConfigError(f"{name}: {value!r} is outside the vocabulary [0, {self.vocab_size})")
         for value in self.eos_token_ids:
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ConfigError(f"eos_token_ids: {value!r} is outside the vocabulary [0, {self.vocab_size})")
+                raise ConfigError(
+                    f"eos_token_ids: {value!r} is outside the vocabulary [0, {self.vocab_size})"
+                )
 
     # ---- derived values -------------------------------------------------------------------
 
