@@ -1,0 +1,121 @@
+"""The conformance runner passes the reference and catches broken backends precisely."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backends.numpy import NumpyBackend
+from backends.numpy.ops import make_op_table
+from conformance import MODEL_CASES, OP_CASES, run_conformance
+from conformance.runner import Result
+from gemma_core import backend as registry
+from gemma_core.cli import main
+
+
+@pytest.fixture(scope="module")
+def numpy_results() -> list[Result]:
+    return run_conformance(["numpy"], ("float32", "bfloat16", "float16"))
+
+
+def test_reference_passes_every_case(numpy_results: list[Result]) -> None:
+    failed = [r for r in numpy_results if r.status == "fail"]
+    assert not failed, failed
+    cases = {r.case for r in numpy_results if r.status == "pass"}
+    assert {c.name for c in MODEL_CASES} <= cases
+    assert {c.name for c in OP_CASES} <= cases
+    skipped = {(r.case, r.dtype) for r in numpy_results if r.status == "skip"}
+    assert ("gemma2-binding-softcaps", "float16") in skipped  # rule 9
+
+
+class _Broken(NumpyBackend):
+    """The reference with one op replaced."""
+
+    def __init__(self, name: str, patch: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__()
+        self.name, self._patch = name, patch
+
+    def op_table(self, dtype: str) -> dict[str, Any]:
+        table = dict(make_op_table(dtype))
+        self._patch(table)
+        return table
+
+
+def _run_broken(monkeypatch: pytest.MonkeyPatch, patch: Callable[[dict[str, Any]], None],
+                cases: list[str]) -> dict[str, Result]:
+    broken = _Broken("broken", patch)
+    monkeypatch.setattr(registry, "_LOADED", {"broken": broken})
+    results = run_conformance(["broken"], ("float32",), cases)
+    return {r.case: r for r in results if r.dtype == "float32"}
+
+
+def test_interleaved_rope_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def patch(t: dict[str, Any]) -> None:
+        rope = t["rope"]
+
+        def interleaved(x: np.ndarray, positions: np.ndarray, **kw: Any) -> np.ndarray:
+            h = x.shape[-1]
+            perm = np.concatenate([np.arange(0, h, 2), np.arange(1, h, 2)])
+            return rope(x[..., perm], positions, **kw)[..., np.argsort(perm)]
+        t["rope"] = interleaved
+
+    res = _run_broken(monkeypatch, patch, ["op-rope", "gemma1-mha"])
+    assert res["op-rope"].status == "fail"
+    assert res["gemma1-mha"].status == "fail"
+    assert "prefill logits" in res["gemma1-mha"].detail
+
+
+def test_dropped_softcap_fails_only_where_it_binds(monkeypatch: pytest.MonkeyPatch) -> None:
+    def patch(t: dict[str, Any]) -> None:
+        attention = t["attention"]
+        t["attention"] = lambda *a, softcap=None, **kw: attention(*a, softcap=None, **kw)
+
+    res = _run_broken(monkeypatch, patch, ["gemma2-binding-softcaps", "gemma1-mqa-padded"])
+    assert res["gemma2-binding-softcaps"].status == "fail"
+    assert res["gemma1-mqa-padded"].status == "pass"
+
+
+def test_ignored_window_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def patch(t: dict[str, Any]) -> None:
+        attention = t["attention"]
+        t["attention"] = lambda *a, window=None, **kw: attention(*a, window=None, **kw)
+
+    res = _run_broken(monkeypatch, patch, ["op-attention", "gemma2-window-shorter-than-sequence"])
+    assert res["op-attention"].status == "fail"
+    assert "window=3" in res["op-attention"].detail
+    assert res["gemma2-window-shorter-than-sequence"].status == "fail"
+
+
+def test_missing_op_kind_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    res = _run_broken(monkeypatch, lambda t: t.pop("softcap"), ["op-linear"])
+    assert res["op-table"].status == "fail"
+    assert "missing ['softcap']" in res["op-table"].detail
+
+
+def test_uninstalled_backend_skipped_by_default_failed_when_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(registry.BUILTIN_BACKENDS, "ghost", "backends.ghost_not_here:backend")
+    monkeypatch.setattr(registry, "_LOADED", {})
+
+    def missing(name: str | None = None) -> Any:
+        if name == "ghost":
+            raise registry.BackendError("backend 'ghost' needs torch, which is not installed")
+        return NumpyBackend()
+
+    monkeypatch.setattr("conformance.runner.get_backend", missing)
+    default = run_conformance(None, ("float32",), ["op-linear"])
+    assert [r.status for r in default if r.backend == "ghost"] == ["skip"]
+    named = run_conformance(["ghost"], ("float32",), ["op-linear"])
+    assert [r.status for r in named] == ["fail"]
+
+
+def test_cli_conformance_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["conformance", "--backends", "numpy", "--dtypes", "float32", "--json",
+                 "--cases", "op-rope,gemma1-mha"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["failed"] == 0
+    assert {r["case"] for r in out["results"]} >= {"op-rope", "gemma1-mha", "op-table"}
