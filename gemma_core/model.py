@@ -128,6 +128,30 @@ class Model:
                  cache: KVCache | None = None) -> ForwardOutput:
         return self.forward(input_ids, attention_mask, cache)
 
+    def generate(self, prompts: Any, *, max_new_tokens: int = 32, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None, eos_token_ids: Sequence[int] | None = None,
+                 stop_strings: Sequence[str] = (), streamer: Any = None) -> Any:
+        """Generate for a prompt or a batch of prompts (text, or token id lists).
+
+        Greedy unless sampling is asked for: `do_sample=True`, or any of temperature (> 0),
+        top_k, top_p, min_p given; `temperature=0` means greedy. Returns a `GenerationResult`.
+        """
+        from gemma_core.generation import generate
+        from gemma_core.sampling import SamplingConfig
+
+        wants = temperature not in (None, 0) or any(v is not None for v in (top_k, top_p, min_p))
+        if do_sample is None:
+            do_sample = wants
+        if temperature == 0 and do_sample:
+            raise ConfigError("temperature: 0 means greedy decoding, but do_sample=True was given")
+        sampling = SamplingConfig(
+            do_sample=do_sample, temperature=temperature if temperature not in (None, 0) else 1.0,
+            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+        return generate(self, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                        eos_token_ids=eos_token_ids, stop_strings=stop_strings, streamer=streamer)
+
     def to_numpy(self, x: Any) -> np.ndarray:
         """Any backend array as numpy (float32 for float dtypes narrower than float32)."""
         return self.backend.to_numpy(x)
@@ -189,6 +213,7 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
     from gemma_core.weights import random_weights
 
     key = os.fspath(path_or_preset)
+    tokenizer = None
     if key in PRESETS and not os.path.exists(key):
         config = PRESETS[key].replace(**config_changes) if config_changes else PRESETS[key]
         weights = random_weights(config, seed)
@@ -196,8 +221,21 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
         if config_changes:
             raise ConfigError(f"config overrides apply to presets only, got {sorted(config_changes)}")
         config, weights = load_checkpoint(key)
+        tokenizer = find_tokenizer(key, config)
     return Model(config, weights, backend=backend, dtype=dtype, device=device,
-                 allow_float16=allow_float16)
+                 allow_float16=allow_float16, tokenizer=tokenizer)
+
+
+def find_tokenizer(path: str | os.PathLike[str], config: GemmaConfig) -> Any:
+    """The `tokenizer.model` beside a checkpoint, as a `GemmaTokenizer`, or None."""
+    from gemma_core.tokenizer import GemmaTokenizer
+
+    folder = path if os.path.isdir(path) else os.path.dirname(os.fspath(path))
+    spm_file = os.path.join(folder, "tokenizer.model")
+    if not os.path.isfile(spm_file):
+        return None
+    fmt = "gemma3" if config.architecture is Architecture.GEMMA3 else "gemma"
+    return GemmaTokenizer(spm_file, chat_format=fmt)
 
 
 def batch_ids(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -14,3 +14,38 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+# A mixed corpus: code, digits, repeated spaces/newlines, tabs, emoji, CJK, accented text.
+CORPUS = [
+    "def f(x):\n    return x * 2  # double it\n",
+    "for i in range(10):\n\tprint(i, i ** 2)\n",
+    "The year 2024 had 366 days; 12345 + 678 = 13023.",
+    "a  b   c\t\td\n\n\ne    f",
+    "Emoji 😀🎉👍 and CJK 你好世界, 日本語のテキスト, 한국어",
+    "Café naïve résumé Ångström façade São Paulo Zürich",
+    "Hello world, hello World! HELLO?",
+    "<html><body class=\"x\">Text &amp; more</body></html>",
+]
+
+
+@pytest.fixture(scope="session")
+def spm_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small SentencePiece model trained at test time with Gemma's settings (BPE, byte
+    fallback, split digits, whitespace pieces, no dummy prefix, identity normalisation) and
+    Gemma 3's special-token layout for the first ids."""
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("spm")
+    (folder / "corpus.txt").write_text("\n".join(CORPUS * 40))
+    control = ["<mask>", *[f"<unused{i}>" for i in range(100)], "<start_of_turn>", "<end_of_turn>"]
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=512,
+        model_type="bpe", byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, add_dummy_prefix=False, normalization_rule_name="identity",
+        split_by_whitespace=False, character_coverage=1.0, minloglevel=2,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", control_symbols=control,
+        user_defined_symbols=["\n", "\n\n", "\u2581\u2581", "\u2581\u2581\u2581\u2581", "\t"],
+    )
+    return folder / "tokenizer.model"

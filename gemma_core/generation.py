@@ -1,0 +1,189 @@
+"""Autoregressive generation on any backend: prefill once, then one token per step from the cache.
+
+Apart from the model on purpose (gpt-fast's `generate.py` shape): the model only maps ids to
+logits; choosing tokens, stopping and streaming text live here, on host numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gemma_core.errors import InputError
+from gemma_core.sampling import SamplingConfig, choose, process
+
+if TYPE_CHECKING:
+    from gemma_core.model import Model
+    from gemma_core.tokenizer import GemmaTokenizer
+
+Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Per row: the generated ids (a stopping eos included), their text, and why it stopped."""
+
+    prompt_ids: list[list[int]]
+    token_ids: list[list[int]]
+    texts: list[str] | None
+    finish_reasons: list[str]  # "eos", "stop_string" or "length"
+
+
+@dataclasses.dataclass
+class StepEvent:
+    """One decode step: each row's new token (None once the row has finished) and new text."""
+
+    step: int
+    tokens: list[int | None]
+    text_deltas: list[str] | None
+
+
+def _encode_prompts(prompts: Prompt | Sequence[Prompt], tokenizer: GemmaTokenizer | None) -> list[list[int]]:
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                    and all(isinstance(t, (int, np.integer)) for t in prompts)):
+        prompts = [prompts]  # type: ignore[list-item]
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise InputError("prompts: expected a prompt or a non-empty list of prompts")
+    rows = []
+    for p in prompts:
+        if isinstance(p, str):
+            if not p:
+                raise InputError("prompt: empty")
+            if tokenizer is None:
+                raise InputError("prompt: this model has no tokenizer; pass token ids instead of text")
+            rows.append(tokenizer.encode(p))
+        else:
+            ids = [int(t) for t in p]
+            if not ids:
+                raise InputError("prompt: empty")
+            rows.append(ids)
+    return rows
+
+
+def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(cuts) if cuts else None
+
+
+def _safe_end(text: str, stops: Sequence[str]) -> int:
+    """How much of `text` can be streamed: not a trailing partial UTF-8 character, nor a
+    suffix that may still grow into a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end -= k
+                break
+    return end
+
+
+class _Rows:
+    """Per-row state: generated ids, finish reasons, streamed text."""
+
+    def __init__(self, n: int, tokenizer: GemmaTokenizer | None, stops: Sequence[str]) -> None:
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.reasons: list[str | None] = [None] * n
+        self.emitted = [0] * n
+        self.tokenizer, self.stops = tokenizer, stops
+
+    def text(self, row: int) -> str:
+        assert self.tokenizer is not None
+        return self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+
+    def final_text(self, row: int) -> str:
+        text = self.text(row)
+        cut = _stop_cut(text, self.stops)
+        return text if cut is None else text[:cut]
+
+    def delta(self, row: int) -> str:
+        if self.reasons[row] is not None:
+            full = self.final_text(row)
+            end = len(full)
+        else:
+            full = self.text(row)
+            end = _safe_end(full, self.stops)
+        out = full[self.emitted[row]:end]
+        self.emitted[row] = max(self.emitted[row], end)
+        return out
+
+
+def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 32,
+                    sampling: SamplingConfig | None = None, seed: int | None = None,
+                    eos_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+                    result: list[GenerationResult] | None = None) -> Iterator[StepEvent]:
+    """Yield a `StepEvent` per decode step; append the `GenerationResult` to `result` at the end."""
+    sampling = sampling or SamplingConfig()
+    tokenizer = model.tokenizer
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
+    if stop_strings and tokenizer is None:
+        raise InputError("stop_strings: need a tokenizer to decode text")
+    rows_ids = _encode_prompts(prompts, tokenizer)
+    from gemma_core.model import batch_ids
+
+    ids, mask = batch_ids(rows_ids, model.config.pad_token_id)
+    total = ids.shape[1] + max_new_tokens
+    limit = model.config.max_position_embeddings
+    if total > limit:
+        raise InputError(f"prompt: {ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} exceed "
+                         f"the model's context of {limit} tokens")
+    eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(model))
+    rng = np.random.default_rng(seed)
+    rows = _Rows(len(rows_ids), tokenizer, tuple(stop_strings))
+    history = [list(r) for r in rows_ids]
+    out = model.forward(ids, mask, model.new_cache(len(rows_ids), total), last_only=True)
+    for step in range(max_new_tokens):
+        scores = model.to_numpy(out.logits)[:, -1].astype(np.float32)  # [B,V]
+        nxt = choose(process(scores, sampling, history), sampling, rng)
+        tokens: list[int | None] = []
+        for row, token in enumerate(int(t) for t in nxt):
+            if rows.reasons[row] is not None:
+                tokens.append(None)
+                continue
+            tokens.append(token)
+            rows.ids[row].append(token)
+            history[row].append(token)
+            if token in eos:
+                rows.reasons[row] = "eos"
+            elif stop_strings and _stop_cut(rows.text(row), stop_strings) is not None:
+                rows.reasons[row] = "stop_string"
+            elif step == max_new_tokens - 1:
+                rows.reasons[row] = "length"
+        deltas = [rows.delta(r) for r in range(len(rows_ids))] if tokenizer is not None else None
+        yield StepEvent(step, tokens, deltas)
+        if all(r is not None for r in rows.reasons):
+            break
+        feed = np.array([[t if t is not None else model.config.pad_token_id] for t in tokens])
+        out = model.forward(feed, None, out.cache, last_only=True)
+    if result is not None:
+        texts = [rows.final_text(r) for r in range(len(rows_ids))] if tokenizer is not None else None
+        result.append(GenerationResult(rows_ids, rows.ids, texts,
+                                       [r or "length" for r in rows.reasons]))
+
+
+def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 32,
+             sampling: SamplingConfig | None = None, seed: int | None = None,
+             eos_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+             streamer: Callable[[StepEvent], Any] | None = None) -> GenerationResult:
+    """Generate for one prompt or a batch (left-padded); `streamer` is called after every step."""
+    result: list[GenerationResult] = []
+    for event in generate_stream(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                 seed=seed, eos_token_ids=eos_token_ids, stop_strings=stop_strings,
+                                 result=result):
+        if streamer is not None:
+            streamer(event)
+    return result[0]
+
+
+def default_eos_ids(model: Model) -> tuple[int, ...]:
+    """The config's eos ids, plus the tokenizer's eos and end-of-turn (chat models stop there)."""
+    ids = list(model.config.eos_token_ids)
+    tok = model.tokenizer
+    if tok is not None:
+        ids.append(tok.eos_id)
+        if tok.end_of_turn_id is not None:
+            ids.append(tok.end_of_turn_id)
+    return tuple(dict.fromkeys(ids))
