@@ -42,13 +42,16 @@ class StepEvent:
 
 
 def _encode_prompts(prompts: Prompt | Sequence[Prompt], tokenizer: GemmaTokenizer | None) -> list[list[int]]:
+    batch: list[Any]
     if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
                                     and all(isinstance(t, (int, np.integer)) for t in prompts)):
-        prompts = [prompts]  # type: ignore[list-item]
-    if not isinstance(prompts, Sequence) or not prompts:
+        batch = [prompts]
+    elif isinstance(prompts, Sequence) and prompts:
+        batch = list(prompts)
+    else:
         raise InputError("prompts: expected a prompt or a non-empty list of prompts")
     rows = []
-    for p in prompts:
+    for p in batch:
         if isinstance(p, str):
             if not p:
                 raise InputError("prompt: empty")
