@@ -86,13 +86,19 @@ class GemmaConfig:
             set_(self, "architecture", Architecture(self.architecture))
         except ValueError:
             raise ConfigError(f"architecture: unsupported value {self.architecture!r}") from None
+        n = self.num_layers
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"num_layers: must be a positive integer, got {n!r}")
         if not self.layer_types:
-            set_(self, "layer_types", default_layer_types(self.architecture, self.num_layers))
+            set_(self, "layer_types", default_layer_types(self.architecture, n))
+        if isinstance(self.layer_types, (str, bytes)) or not hasattr(self.layer_types, "__iter__"):
+            raise ConfigError(f"layer_types: expected a list of layer kinds, got {self.layer_types!r}")
         try:
             set_(self, "layer_types", tuple(AttentionKind(k) for k in self.layer_types))
         except ValueError as e:
             raise ConfigError(f"layer_types: {e}") from None
-        set_(self, "eos_token_ids", tuple(self.eos_token_ids))
+        eos = self.eos_token_ids
+        set_(self, "eos_token_ids", (eos,) if isinstance(eos, int) else tuple(eos))
         self._validate()
 
     def _validate(self) -> None:
@@ -207,12 +213,34 @@ class GemmaConfig:
         return config_to_hf(self)
 
 
-def _get(hf: Mapping[str, Any], key: str, default: Any = None, required: bool = False) -> Any:
-    if key in hf and hf[key] is not None:
-        return hf[key]
-    if required:
-        raise ConfigError(f"{key}: missing from config.json")
-    return default
+# transformers' class defaults (GemmaConfig = gemma-7b, Gemma2Config = gemma-2-2b, Gemma3TextConfig),
+# used for keys a config.json leaves out, as transformers does (hub multimodal Gemma 3 configs
+# rely on them). An explicit null is kept as null.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma": {"vocab_size": 256_000, "hidden_size": 3072, "intermediate_size": 24_576,
+              "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16,
+              "head_dim": 256, "max_position_embeddings": 8192, "rope_theta": 10_000.0},
+    "gemma2": {"vocab_size": 256_000, "hidden_size": 2304, "intermediate_size": 9216,
+               "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+               "head_dim": 256, "max_position_embeddings": 8192, "query_pre_attn_scalar": 256,
+               "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "rope_theta": 10_000.0},
+    "gemma3_text": {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+                    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                    "head_dim": 256, "max_position_embeddings": 131_072, "query_pre_attn_scalar": 256,
+                    "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
+}
+_COMMON_DEFAULTS: dict[str, Any] = {"rms_norm_eps": 1e-6, "pad_token_id": 0, "bos_token_id": 2,
+                                    "eos_token_id": 1, "tie_word_embeddings": True}
+
+
+def _getter(hf: Mapping[str, Any], model_type: str) -> Any:
+    defaults = {**_COMMON_DEFAULTS, **_HF_DEFAULTS[model_type]}
+
+    def get(key: str) -> Any:
+        return hf[key] if key in hf else defaults.get(key)
+
+    return get
 
 
 def _rope_entry(entry: Any, where: str) -> tuple[float | None, float]:
@@ -266,36 +294,40 @@ def config_from_hf(hf: Mapping[str, Any]) -> GemmaConfig:
     if hf.get("use_bidirectional_attention"):
         raise ConfigError("use_bidirectional_attention: bidirectional (embedding) Gemma is not supported")
 
-    rope_theta = float(_get(hf, "rope_theta", 1_000_000.0 if arch is Architecture.GEMMA3 else 10_000.0))
-    local_theta = float(_get(hf, "rope_local_base_freq", 10_000.0))
+    get = _getter(hf, model_type)
+    defaults = _HF_DEFAULTS[model_type]
+    # transformers 5.x writes rope_theta: null beside rope_parameters; null means "see there".
+    rope_theta = get("rope_theta") or defaults["rope_theta"]
+    local_theta = get("rope_local_base_freq") or 10_000.0
     _, factor = _rope_entry(hf.get("rope_scaling"), "rope_scaling")
     params = hf.get("rope_parameters")
     if isinstance(params, Mapping):
         if "full_attention" in params or "sliding_attention" in params:
             theta, factor = _rope_entry(params.get("full_attention"), "rope_parameters.full_attention")
-            rope_theta = float(theta) if theta is not None else rope_theta
+            rope_theta = theta if theta is not None else rope_theta
             local, local_factor = _rope_entry(
                 params.get("sliding_attention"), "rope_parameters.sliding_attention"
             )
             if local_factor != 1.0:
                 raise ConfigError("rope_parameters.sliding_attention: local layers take no rope scaling")
-            local_theta = float(local) if local is not None else local_theta
+            local_theta = local if local is not None else local_theta
         else:
             theta, factor = _rope_entry(params, "rope_parameters")
-            rope_theta = float(theta) if theta is not None else rope_theta
+            rope_theta = theta if theta is not None else rope_theta
 
-    num_layers = _get(hf, "num_hidden_layers", required=True)
-    layer_types = _get(hf, "layer_types")
+    num_layers = get("num_hidden_layers")
+    layer_types = get("layer_types")
     if layer_types is None and arch is Architecture.GEMMA3 and "sliding_window_pattern" in hf:
         period = hf["sliding_window_pattern"]
         if not isinstance(period, int) or period <= 0:
             raise ConfigError(f"sliding_window_pattern: must be a positive integer, got {period!r}")
-        layer_types = [
-            AttentionKind.GLOBAL if (i + 1) % period == 0 else AttentionKind.LOCAL
-            for i in range(num_layers)
-        ]
+        if isinstance(num_layers, int):
+            layer_types = [
+                AttentionKind.GLOBAL if (i + 1) % period == 0 else AttentionKind.LOCAL
+                for i in range(num_layers)
+            ]
 
-    attn_cap = _get(hf, "attn_logit_softcapping")
+    attn_cap = get("attn_logit_softcapping")
     if arch is Architecture.GEMMA3 and attn_cap is not None:
         # transformers never applies it for Gemma 3 (Gemma3Attention drops it); do the same.
         warnings.warn(
@@ -303,38 +335,32 @@ def config_from_hf(hf: Mapping[str, Any]) -> GemmaConfig:
             stacklevel=2,
         )
         attn_cap = None
-    eos = _get(hf, "eos_token_id", 1)
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-    sliding = _get(hf, "sliding_window") if arch is not Architecture.GEMMA else None
-    try:
-        return GemmaConfig(
-            architecture=arch,
-            vocab_size=_get(hf, "vocab_size", required=True),
-            hidden_size=_get(hf, "hidden_size", required=True),
-            intermediate_size=_get(hf, "intermediate_size", required=True),
-            num_layers=num_layers,
-            num_heads=_get(hf, "num_attention_heads", required=True),
-            num_kv_heads=_get(hf, "num_key_value_heads", _get(hf, "num_attention_heads")),
-            head_dim=_get(hf, "head_dim", required=True),
-            max_position_embeddings=_get(hf, "max_position_embeddings", 8192),
-            rms_norm_eps=_get(hf, "rms_norm_eps", 1e-6),
-            query_pre_attn_scalar=_get(hf, "query_pre_attn_scalar")
-            if arch is not Architecture.GEMMA else None,
-            attn_logit_softcap=attn_cap if arch is not Architecture.GEMMA else None,
-            final_logit_softcap=_get(hf, "final_logit_softcapping")
-            if arch is not Architecture.GEMMA else None,
-            sliding_window=sliding,
-            layer_types=tuple(layer_types or ()),
-            rope_theta=rope_theta,
-            rope_local_theta=local_theta,
-            rope_scaling_factor=factor,
-            tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
-            pad_token_id=_get(hf, "pad_token_id", 0),
-            bos_token_id=_get(hf, "bos_token_id", 2),
-            eos_token_ids=eos_ids,
-        )
-    except TypeError as e:  # e.g. a string where a number belongs, caught by validation below
-        raise ConfigError(f"config.json: {e}") from None
+    eos = get("eos_token_id")
+    g1 = arch is Architecture.GEMMA
+    return GemmaConfig(
+        architecture=arch,
+        vocab_size=get("vocab_size"),
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
+        num_layers=num_layers,
+        num_heads=get("num_attention_heads"),
+        num_kv_heads=get("num_key_value_heads"),
+        head_dim=get("head_dim"),
+        max_position_embeddings=get("max_position_embeddings"),
+        rms_norm_eps=get("rms_norm_eps"),
+        query_pre_attn_scalar=None if g1 else get("query_pre_attn_scalar"),
+        attn_logit_softcap=None if g1 else attn_cap,
+        final_logit_softcap=None if g1 else get("final_logit_softcapping"),
+        sliding_window=None if g1 else get("sliding_window"),
+        layer_types=tuple(layer_types or ()) if isinstance(layer_types, (list, tuple)) else layer_types,
+        rope_theta=rope_theta,
+        rope_local_theta=local_theta,
+        rope_scaling_factor=factor,
+        tie_word_embeddings=bool(get("tie_word_embeddings")),
+        pad_token_id=get("pad_token_id"),
+        bos_token_id=get("bos_token_id"),
+        eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else eos,
+    )
 
 
 def _hf_rope(theta: float, factor: float) -> dict[str, Any]:

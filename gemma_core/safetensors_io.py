@@ -50,7 +50,10 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict, int]:
         try:
             dtype = _DTYPES[info["dtype"]]
             begin, end = (int(x) for x in info["data_offsets"])
-            count = int(np.prod(info["shape"], dtype=np.int64))
+            shape = info["shape"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
+                raise ValueError(shape)
+            count = int(np.prod(shape, dtype=np.int64))
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed or unsupported entry "
                                   f"{info!r}") from None
