@@ -8,22 +8,73 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import GemmaError
 
 
 def _config_arg(value: str) -> GemmaConfig:
-    """A preset name, a model folder, or a config.json path."""
+    """A preset name, a model folder, a config.json path or a .gguf file."""
     from gemma_core.checkpoint import read_config
     from gemma_core.presets import PRESETS, get_preset
 
     if value in PRESETS and not os.path.exists(value):
         return get_preset(value)
     path = Path(value)
+    if path.suffix == ".gguf":
+        from gemma_core.formats.gguf import _open
+        from gemma_core.formats.gguf import read_config as gguf_config
+
+        return gguf_config(_open(path), str(path))
     if path.exists():
         return read_config(path if path.is_dir() else path.parent)
+    if os.sep in value or value.endswith(".json"):
+        raise GemmaError(f"{value}: no such file or folder")
     return get_preset(value)
+
+
+class _Progress:
+    """A one-line progress bar on stderr, shown only for a terminal or when it takes a while."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __call__(self, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+        sys.stderr.flush()
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    import gemma_core
+    from gemma_core.embedded import default_model_path
+    from gemma_core.tokenizer import GemmaTokenizer
+
+    path = args.model or default_model_path()
+    if not args.model and not os.path.exists(path):
+        raise GemmaError(f"{path}: the embedded model file is missing")
+    model = gemma_core.load(path, backend=args.backend, dtype=args.dtype, device=args.device,
+                            progress=_Progress("loading"))
+    if args.tokenizer:
+        model.tokenizer = GemmaTokenizer(args.tokenizer)
+    if model.tokenizer is None:
+        raise GemmaError(f"{path}: the model has no tokenizer; pass --tokenizer tokenizer.model")
+    return model
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "min_p")
+             if getattr(args, k) is not None}
+    if args.greedy and given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise GemmaError(f"--greedy conflicts with {flags}")
+    return {**given, "repetition_penalty": args.repetition_penalty,
+            "do_sample": False if args.greedy else None}
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
@@ -80,10 +131,148 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise GemmaError("no prompt: pass it as an argument or on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise GemmaError("prompt: empty")
+    return prompt
+
+
+def _printer(event: Any) -> None:
+    sys.stdout.write(event.text_deltas[0])
+    sys.stdout.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = _read_prompt(args)
+    kwargs = _sampling_kwargs(args)
+    model = _load_model(args)
+    if args.chat_template:
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        ids = model.tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        ids = model.tokenizer.encode(prompt)
+    model.generate([ids], max_new_tokens=args.max_new_tokens, seed=args.seed,
+                   stop_strings=args.stop or (), streamer=_printer, **kwargs)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gemma_core.chat import ChatSession
+
+    kwargs = _sampling_kwargs(args)
+    session = ChatSession(_load_model(args), system=args.system, context=args.context)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            session.reset()
+            continue
+        if not line.strip():
+            continue
+        session.send(line, max_new_tokens=args.max_new_tokens, streamer=_printer, seed=args.seed,
+                     **kwargs)
+        sys.stdout.write("\n")
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from gemma_core.masks import attention_mask
+    from gemma_core.model import batch_ids
+
+    config = _config_arg(args.config)
+    if args.sliding_window is not None:
+        config = config.replace(sliding_window=args.sliding_window)
+    tokenizer = None
+    if args.tokenizer:
+        from gemma_core.tokenizer import GemmaTokenizer
+
+        tokenizer = GemmaTokenizer(args.tokenizer)
+    rows = []
+    for text in args.texts:
+        if not text.strip():
+            raise GemmaError("text: empty")
+        if tokenizer is not None:
+            ids = tokenizer.encode(text)
+            rows.append([tokenizer.decode([i]) or "<bos>" for i in ids])
+        else:
+            rows.append(text.split())
+    _, mask = batch_ids([list(range(len(r))) for r in rows])
+    width = mask.shape[1]
+    labels = [["<pad>"] * (width - len(r)) + r for r in rows]
+    kinds: dict[int | None, list[int]] = {}
+    for layer in range(config.num_layers):
+        kinds.setdefault(config.window(layer), []).append(layer)
+    slots = np.arange(width)
+    for window, layers in kinds.items():
+        kind = f"sliding window {window}" if window else "global (causal)"
+        print(f"{kind}: layers {', '.join(map(str, layers))}")
+        visible = attention_mask(slots, slots, mask.astype(bool), window)[:, 0]
+        for b, names in enumerate(labels):
+            if len(labels) > 1:
+                print(f"  row {b}")
+            shown = [repr(n)[1:-1][:10] for n in names]
+            pad = max(len(n) for n in shown)
+            for q in range(width):
+                cells = " ".join("■" if visible[b, q, k] else "⬚" for k in range(width))
+                print(f"  {q:>3} {shown[q]:<{pad}} {cells}")
+        print()
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from gemma_core.backend import default_backend_name
+
+    p.add_argument("--model", help="model folder, .gguf file or preset (default: the embedded Gemma 3 270M)")
+    p.add_argument("--tokenizer", help="a tokenizer.model file (for models that lack one)")
+    p.add_argument("--backend", default=None, help=f"backend (default: {default_backend_name()})")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, help="sample at this temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma", description="Gemma 1/2/3 on any backend.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt (argument or stdin), streaming the text")
+    _add_model_args(p)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user turn")
+    p.add_argument("prompt", nargs="?")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat; the KV cache is kept between turns")
+    _add_model_args(p)
+    p.add_argument("--system", help="system prompt (Gemma 3 folds it into the first turn)")
+    p.add_argument("--context", type=int, default=4096, help="tokens the conversation may use")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("mask", help="show which tokens each token attends to, per layer kind")
+    p.add_argument("--config", required=True, help="preset name, model folder, config.json or .gguf")
+    p.add_argument("--tokenizer", help="a tokenizer.model file (default: split on whitespace)")
+    p.add_argument("--sliding-window", type=int, help="override the config's window")
+    p.add_argument("texts", nargs="+", help="one text, or several to see left padding")
+    p.set_defaults(func=cmd_mask)
 
     p = sub.add_parser("graph", help="print a config's op list")
     p.add_argument("--config", required=True, help="preset name, model folder or config.json")

@@ -30,6 +30,7 @@ class GenerationResult:
     token_ids: list[list[int]]
     texts: list[str] | None
     finish_reasons: list[str]  # "eos", "stop_string" or "length"
+    cache: Any = None  # holds the prompt and every generated token but the last
 
 
 @dataclasses.dataclass
@@ -116,8 +117,11 @@ class _Rows:
 def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 32,
                     sampling: SamplingConfig | None = None, seed: int | None = None,
                     eos_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
-                    result: list[GenerationResult] | None = None) -> Iterator[StepEvent]:
-    """Yield a `StepEvent` per decode step; append the `GenerationResult` to `result` at the end."""
+                    result: list[GenerationResult] | None = None,
+                    cache: Any = None) -> Iterator[StepEvent]:
+    """Yield a `StepEvent` per decode step; append the `GenerationResult` to `result` at the end.
+
+    With `cache` (one row), the prompt continues what the cache holds (multi-turn chat)."""
     sampling = sampling or SamplingConfig()
     tokenizer = model.tokenizer
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -128,16 +132,22 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new
     from gemma_core.model import batch_ids
 
     ids, mask = batch_ids(rows_ids, model.config.pad_token_id)
-    total = ids.shape[1] + max_new_tokens
-    limit = model.config.max_position_embeddings
+    past = 0 if cache is None else cache.length
+    total = past + ids.shape[1] + max_new_tokens
+    limit = model.config.max_position_embeddings if cache is None else cache.max_length
+    if cache is not None and len(rows_ids) != cache.batch_size:
+        raise InputError(f"prompts: {len(rows_ids)} rows for a cache of {cache.batch_size}")
     if total > limit:
-        raise InputError(f"prompt: {ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} exceed "
-                         f"the model's context of {limit} tokens")
+        held = f"{past} cached and " if past else ""
+        raise InputError(f"prompt: {held}{ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} "
+                         f"exceed the {'model' if cache is None else 'cache'}'s context of {limit} tokens")
     eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(model))
     rng = np.random.default_rng(seed)
     rows = _Rows(len(rows_ids), tokenizer, tuple(stop_strings))
     history = [list(r) for r in rows_ids]
-    out = model.forward(ids, mask, model.new_cache(len(rows_ids), total), last_only=True)
+    if cache is None:
+        cache = model.new_cache(len(rows_ids), total)
+    out = model.forward(ids, mask, cache, last_only=True)
     for step in range(max_new_tokens):
         scores = model.to_numpy(out.logits)[:, -1].astype(np.float32)  # [B,V]
         nxt = choose(process(scores, sampling, history), sampling, rng)
@@ -164,18 +174,18 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new
     if result is not None:
         texts = [rows.final_text(r) for r in range(len(rows_ids))] if tokenizer is not None else None
         result.append(GenerationResult(rows_ids, rows.ids, texts,
-                                       [r or "length" for r in rows.reasons]))
+                                       [r or "length" for r in rows.reasons], out.cache))
 
 
 def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 32,
              sampling: SamplingConfig | None = None, seed: int | None = None,
              eos_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
-             streamer: Callable[[StepEvent], Any] | None = None) -> GenerationResult:
+             streamer: Callable[[StepEvent], Any] | None = None, cache: Any = None) -> GenerationResult:
     """Generate for one prompt or a batch (left-padded); `streamer` is called after every step."""
     result: list[GenerationResult] = []
     for event in generate_stream(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                  seed=seed, eos_token_ids=eos_token_ids, stop_strings=stop_strings,
-                                 result=result):
+                                 result=result, cache=cache):
         if streamer is not None:
             streamer(event)
     return result[0]

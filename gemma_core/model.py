@@ -132,25 +132,20 @@ class Model:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, eos_token_ids: Sequence[int] | None = None,
-                 stop_strings: Sequence[str] = (), streamer: Any = None) -> Any:
+                 stop_strings: Sequence[str] = (), streamer: Any = None, cache: KVCache | None = None) -> Any:
         """Generate for a prompt or a batch of prompts (text, or token id lists).
 
         Greedy unless sampling is asked for: `do_sample=True`, or any of temperature (> 0),
         top_k, top_p, min_p given; `temperature=0` means greedy. Returns a `GenerationResult`.
         """
         from gemma_core.generation import generate
-        from gemma_core.sampling import SamplingConfig
+        from gemma_core.sampling import sampling_config
 
-        wants = temperature not in (None, 0) or any(v is not None for v in (top_k, top_p, min_p))
-        if do_sample is None:
-            do_sample = wants
-        if temperature == 0 and do_sample:
-            raise ConfigError("temperature: 0 means greedy decoding, but do_sample=True was given")
-        sampling = SamplingConfig(
-            do_sample=do_sample, temperature=temperature if temperature not in (None, 0) else 1.0,
-            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+        sampling = sampling_config(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   min_p=min_p, repetition_penalty=repetition_penalty)
         return generate(self, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                        eos_token_ids=eos_token_ids, stop_strings=stop_strings, streamer=streamer)
+                        eos_token_ids=eos_token_ids, stop_strings=stop_strings, streamer=streamer,
+                        cache=cache)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """Any backend array as numpy (float32 for float dtypes narrower than float32)."""
@@ -205,9 +200,11 @@ def _tie(config: GemmaConfig, weights: Mapping[str, np.ndarray]) -> dict[str, np
 
 def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None = None,
          dtype: str = "float32", device: str | None = None, *, seed: int = 0,
-         allow_float16: bool = False, **config_changes: Any) -> Model:
-    """A model from a Hugging Face folder, a safetensors file beside its config.json, or a preset
-    name (random weights from `seed`). `config_changes` override preset fields (tests)."""
+         allow_float16: bool = False, progress: Any = None, **config_changes: Any) -> Model:
+    """A model from a Hugging Face folder, a safetensors file beside its config.json, a `.gguf`
+    file, or a preset name (random weights from `seed`). `config_changes` override preset fields
+    (tests); for GGUF they are passed to the reader (e.g. `query_pre_attn_scalar`).
+    `progress(done, total)` is called while a GGUF file is dequantised."""
     from gemma_core.checkpoint import load_checkpoint
     from gemma_core.presets import PRESETS
     from gemma_core.weights import random_weights
@@ -218,10 +215,15 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
         config = PRESETS[key].replace(**config_changes) if config_changes else PRESETS[key]
         weights = random_weights(config, seed)
     else:
-        if config_changes:
-            raise ConfigError(f"config overrides apply to presets only, got {sorted(config_changes)}")
-        config, weights = load_checkpoint(key)
-        tokenizer = find_tokenizer(key, config)
+        if key.endswith(".gguf"):
+            from gemma_core.formats.gguf import load_gguf
+
+            config, weights, tokenizer = load_gguf(key, progress=progress, **config_changes)
+        else:
+            if config_changes:
+                raise ConfigError(f"config overrides apply to presets only, got {sorted(config_changes)}")
+            config, weights = load_checkpoint(key)
+            tokenizer = find_tokenizer(key, config)
     return Model(config, weights, backend=backend, dtype=dtype, device=device,
                  allow_float16=allow_float16, tokenizer=tokenizer)
 

@@ -43,6 +43,20 @@ class SamplingConfig:
                               "greedy decoding (do_sample=False) ignores them")
 
 
+def sampling_config(*, do_sample: bool | None = None, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                    repetition_penalty: float | None = None) -> SamplingConfig:
+    """The user-facing rule: greedy unless sampling is asked for (`do_sample=True`, or any of
+    temperature > 0, top_k, top_p, min_p given); `temperature=0` means greedy."""
+    wants = temperature not in (None, 0) or any(v is not None for v in (top_k, top_p, min_p))
+    if do_sample is None:
+        do_sample = wants
+    if temperature == 0 and do_sample:
+        raise ConfigError("temperature: 0 means greedy decoding, but sampling was asked for")
+    return SamplingConfig(do_sample=do_sample, temperature=temperature if temperature else 1.0,
+                          top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+
+
 def repetition_penalty(scores: np.ndarray, history: list[list[int]], penalty: float) -> np.ndarray:
     """Tokens already seen: negative scores times the penalty, positive ones divided by it."""
     out = scores.copy()

@@ -152,7 +152,7 @@ def test_generation_errors(model: gemma_core.Model) -> None:
         model.generate("Hello", max_new_tokens=300)
     with pytest.raises(InputError, match="max_new_tokens"):
         model.generate("Hello", max_new_tokens=0)
-    with pytest.raises(ConfigError, match="temperature: 0 means greedy"):
+    with pytest.raises(ConfigError, match="temperature: 0 means greedy decoding, but sampling"):
         model.generate("Hello", temperature=0, do_sample=True)
     bare = gemma_core.load("tiny-gemma")
     with pytest.raises(InputError, match="no tokenizer"):

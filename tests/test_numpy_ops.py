@@ -12,7 +12,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from backends.numpy.ops import attention_mask, make_op_table, rope_angles
+from backends.numpy.ops import make_op_table, rope_angles
+from gemma_core.masks import attention_mask
 
 BF16 = ml_dtypes.bfloat16
 F32 = make_op_table("float32")

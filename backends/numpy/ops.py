@@ -13,6 +13,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from gemma_core.masks import attention_mask
+
 STORAGE = {
     "float64": np.dtype(np.float64),
     "float32": np.dtype(np.float32),
@@ -43,18 +45,6 @@ def rope_angles(positions: np.ndarray, head_dim: int, theta: float, scaling: flo
     inv_freq = inv_freq / f32(scaling)
     freqs = positions.astype(f32)[..., None] * inv_freq  # [B,T,H/2]
     return np.concatenate([freqs, freqs], axis=-1)
-
-
-def attention_mask(key_slots: np.ndarray, query_slots: np.ndarray, valid: np.ndarray,
-                   window: int | None) -> np.ndarray:
-    """Boolean `[B, 1, T, S]`: causal, within the window (W keys including itself), not padding."""
-    q = query_slots[:, None]  # [T,1]
-    k = key_slots[None, :]  # [1,S]
-    visible = (k >= 0) & (k <= q)
-    if window is not None:
-        visible &= k > q - window
-    real = valid[:, np.clip(key_slots, 0, None)] & (key_slots >= 0)  # [B,S]
-    return visible[None, None] & real[:, None, None, :]
 
 
 def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:

@@ -1,0 +1,1 @@
+"""Checkpoint formats other than the canonical Hugging Face folder, each a mapping to and from it."""

@@ -1,0 +1,243 @@
+"""GGUF (llama.cpp) files: the config from metadata, tensors mapped to the canonical layout and
+dequantised with the `gguf` package, and the SentencePiece tokenizer rebuilt from metadata.
+
+GGUF stores norm weights as `1 + w` (subtracted here) and no output tensor (the embedding is the
+tied head). It does not record `query_pre_attn_scalar`: llama.cpp infers it from the model size,
+so we take it from the published model of the same shape, or from the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from gemma_core.config import Architecture, AttentionKind, GemmaConfig, default_layer_types
+from gemma_core.errors import CheckpointError, ConfigError
+from gemma_core.formats.gguf_file import TensorInfo, read_gguf
+from gemma_core.layout import validate_weights
+
+_ARCHS = {"gemma": Architecture.GEMMA, "gemma2": Architecture.GEMMA2, "gemma3": Architecture.GEMMA3}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_K", "Q6_K")
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def canonical_name(name: str, arch: Architecture) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None if Gemma has no such tensor."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _BLOCK_RE.fullmatch(name)
+    if m is None:
+        return None
+    layer, part = m.groups()
+    if part == "ffn_norm":  # the pre-MLP norm: HF calls it differently per generation
+        hf = "post_attention_layernorm" if arch is Architecture.GEMMA else "pre_feedforward_layernorm"
+    elif part in _BLOCK:
+        hf = _BLOCK[part]
+    else:
+        return None
+    return f"model.layers.{layer}.{hf}.weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reader:
+    meta: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+
+
+def _open(path: str | os.PathLike[str]) -> _Reader:
+    try:
+        import gguf  # noqa: F401  (dequantisation and the ggml type table)
+    except ModuleNotFoundError:
+        raise CheckpointError("reading .gguf files needs the gguf package: "
+                              "pip install 'gemma-core[gguf]'") from None
+    return _Reader(*read_gguf(path))
+
+
+def _field(reader: _Reader, key: str, default: Any = None) -> Any:
+    return reader.meta.get(key, default)
+
+
+def _query_scalar(arch: Architecture, hidden: int, layers: int, heads: int, head_dim: int,
+                  override: float | None) -> float | None:
+    if arch is Architecture.GEMMA:
+        return None
+    if override is not None:
+        return override
+    from gemma_core.presets import PRESETS
+
+    for preset in PRESETS.values():
+        if (preset.architecture, preset.hidden_size, preset.num_layers, preset.num_heads,
+                preset.head_dim) == (arch, hidden, layers, heads, head_dim):
+            return preset.query_pre_attn_scalar
+    raise ConfigError(
+        f"query_pre_attn_scalar: GGUF does not record it and no published {arch.value} model has "
+        f"hidden_size {hidden}, {layers} layers, {heads} heads; pass query_pre_attn_scalar=..."
+    )
+
+
+def read_config(reader: _Reader, path: str = "", query_pre_attn_scalar: float | None = None) -> GemmaConfig:
+    """The config from a GGUF's metadata (and its embedding's shape for the vocabulary)."""
+    name = _field(reader, "general.architecture")
+    if name not in _ARCHS:
+        raise ConfigError(f"{path}: general.architecture {name!r} is not supported "
+                          f"(supported: {', '.join(_ARCHS)})")
+    arch = _ARCHS[name]
+
+    def need(key: str) -> Any:
+        value = _field(reader, f"{name}.{key}")
+        if value is None:
+            raise ConfigError(f"{path}: metadata {name}.{key} is missing")
+        return value
+
+    embed = reader.tensors.get("token_embd.weight")
+    if embed is None:
+        raise CheckpointError(f"{path}: tensor token_embd.weight is missing")
+    hidden, layers, heads = int(need("embedding_length")), int(need("block_count")), int(
+        need("attention.head_count"))
+    head_dim = int(_field(reader, f"{name}.attention.key_length", hidden // heads))
+    window = _field(reader, f"{name}.attention.sliding_window")
+    layer_types: tuple[AttentionKind, ...] = ()
+    pattern = _field(reader, f"{name}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # newer files list one flag per layer (True = sliding)
+        layer_types = tuple(AttentionKind.LOCAL if p else AttentionKind.GLOBAL for p in pattern)
+    elif isinstance(pattern, int) and arch is Architecture.GEMMA3:
+        layer_types = tuple(AttentionKind.GLOBAL if (i + 1) % pattern == 0 else AttentionKind.LOCAL
+                            for i in range(layers))
+    factor = 1.0
+    if _field(reader, f"{name}.rope.scaling.type") == "linear":
+        factor = float(_field(reader, f"{name}.rope.scaling.factor", 1.0))
+    bos = _field(reader, "tokenizer.ggml.bos_token_id", 2)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id", 1)
+    pad = _field(reader, "tokenizer.ggml.padding_token_id", 0)
+    return GemmaConfig(
+        architecture=arch,
+        vocab_size=int(embed.shape[0]),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, f"{name}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(need("context_length")),
+        rms_norm_eps=float(np.float32(need("attention.layer_norm_rms_epsilon"))),
+        query_pre_attn_scalar=_query_scalar(arch, hidden, layers, heads, head_dim, query_pre_attn_scalar),
+        attn_logit_softcap=_field(reader, f"{name}.attn_logit_softcapping")
+        if arch is Architecture.GEMMA2 else None,
+        final_logit_softcap=_field(reader, f"{name}.final_logit_softcapping"),
+        sliding_window=int(window) if window is not None and arch is not Architecture.GEMMA else None,
+        layer_types=layer_types or default_layer_types(arch, layers),
+        rope_theta=float(_field(reader, f"{name}.rope.freq_base", 10_000.0)),
+        rope_local_theta=10_000.0,
+        rope_scaling_factor=factor,
+        tie_word_embeddings="output.weight" not in reader.tensors,
+        pad_token_id=int(pad), bos_token_id=int(bos), eos_token_ids=(int(eos),),
+    )
+
+
+def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Every tensor dequantised to float32 under its canonical name, norms shifted back by 1."""
+    import gguf
+
+    out: dict[str, np.ndarray] = {}
+    tensors = list(reader.tensors.values())
+    for i, t in enumerate(tensors):
+        name = canonical_name(t.name, config.architecture)
+        if name is None:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for {config.architecture.value}")
+        qtype = gguf.GGMLQuantizationType(t.type_id)
+        if qtype.name not in SUPPORTED_TYPES:
+            raise CheckpointError(f"{path}: tensor {t.name} has quantisation type {qtype.name}, not "
+                                  f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
+        try:
+            w = np.asarray(gguf.quants.dequantize(t.data, qtype), np.float32).reshape(t.shape)
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {t.name} could not be dequantised ({e})") from None
+        if name.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # GGUF stores 1 + w
+        out[name] = w
+        if progress is not None:
+            progress(i + 1, len(tensors))
+    validate_weights(config, out)
+    return out
+
+
+def build_tokenizer_proto(reader: _Reader) -> bytes:
+    """A serialized SentencePiece ModelProto equal to the one the GGUF was made from."""
+    import importlib
+
+    pb: Any = importlib.import_module("sentencepiece.sentencepiece_model_pb2")
+
+    if _field(reader, "tokenizer.ggml.model") != "llama":
+        raise CheckpointError(f"tokenizer.ggml.model: {_field(reader, 'tokenizer.ggml.model')!r} is not a "
+                              "SentencePiece (llama) vocabulary")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    scores = _field(reader, "tokenizer.ggml.scores")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    if not (tokens and len(tokens) == len(scores) == len(types)):
+        raise CheckpointError("tokenizer.ggml.tokens/scores/token_type: missing or of different lengths")
+    m = pb.ModelProto()
+    t = m.trainer_spec
+    t.model_type = pb.TrainerSpec.BPE
+    t.vocab_size = len(tokens)
+    t.byte_fallback = True
+    t.split_digits = True
+    t.allow_whitespace_only_pieces = True
+    t.unk_id = int(_field(reader, "tokenizer.ggml.unknown_token_id", 3))
+    t.bos_id = int(_field(reader, "tokenizer.ggml.bos_token_id", 2))
+    t.eos_id = int(_field(reader, "tokenizer.ggml.eos_token_id", 1))
+    t.pad_id = int(_field(reader, "tokenizer.ggml.padding_token_id", 0))
+    # SentencePiece finds its special ids by piece name
+    t.unk_piece, t.bos_piece = tokens[t.unk_id], tokens[t.bos_id]
+    t.eos_piece, t.pad_piece = tokens[t.eos_id], tokens[t.pad_id]
+    n = m.normalizer_spec
+    n.name = "identity"
+    n.add_dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", False))
+    n.remove_extra_whitespaces = False
+    n.escape_whitespaces = True
+    user_defined = pb.ModelProto.SentencePiece.USER_DEFINED
+    for i, (text, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
+        piece = m.pieces.add()
+        # llama.cpp writes user-defined pieces with real spaces; SentencePiece wants them escaped
+        piece.piece = text.replace(" ", "\u2581") if kind == user_defined else text
+        piece.score = float(score)
+        # the unknown piece may be stored as a control token; SentencePiece needs it UNKNOWN
+        piece.type = pb.ModelProto.SentencePiece.UNKNOWN if i == t.unk_id else int(kind)
+    return m.SerializeToString()
+
+
+def load_gguf(
+    path: str | os.PathLike[str], *, query_pre_attn_scalar: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[GemmaConfig, dict[str, np.ndarray], Any]:
+    """(config, float32 weights, GemmaTokenizer or None) of a GGUF file."""
+    from gemma_core.tokenizer import GemmaTokenizer
+
+    reader = _open(path)
+    config = read_config(reader, os.fspath(path), query_pre_attn_scalar)
+    weights = read_weights(reader, config, os.fspath(path), progress)
+    tokenizer = None
+    if _field(reader, "tokenizer.ggml.tokens") is not None:
+        fmt = "gemma3" if config.architecture is Architecture.GEMMA3 else "gemma"
+        tokenizer = GemmaTokenizer(build_tokenizer_proto(reader), chat_format=fmt,
+                                   add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
+                                   chat_template=_field(reader, "tokenizer.chat_template"))
+    return config, weights, tokenizer
