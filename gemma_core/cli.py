@@ -89,11 +89,49 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage(value: str) -> tuple[str, str]:
+    """(format, stored dtypes with tensor counts) of a preset, model folder or GGUF file."""
+    from collections import Counter
+
+    from gemma_core.presets import PRESETS
+
+    if value in PRESETS and not os.path.exists(value):
+        return "preset (random weights)", "float32"
+    path = Path(value)
+    if path.suffix == ".gguf":
+        from gemma_core.formats.gguf import _open
+
+        kinds: Counter[str] = Counter()
+        import gguf
+
+        for t in _open(path).tensors.values():
+            kinds[gguf.GGMLQuantizationType(t.type_id).name] += 1
+        return "gguf", ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
+    from gemma_core.checkpoint import INDEX
+    from gemma_core.safetensors_io import read_header
+
+    folder = path if path.is_dir() else path.parent
+    files = sorted(folder.glob("*.safetensors"))
+    dtypes: Counter[str] = Counter()
+    for f in files:
+        header, _ = read_header(f)
+        dtypes.update(v["dtype"] for k, v in header.items() if k != "__metadata__")
+    fmt = f"huggingface safetensors ({len(files)} shards)" if (folder / INDEX).is_file() else (
+        "huggingface safetensors")
+    return fmt, ", ".join(f"{k} x{n}" for k, n in dtypes.most_common())
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    from gemma_core.embedded import default_model_path
     from gemma_core.layout import param_count
 
-    config = _config_arg(args.model)
+    source = args.model or default_model_path()
+    config = _config_arg(source)
+    fmt, dtypes = _storage(source)
     hf = config.to_hf()
+    print(f"source            {source}")
+    print(f"format            {fmt}")
+    print(f"stored dtypes     {dtypes}")
     print(f"architecture      {config.architecture.value}")
     print(f"parameters        {param_count(config):,}")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -279,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="store_true", help="also print the weight layout table")
     p.set_defaults(func=cmd_graph)
 
-    p = sub.add_parser("info", help="config and parameter count of a preset or model folder")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("info", help="format, dtypes, config and parameter count of a model")
+    p.add_argument("--model", help="preset, model folder or .gguf (default: the embedded model)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("conformance", help="compare backends with the NumPy reference")
@@ -298,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # e.g. `gemma graph ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (GemmaError, OSError) as e:
         if args.debug:
             raise

@@ -28,6 +28,7 @@ def test_graph_with_weight_layout(capsys: pytest.CaptureFixture[str]) -> None:
 def test_info(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--model", "gemma-3-270m"]) == 0
     out = capsys.readouterr().out
+    assert "format            preset (random weights)" in out
     assert "parameters        268,098,176" in out
     assert "3 global, 15 local" in out
 
@@ -134,6 +135,13 @@ def test_chat_keeps_the_cache_between_turns(folder, monkeypatch, capsys) -> None
         "<end_of_turn>\n<start_of_turn>user\nhello again<end_of_turn>\n<start_of_turn>model\n",
         add_special_tokens=False)
     assert second == model.generate([ids], max_new_tokens=5, eos_token_ids=[]).texts[0]
+
+
+def test_info_on_a_folder_names_format_and_dtypes(folder, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["info", "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "format            huggingface safetensors" in out
+    assert "stored dtypes     F32 x" in out
 
 
 def test_chat_cli(folder) -> None:  # type: ignore[no-untyped-def]

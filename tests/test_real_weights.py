@@ -10,9 +10,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import CORPUS
 
 import gemma_core
-from conftest import CORPUS
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
 pytest.importorskip("gguf")
@@ -54,7 +54,8 @@ def hf(gguf_path: str):  # type: ignore[no-untyped-def]
 def test_config_is_gemma_3_270m(ours: gemma_core.Model) -> None:
     ref = gemma_core.get_preset("gemma-3-270m")
     c = ours.config
-    assert c.replace(max_position_embeddings=ref.max_position_embeddings, eos_token_ids=ref.eos_token_ids) == ref
+    same = c.replace(max_position_embeddings=ref.max_position_embeddings, eos_token_ids=ref.eos_token_ids)
+    assert same == ref
     assert gemma_core.param_count(c) == 268_098_176
 
 
@@ -64,7 +65,8 @@ def test_tokenizer_ids_equal_transformers(ours: gemma_core.Model, hf) -> None:  
     for text in [*CORPUS, *PROMPTS, "a  b", "x\n\ny", "\t\ttabs", "<start_of_turn>user\nhi<end_of_turn>\n"]:
         assert ours.tokenizer.encode(text) == tok(text).input_ids, text
         ids = ours.tokenizer.encode(text)
-        assert ours.tokenizer.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+        expected = tok.decode(ids, skip_special_tokens=True)
+        assert ours.tokenizer.decode(ids, skip_special_tokens=True) == expected
 
 
 def test_first_step_logits_equal_transformers(ours: gemma_core.Model, hf) -> None:  # type: ignore[no-untyped-def]
