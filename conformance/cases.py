@@ -127,7 +127,9 @@ def _kv_cache(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
             slots = np.arange(start, start + t)
             keys, values, key_slots, layer = h.table["kv_cache"](h.f(k), h.f(v), layer, h.i(slots))
             key_slots = np.asarray(h.backend.to_numpy(key_slots))
-            live = key_slots >= 0  # backends may return empty slots; compare the live ones
+            # backends may also return empty slots or ones no query can see (a window of
+            # `capacity`); compare the keys that some query of this step can see
+            live = key_slots >= max(0, start - capacity + 1)
             order = np.argsort(np.where(live, key_slots, np.iinfo(np.int64).max), kind="stable")
             order = order[: int(live.sum())]
             tag = f"capacity={capacity},step={step}"

@@ -20,11 +20,13 @@ import numpy as np
 from gemma_core.errors import BackendError
 
 ENTRY_POINT_GROUP = "gemma_core.backends"
+StepFn = Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]]
 DEFAULT_BACKEND = "numpy"
 
 # name -> "module:attribute" of the backend object.
 BUILTIN_BACKENDS: dict[str, str] = {
     "numpy": "backends.numpy:backend",
+    "torch": "backends.torch:backend",
 }
 # Frameworks a backend may need, with the extra that installs each.
 _INSTALL_HINTS = {
@@ -68,6 +70,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def export_cache_layer(self, state: Any) -> tuple[np.ndarray, np.ndarray]:
         """The layer's (keys, values) slot buffers `[B, K, capacity, H]` as numpy."""
+
+    def compile_step(self, step: StepFn, options: Mapping[str, Any]) -> StepFn:
+        """Wrap the whole forward step for this framework's compiler; by default run it as is.
+
+        `step(weights, env) -> env` runs the op list; `options` come from `load(..., compile=...)`.
+        """
+        if options.get("compile"):
+            raise BackendError(f"backend {self.name!r} has no compiled mode")
+        return step
 
 
 def default_backend_name() -> str:

@@ -60,3 +60,4 @@ class CacheState:
     values: tuple[np.ndarray, ...]
     length: int
     seen: np.ndarray
+    real: tuple[np.ndarray, ...]  # per layer [B, S_layer] bool: the slot holds a real token, not a pad

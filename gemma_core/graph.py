@@ -13,10 +13,11 @@ arrays are in the compute dtype unless noted, axis letters as in `gemma_core.con
 - kv_cache(k[B,K,T,H], v[B,K,T,H], layer_cache, query_slots[T] int) -> (keys[B,K,S,H], values,
   key_slots[S] int, layer_cache'): writes the new keys/values (keys post-RoPE) and returns every key
   this step may attend to, with the absolute cache slot of each (-1 for an empty slot).
-- attention(q[B,N,T,H], keys, values, key_slots[S], query_slots[T], valid[B,P] bool; scale, softcap,
+- attention(q[B,N,T,H], keys, values, key_slots[S], query_slots[T], valid[B,M] bool; scale, softcap,
   window) -> [B,N,T,H]: q head h reads kv head h // (N/K); scores scaled, soft-capped (if set) before
-  the mask; key j visible to query i iff slot_j <= slot_i, slot_j > slot_i - window (if set) and
-  valid[b, slot_j]; additive mask with the dtype's finite minimum; softmax in float32.
+  the mask; key j visible to query i iff slot_j >= 0, slot_j <= slot_i, slot_j > slot_i - window (if
+  set) and valid[b, slot_j] (valid covers every slot of the cache, M = max_length); additive mask
+  with the dtype's finite minimum; softmax in float32.
 - gelu_tanh(x) -> x: the tanh approximation of GELU.
 - mul(a, b), add(a, b) -> elementwise.
 - softcap(x; cap) -> tanh(x / cap) * cap.

@@ -54,7 +54,7 @@ class Model:
     def __init__(self, config: GemmaConfig, weights: Mapping[str, np.ndarray], *,
                  backend: str | Backend | None = None, dtype: str = "float32",
                  device: str | None = None, allow_float16: bool = False,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, compile: bool = False) -> None:
         check_dtype(config, dtype, allow_float16)
         validate_weights(config, weights)
         self.config = config
@@ -67,6 +67,11 @@ class Model:
         self.ops = self.backend.op_table(dtype)
         self.weights = self.backend.prepare_weights(_tie(config, weights), dtype, device)
         self.tokenizer = tokenizer
+        def step(w: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+            execute(self.graph, self.ops, w, env)
+            return {k: env[k] for k in ("logits", *(cache_name(i) for i in range(config.num_layers)))}
+
+        self._step = self.backend.compile_step(step, {"compile": compile})
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty static cache for `batch_size` rows and up to `max_length` tokens."""
@@ -112,11 +117,11 @@ class Model:
             "ids": be.asarray(ids, dev),
             "positions": be.asarray(positions, dev),
             "query_slots": be.asarray(np.arange(start, start + t), dev),
-            "valid": be.asarray(valid[:, :start + t], dev),
+            "valid": be.asarray(valid, dev),  # [B, max_length]: a fixed shape for compiled steps
             "logit_index": be.asarray(np.arange(t - 1 if last_only else 0, t), dev),
         }
         env.update({cache_name(i): layer for i, layer in enumerate(cache.layers)})
-        execute(self.graph, self.ops, self.weights, env)
+        env = self._step(self.weights, env)
         new_cache = KVCache(
             layers=[env[cache_name(i)] for i in range(self.config.num_layers)],
             length=start + t, max_length=cache.max_length, valid=valid,
@@ -153,13 +158,14 @@ class Model:
 
     def export_cache(self, cache: KVCache) -> CacheState:
         """The cache in the contract layout: per layer the last tokens it holds, oldest first."""
-        keys, values = [], []
+        keys, values, real = [], [], []
         for state in cache.layers:
             k, v = self.backend.export_cache_layer(state)
             order = ring_order(cache.length, k.shape[2])
             keys.append(k[:, :, order])
             values.append(v[:, :, order])
-        return CacheState(tuple(keys), tuple(values), cache.length, cache.seen.copy())
+            real.append(cache.valid[:, cache.length - len(order):cache.length])
+        return CacheState(tuple(keys), tuple(values), cache.length, cache.seen.copy(), tuple(real))
 
     def _check_ids(self, input_ids: Any) -> np.ndarray:
         ids = input_ids if isinstance(input_ids, np.ndarray) else self.to_numpy(input_ids)
@@ -200,11 +206,13 @@ def _tie(config: GemmaConfig, weights: Mapping[str, np.ndarray]) -> dict[str, np
 
 def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None = None,
          dtype: str = "float32", device: str | None = None, *, seed: int = 0,
-         allow_float16: bool = False, progress: Any = None, **config_changes: Any) -> Model:
+         allow_float16: bool = False, progress: Any = None, compile: bool = False,
+         **config_changes: Any) -> Model:
     """A model from a Hugging Face folder, a safetensors file beside its config.json, a `.gguf`
     file, or a preset name (random weights from `seed`). `config_changes` override preset fields
     (tests); for GGUF they are passed to the reader (e.g. `query_pre_attn_scalar`).
-    `progress(done, total)` is called while a GGUF file is dequantised."""
+    `progress(done, total)` is called while a GGUF file is dequantised. `compile=True` compiles
+    the forward step with the backend's compiler (torch.compile, jax.jit, ...)."""
     from gemma_core.checkpoint import load_checkpoint
     from gemma_core.presets import PRESETS
     from gemma_core.weights import random_weights
@@ -225,7 +233,7 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
             config, weights = load_checkpoint(key)
             tokenizer = find_tokenizer(key, config)
     return Model(config, weights, backend=backend, dtype=dtype, device=device,
-                 allow_float16=allow_float16, tokenizer=tokenizer)
+                 allow_float16=allow_float16, tokenizer=tokenizer, compile=compile)
 
 
 def find_tokenizer(path: str | os.PathLike[str], config: GemmaConfig) -> Any:

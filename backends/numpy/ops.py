@@ -84,7 +84,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
                  query_slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
         kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C
         cap, start, t = kbuf.shape[2], int(query_slots[0]), k.shape[2]
-        prev = np.arange(max(0, start - cap), start)
+        prev = np.arange(max(0, start - cap + 1), start)  # cached keys the first query can see
         keys = np.concatenate([kbuf[:, :, prev % cap], k], axis=2)  # [B,K,S,H]
         values = np.concatenate([vbuf[:, :, prev % cap], v], axis=2)
         kept = np.arange(max(0, t - cap), t)  # only the last `cap` new tokens fit

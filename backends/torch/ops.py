@@ -1,0 +1,121 @@
+"""The op table in PyTorch. Same names and semantics as the NumPy reference (gemma_core.graph)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def ring_slots(capacity: int, end: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    """Absolute slot held by each ring position after `end` tokens (-1 where empty)."""
+    j = torch.arange(capacity, device=device)
+    slots = j + capacity * torch.div(end - 1 - j, capacity, rounding_mode="floor")
+    return torch.where(slots < 0, torch.full_like(slots, -1), slots)
+
+
+def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
+    """The op table computing in `dtype`."""
+    dt = DTYPES[dtype]
+    fmin = torch.finfo(dt).min
+
+    def embed(ids: torch.Tensor, table: torch.Tensor, *, scale: float) -> torch.Tensor:
+        return F.embedding(ids, table) * table.new_tensor(scale)  # the scale rounded to the dtype
+
+    def rms_norm(x: torch.Tensor, w: torch.Tensor, *, eps: float) -> torch.Tensor:
+        x32 = x.float() if x.dtype != torch.float64 else x
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return (y * (1.0 + w.to(x32.dtype))).to(x.dtype)
+
+    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
+
+    def split_heads(x: torch.Tensor, *, heads: int, head_dim: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, heads, head_dim).transpose(1, 2)
+
+    def merge_heads(x: torch.Tensor) -> torch.Tensor:
+        b, n, t, h = x.shape
+        return x.transpose(1, 2).reshape(b, t, n * h)
+
+    def rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float, scaling: float) -> torch.Tensor:
+        h = x.shape[-1]
+        f32 = torch.float32
+        inv_freq = 1.0 / (theta ** (torch.arange(0, h, 2, device=x.device, dtype=f32) / h))
+        inv_freq = inv_freq / scaling
+        freqs = positions.to(f32)[..., None] * inv_freq  # [B,T,H/2] float32 angles
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B,1,T,H]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return x * cos + _rotate_half(x) * sin
+
+    def kv_cache(k: torch.Tensor, v: torch.Tensor, layer: tuple[torch.Tensor, torch.Tensor],
+                 query_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        kbuf, vbuf = layer  # [B,K,C,H] static buffers, slot t at t % C, updated in place
+        cap, t = kbuf.shape[2], k.shape[2]
+        start = query_slots[0]
+        if t == 1:  # decode: the slot written is outside every query's window, so write first
+            kbuf.index_copy_(2, query_slots % cap, k)
+            vbuf.index_copy_(2, query_slots % cap, v)
+            return kbuf, vbuf, ring_slots(cap, start + 1, k.device), (kbuf, vbuf)
+        # a chunk: attend over the old slots plus the new keys, then keep the last `cap` new ones
+        old_slots = ring_slots(cap, start, k.device)
+        keys, values = torch.cat([kbuf, k], dim=2), torch.cat([vbuf, v], dim=2)
+        key_slots = torch.cat([old_slots, query_slots])
+        kept = slice(max(0, t - cap), t)
+        kbuf.index_copy_(2, query_slots[kept] % cap, k[:, :, kept])
+        vbuf.index_copy_(2, query_slots[kept] % cap, v[:, :, kept])
+        return keys, values, key_slots, (kbuf, vbuf)
+
+    def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_slots: torch.Tensor,
+                  query_slots: torch.Tensor, valid: torch.Tensor, *, scale: float,
+                  softcap: float | None, window: int | None) -> torch.Tensor:
+        qs, ks = query_slots[:, None], key_slots[None, :]
+        visible = (ks >= 0) & (ks <= qs)
+        if window is not None:
+            visible = visible & (ks > qs - window)
+        real = valid[:, ks.clamp(min=0)[0]]  # [B,S]
+        mask = visible[None, None] & real[:, None, None, :]  # [B,1,T,S]
+        # additive finite minimum (as transformers' eager path): a fully masked pad row stays finite
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, fmin)
+        groups = q.shape[1] // keys.shape[1]
+        if softcap is None:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
+                                                  enable_gqa=groups > 1)
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+        scores = (q @ keys.transpose(-1, -2)) * scale
+        scores = torch.tanh(scores / softcap) * softcap  # before the mask
+        probs = torch.softmax((scores + bias).float(), dim=-1).to(q.dtype)
+        return probs @ values
+
+    def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+    def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+    def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def softcap(x: torch.Tensor, *, cap: float) -> torch.Tensor:
+        return torch.tanh(x / cap) * cap
+
+    def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, index)
+
+    return {
+        "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
+        "merge_heads": merge_heads, "rope": rope, "kv_cache": kv_cache, "attention": attention,
+        "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
+        "gather_positions": gather_positions,
+    }
