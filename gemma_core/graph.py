@@ -27,7 +27,6 @@ arrays are in the compute dtype unless noted, axis letters as in `gemma_core.con
 from __future__ import annotations
 
 import dataclasses
-import types
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -51,13 +50,14 @@ class Op:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     params: tuple[str, ...] = ()
-    attrs: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    # a private plain dict (read-only by convention): compilers trace dicts, not mapping proxies
+    attrs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in OP_KINDS:
             raise ValueError(f"kind: unknown op kind {self.kind!r}")
-        object.__setattr__(self, "attrs", types.MappingProxyType(dict(self.attrs)))
+        object.__setattr__(self, "attrs", dict(self.attrs))
 
 
 def cache_name(layer: int) -> str:
