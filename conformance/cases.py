@@ -112,8 +112,10 @@ def _rope(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
     positions = np.array([[0, 1, 2, 3], [8191, 16_000, 28_000, 32_767]])
     out = {}
     for theta, scaling in ((1e4, 1.0), (1e6, 8.0)):
-        y = h.table["rope"](h.f(x), h.i(positions), theta=theta, scaling=scaling)
-        out[f"theta={theta:g},scaling={scaling:g}"] = h.np(y)
+        cos, sin = h.table["rope_table"](h.i(positions), head_dim=16, theta=theta, scaling=scaling)
+        tag = f"theta={theta:g},scaling={scaling:g}"
+        out[f"{tag}:cos"], out[f"{tag}:sin"] = h.np(cos), h.np(sin)
+        out[tag] = h.np(h.table["rope"](h.f(x), cos, sin))
     return out
 
 
@@ -174,7 +176,8 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("op-rms_norm", "rms_norm", ("2 float32 norm, (1 + w), one cast",), _rms_norm),
     OpCase("op-linear", "linear", ("x @ w^T, no bias",), _linear),
     OpCase("op-heads", "split_heads", ("[B,T,N*H] <-> [B,N,T,H]",), _heads),
-    OpCase("op-rope", "rope", ("3 rotate-half, float32 angles, positions to 32k, linear scaling",), _rope),
+    OpCase("op-rope", "rope", ("3 rotate-half, float32 angles, cos/sin in the compute dtype, "
+                                "positions to 32k, linear scaling",), _rope),
     OpCase("op-kv_cache", "kv_cache", ("cache: post-RoPE keys, ring buffer of W slots",), _kv_cache),
     OpCase("op-attention", "attention", ("4 scale, GQA, softcap before mask, finfo.min mask",
                                          "5 window of W keys incl. itself, left padding"), _attention),

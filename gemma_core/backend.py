@@ -46,13 +46,31 @@ class Backend(abc.ABC):
     dtypes: tuple[str, ...]
 
     @abc.abstractmethod
-    def op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
+    def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
         """The op kinds of `gemma_core.graph.OP_KINDS`, computing in `dtype`."""
 
     @abc.abstractmethod
+    def convert_weight(self, w: np.ndarray, dtype: str, device: str | None) -> Any:
+        """One float host array as a backend array in `dtype` on `device`."""
+
+    def op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
+        """`make_op_table(dtype)`, built once per dtype."""
+        tables = self.__dict__.setdefault("_op_tables", {})
+        if dtype not in tables:
+            tables[dtype] = self.make_op_table(dtype)
+        return tables[dtype]
+
     def prepare_weights(self, weights: Mapping[str, np.ndarray], dtype: str,
                         device: str | None) -> dict[str, Any]:
-        """Convert canonical numpy weights once to backend arrays (tied tensors stay shared)."""
+        """Convert canonical numpy weights to backend arrays, each distinct array once, so a
+        tied tensor stays one backend array."""
+        converted: dict[int, Any] = {}
+        out = {}
+        for name, w in weights.items():
+            if id(w) not in converted:
+                converted[id(w)] = self.convert_weight(np.asarray(w), dtype, device)
+            out[name] = converted[id(w)]
+        return out
 
     @abc.abstractmethod
     def asarray(self, x: np.ndarray, device: str | None) -> Any:

@@ -8,8 +8,10 @@ arrays are in the compute dtype unless noted, axis letters as in `gemma_core.con
 - linear(x[...,I], w[O,I]) -> [...,O]: x @ w^T, no bias.
 - split_heads(x[B,T,N*H]; heads, head_dim) -> [B,N,T,H].
 - merge_heads(x[B,N,T,H]) -> [B,T,N*H].
-- rope(x[B,N,T,H], positions[B,T] int; theta, scaling) -> [B,N,T,H]: rotate-half; angles in float32,
-  positions divided by the linear `scaling`, cos/sin cast to the compute dtype.
+- rope_table(positions[B,T] int; head_dim, theta, scaling) -> (cos, sin) [B,1,T,H]: angles in
+  float32 (float32 inverse frequencies, positions divided by the linear `scaling`), halves
+  duplicated, cos/sin cast to the compute dtype. One table per distinct (theta, scaling).
+- rope(x[B,N,T,H], cos, sin) -> [B,N,T,H]: rotate-half (NeoX), x * cos + rotate_half(x) * sin.
 - kv_cache(k[B,K,T,H], v[B,K,T,H], layer_cache, query_slots[T] int) -> (keys[B,K,S,H], values,
   key_slots[S] int, layer_cache'): writes the new keys/values (keys post-RoPE) and returns every key
   this step may attend to, with the absolute cache slot of each (-1 for an empty slot).
@@ -34,7 +36,8 @@ from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD
 
 OP_KINDS: tuple[str, ...] = (
-    "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope", "kv_cache", "attention",
+    "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope_table", "rope", "kv_cache",
+    "attention",
     "gelu_tanh", "mul", "add", "softcap", "gather_positions",
 )
 
@@ -65,6 +68,12 @@ def cache_name(layer: int) -> str:
     return f"cache.{layer}"
 
 
+def rope_names(theta: float, scaling: float) -> tuple[str, str]:
+    """Environment names of the (cos, sin) table for one RoPE theta and scaling."""
+    tag = f"{theta:g}" + (f"/{scaling:g}" if scaling != 1.0 else "")
+    return f"cos[{tag}]", f"sin[{tag}]"
+
+
 class _Builder:
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -78,7 +87,6 @@ class _Builder:
 
 def _attention_block(b: _Builder, c: GemmaConfig, i: int, p: str) -> None:
     attn = f"{p}.self_attn"
-    theta, scaling = c.rope(i)
     b.add("linear", ["h"], "q", [f"{attn}.q_proj.weight"])
     b.add("linear", ["h"], "k", [f"{attn}.k_proj.weight"])
     b.add("linear", ["h"], "v", [f"{attn}.v_proj.weight"])
@@ -88,8 +96,9 @@ def _attention_block(b: _Builder, c: GemmaConfig, i: int, p: str) -> None:
     if c.has_qk_norm:
         b.add("rms_norm", ["q"], "q", [f"{attn}.q_norm.weight"], eps=c.rms_norm_eps)
         b.add("rms_norm", ["k"], "k", [f"{attn}.k_norm.weight"], eps=c.rms_norm_eps)
-    b.add("rope", ["q", "positions"], "q", theta=theta, scaling=scaling)
-    b.add("rope", ["k", "positions"], "k", theta=theta, scaling=scaling)
+    cos, sin = rope_names(*c.rope(i))  # this layer's RoPE table (theta, scaling)
+    b.add("rope", ["q", cos, sin], "q")
+    b.add("rope", ["k", cos, sin], "k")
     b.add("kv_cache", ["k", "v", cache_name(i), "query_slots"],
           ["keys", "values", "key_slots", cache_name(i)])
     softcap = c.attn_logit_softcap if c.architecture is Architecture.GEMMA2 else None
@@ -125,6 +134,9 @@ def build_graph(config: GemmaConfig) -> list[Op]:
     """The ordered op list of `config`'s causal LM; reads `GRAPH_INPUTS`, writes `logits` and caches."""
     b = _Builder()
     b.add("embed", ["ids"], "x", [EMBED], scale=config.embed_scale)  # [B,T,D]
+    for theta, scaling in dict.fromkeys(config.rope(i) for i in range(config.num_layers)):
+        b.add("rope_table", ["positions"], rope_names(theta, scaling), head_dim=config.head_dim,
+              theta=theta, scaling=scaling)  # [B,1,T,H] each
     for i in range(config.num_layers):
         b.layer = i
         _layer(b, config, i)

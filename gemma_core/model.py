@@ -71,7 +71,7 @@ class Model:
             execute(self.graph, self.ops, w, env)
             return {k: env[k] for k in ("logits", *(cache_name(i) for i in range(config.num_layers)))}
 
-        self._step = self.backend.compile_step(step, {"compile": compile})
+        self._step = self.backend.compile_step(step, {"compile": compile, "device": device})
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty static cache for `batch_size` rows and up to `max_length` tokens."""

@@ -36,10 +36,9 @@ class _Broken(NumpyBackend):
     """The reference with one op replaced."""
 
     def __init__(self, name: str, patch: Callable[[dict[str, Any]], None]) -> None:
-        super().__init__()
         self.name, self._patch = name, patch
 
-    def op_table(self, dtype: str) -> dict[str, Any]:
+    def make_op_table(self, dtype: str) -> dict[str, Any]:
         table = dict(make_op_table(dtype))
         self._patch(table)
         return table
@@ -57,10 +56,10 @@ def test_interleaved_rope_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     def patch(t: dict[str, Any]) -> None:
         rope = t["rope"]
 
-        def interleaved(x: np.ndarray, positions: np.ndarray, **kw: Any) -> np.ndarray:
-            h = x.shape[-1]
+        def interleaved(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+            h = x.shape[-1]  # pair (2i, 2i + 1) instead of (i, i + H/2)
             perm = np.concatenate([np.arange(0, h, 2), np.arange(1, h, 2)])
-            return rope(x[..., perm], positions, **kw)[..., np.argsort(perm)]
+            return rope(x[..., perm], cos, sin)[..., np.argsort(perm)]
         t["rope"] = interleaved
 
     res = _run_broken(monkeypatch, patch, ["op-rope", "gemma1-mha"])

@@ -58,14 +58,18 @@ def test_softcaps_only_where_the_config_has_them() -> None:
 
 def test_gemma3_per_layer_rope_and_window() -> None:
     config = get_preset("gemma-3-4b")
-    ropes = [op for op in build_graph(config) if op.kind == "rope" and op.inputs[0] == "k"]
-    attns = [op for op in build_graph(config) if op.kind == "attention"]
+    ops = build_graph(config)
+    tables = {op.outputs[0]: (op.attrs["theta"], op.attrs["scaling"])
+              for op in ops if op.kind == "rope_table"}
+    assert sorted(tables.values()) == [(1e4, 1.0), (1e6, 8.0)]  # one table per distinct RoPE
+    ropes = [op for op in ops if op.kind == "rope" and op.inputs[0] == "k"]
+    attns = [op for op in ops if op.kind == "attention"]
     for layer, (rope, attn) in enumerate(zip(ropes, attns, strict=True)):
         if (layer + 1) % 6 == 0:
-            assert (rope.attrs["theta"], rope.attrs["scaling"]) == (1e6, 8.0)
+            assert tables[rope.inputs[1]] == (1e6, 8.0)
             assert attn.attrs["window"] is None
         else:
-            assert (rope.attrs["theta"], rope.attrs["scaling"]) == (1e4, 1.0)
+            assert tables[rope.inputs[1]] == (1e4, 1.0)
             assert attn.attrs["window"] == 1024
 
 

@@ -34,9 +34,21 @@ def gguf_path() -> str:
     return default_model_path()
 
 
-@pytest.fixture(scope="session")
-def ours(gguf_path: str) -> gemma_core.Model:
-    return gemma_core.load(gguf_path)
+def _installed() -> list[str]:
+    names = []
+    for name in gemma_core.known_backends():
+        try:
+            gemma_core.get_backend(name)
+        except gemma_core.BackendError:
+            continue
+        names.append(name)
+    return names
+
+
+@pytest.fixture(scope="session", params=_installed())
+def ours(gguf_path: str, request: pytest.FixtureRequest) -> gemma_core.Model:
+    """The real model on every installed backend (float32)."""
+    return gemma_core.load(gguf_path, backend=request.param)
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +90,7 @@ def test_first_step_logits_equal_transformers(ours: gemma_core.Model, hf) -> Non
         ids = np.array([ours.tokenizer.encode(prompt)])
         with torch.no_grad():
             ref = model(torch.from_numpy(ids)).logits.numpy()
-        got = ours.forward(ids).logits
+        got = ours.to_numpy(ours.forward(ids).logits)
         assert np.abs(got - ref).max() <= 1e-4 * ref.std(), prompt
 
 

@@ -18,25 +18,12 @@ class NumpyBackend(Backend):
     name = "numpy"
     dtypes = tuple(STORAGE)
 
-    def __init__(self) -> None:
-        self._tables: dict[str, Mapping[str, Callable[..., Any]]] = {}
+    def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
+        return make_op_table(dtype)
 
-    def op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
-        if dtype not in self._tables:
-            self._tables[dtype] = make_op_table(dtype)
-        return self._tables[dtype]
-
-    def prepare_weights(self, weights: Mapping[str, np.ndarray], dtype: str,
-                        device: str | None) -> dict[str, Any]:
+    def convert_weight(self, w: np.ndarray, dtype: str, device: str | None) -> Any:
         _check_device(device)
-        rnd = make_rounder(dtype)
-        converted: dict[int, np.ndarray] = {}  # by id, so a tied tensor is converted once
-        out = {}
-        for name, w in weights.items():
-            if id(w) not in converted:
-                converted[id(w)] = rnd(np.asarray(w))
-            out[name] = converted[id(w)]
-        return out
+        return make_rounder(dtype)(w)
 
     def asarray(self, x: np.ndarray, device: str | None) -> Any:
         return np.asarray(x)

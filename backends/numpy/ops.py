@@ -73,9 +73,12 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         b, n, t, h = x.shape
         return x.transpose(0, 2, 1, 3).reshape(b, t, n * h)
 
-    def rope(x: np.ndarray, positions: np.ndarray, *, theta: float, scaling: float) -> np.ndarray:
-        angles = rope_angles(positions, x.shape[-1], theta, scaling).astype(acc)[:, None]  # [B,1,T,H]
-        cos, sin = rnd(np.cos(angles)), rnd(np.sin(angles))
+    def rope_table(positions: np.ndarray, *, head_dim: int, theta: float,
+                   scaling: float) -> tuple[np.ndarray, np.ndarray]:
+        angles = rope_angles(positions, head_dim, theta, scaling).astype(acc)[:, None]  # [B,1,T,H]
+        return rnd(np.cos(angles)), rnd(np.sin(angles))
+
+    def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         half = x.shape[-1] // 2
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return rnd(rnd(x * cos) + rnd(rotated * sin))
@@ -127,7 +130,8 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
 
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
-        "merge_heads": merge_heads, "rope": rope, "kv_cache": kv_cache, "attention": attention,
+        "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
+        "attention": attention,
         "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
         "gather_positions": gather_positions,
     }

@@ -48,14 +48,16 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         b, n, t, h = x.shape
         return x.transpose(1, 2).reshape(b, t, n * h)
 
-    def rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float, scaling: float) -> torch.Tensor:
-        h = x.shape[-1]
+    def rope_table(positions: torch.Tensor, *, head_dim: int, theta: float,
+                   scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         f32 = torch.float32
-        inv_freq = 1.0 / (theta ** (torch.arange(0, h, 2, device=x.device, dtype=f32) / h))
-        inv_freq = inv_freq / scaling
-        freqs = positions.to(f32)[..., None] * inv_freq  # [B,T,H/2] float32 angles
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=f32)
+                                    / head_dim))
+        freqs = positions.to(f32)[..., None] * (inv_freq / scaling)  # [B,T,H/2] float32 angles
         angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B,1,T,H]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return angles.cos().to(dt), angles.sin().to(dt)
+
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + _rotate_half(x) * sin
 
     def kv_cache(k: torch.Tensor, v: torch.Tensor, layer: tuple[torch.Tensor, torch.Tensor],
@@ -115,7 +117,8 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
 
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
-        "merge_heads": merge_heads, "rope": rope, "kv_cache": kv_cache, "attention": attention,
+        "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
+        "attention": attention,
         "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
         "gather_positions": gather_positions,
     }

@@ -1,0 +1,193 @@
+"""Prefill and batch-1 decode speed of gemma-core backends beside Hugging Face transformers, on the
+same weights, in the same run, with the ratio to transformers and each engine's peak memory.
+
+    python benchmarks/decode.py                                  # Gemma 3 270M shape, random weights, CPU
+    python benchmarks/decode.py --model embedded                 # the real Gemma 3 270M (GGUF, dequantised)
+    python benchmarks/decode.py --model gemma-2b --device cuda --dtypes bfloat16 --out gpu.md
+
+Each engine runs in its own process (so peak memory is its own); weights are written once as a
+Hugging Face folder that every engine loads. Compile time is reported apart from speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("transformers", "numpy", "torch", "torch-compile")
+
+
+def _weights_folder(model: str, work: Path) -> Path:
+    """A Hugging Face folder holding the benchmark weights (float32)."""
+    import gemma_core
+    from gemma_core.checkpoint import save_checkpoint
+    from gemma_core.embedded import default_model_path
+    from gemma_core.formats.gguf import load_gguf
+    from gemma_core.weights import random_weights
+
+    folder = work / "weights"
+    if model == "embedded" or model.endswith(".gguf"):
+        config, weights, _ = load_gguf(default_model_path() if model == "embedded" else model)
+    elif os.path.isdir(model):
+        return Path(model)
+    else:
+        config = gemma_core.get_preset(model)
+        weights = random_weights(config, 0)
+    save_checkpoint(folder, config, weights)
+    return folder
+
+
+def _peak_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss would carry the parent's over exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, new_tokens: int) -> dict:
+    """Measure one engine in this process."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    if engine == "transformers":
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
+        vocab = model.config.vocab_size
+    else:
+        import gemma_core
+
+        backend = "numpy" if engine == "numpy" else "torch"
+        model = gemma_core.load(folder, backend=backend, dtype=dtype,
+                                device=None if backend == "numpy" else device,
+                                compile=engine == "torch-compile")
+        vocab = model.config.vocab_size
+    load_s = time.perf_counter() - t0
+    ids = rng.integers(3, vocab, (1, prompt_len))
+    ids[0, 0] = 2
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    stamps: list[float] = []
+
+    class _Stamps:  # transformers streamer protocol: put() once for the prompt, then per token
+        def put(self, value: Any) -> None:
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def generate() -> tuple[float, float]:
+        """(time to the first new token, seconds per later token) of one greedy generation."""
+        stamps.clear()
+        t0 = time.perf_counter()
+        if engine == "transformers":
+            with torch.inference_mode():
+                model.generate(torch.from_numpy(ids).to(device), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                               streamer=_Stamps())
+            first, last = stamps[1], stamps[-1]  # stamps[0] is the prompt
+        else:
+            model.generate([ids[0].tolist()], max_new_tokens=new_tokens, eos_token_ids=[],
+                           streamer=lambda event: (sync(), stamps.append(time.perf_counter())))
+            first, last = stamps[0], stamps[-1]
+        return first - t0, (last - first) / (new_tokens - 1)
+
+    t0 = time.perf_counter()
+    generate()  # warm-up (and compilation for compiled engines)
+    warm_s = time.perf_counter() - t0
+    runs = [generate() for _ in range(3)]
+    ttft = _median([r[0] for r in runs])
+    per_token = _median([r[1] for r in runs])
+    out = {
+        "engine": engine, "dtype": dtype, "device": device,
+        "prefill_tok_s": prompt_len / ttft, "decode_tok_s": 1.0 / per_token,
+        "load_s": load_s, "first_call_s": warm_s,
+        "compile_s": max(warm_s - ttft - per_token * (new_tokens - 1), 0.0)
+        if engine.endswith("compile") else 0.0,
+        "peak_rss_mb": _peak_mb(),
+    }
+    if device.startswith("cuda"):
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def table(rows: list[dict], title: str) -> str:
+    base = {r["dtype"]: r for r in rows if r["engine"] == "transformers" and "error" not in r}
+    lines = [f"### {title}", "",
+             "| engine | dtype | prefill tok/s | decode tok/s | decode vs transformers | compile s | "
+             "peak RSS MB | peak GPU MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['engine']} | {r['dtype']} | error: {r['error']} | | | | | |")
+            continue
+        ref = base.get(r["dtype"])
+        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
+        gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
+        lines.append(f"| {r['engine']} | {r['dtype']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | "
+                     f"{ratio} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {gpu} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma-3-270m", help="preset, HF folder, .gguf or 'embedded'")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per engine")
+    parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.folder, args.device, args.prompt_len, args.new_tokens)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _weights_folder(args.model, Path(tmp))
+        rows = []
+        for dtype in args.dtypes.split(","):
+            for engine in args.engines.split(","):
+                cmd = [sys.executable, __file__, "--worker", engine, dtype, "--folder", str(folder),
+                       "--device", args.device, "--prompt-len", str(args.prompt_len),
+                       "--new-tokens", str(args.new_tokens)]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    if proc.returncode:
+                        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+                    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    rows.append({"engine": engine, "dtype": dtype, "error": str(e)[:200]})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    import platform
+
+    where = f"{args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    title = f"{args.model}, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, {where}"
+    text = table(rows, title)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
