@@ -20,7 +20,7 @@ import numpy as np
 from gemma_core.errors import BackendError
 
 ENTRY_POINT_GROUP = "gemma_core.backends"
-StepFn = Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]]
+StepFn = Callable[[dict[str, Any]], dict[str, Any]]
 DEFAULT_BACKEND = "numpy"
 
 # name -> "module:attribute" of the backend object.
@@ -92,7 +92,8 @@ class Backend(abc.ABC):
     def compile_step(self, step: StepFn, options: Mapping[str, Any]) -> StepFn:
         """Wrap the whole forward step for this framework's compiler; by default run it as is.
 
-        `step(weights, env) -> env` runs the op list; `options` come from `load(..., compile=...)`.
+        `step(env) -> outputs` runs the bound op list (weights included); `options` come from
+        `load(..., compile=..., device=...)`.
         """
         if options.get("compile"):
             raise BackendError(f"backend {self.name!r} has no compiled mode")

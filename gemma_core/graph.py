@@ -149,17 +149,31 @@ def build_graph(config: GemmaConfig) -> list[Op]:
     return b.ops
 
 
+BoundOp = tuple[Callable[..., Any], tuple[str, ...], tuple[Any, ...], Mapping[str, Any], tuple[str, ...]]
+
+
+def bind(ops: Sequence[Op], table: Mapping[str, Callable[..., Any]],
+         weights: Mapping[str, Any]) -> list[BoundOp]:
+    """Resolve each op's function and weights once: (fn, input names, weights, attrs, outputs)."""
+    return [(table[op.kind], op.inputs, tuple(weights[p] for p in op.params), op.attrs, op.outputs)
+            for op in ops]
+
+
+def run_bound(plan: Sequence[BoundOp], env: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Run a bound op list in order, reading and writing `env`."""
+    for fn, inputs, params, attrs, outputs in plan:
+        result = fn(*[env[name] for name in inputs], *params, **attrs)
+        if len(outputs) == 1:
+            env[outputs[0]] = result
+        else:
+            env.update(zip(outputs, result, strict=True))
+    return env
+
+
 def execute(ops: Sequence[Op], table: Mapping[str, Callable[..., Any]],
             weights: Mapping[str, Any], env: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Run `ops` in order, each through `table[op.kind]`, reading and writing `env`."""
-    for op in ops:
-        args = [env[name] for name in op.inputs] + [weights[name] for name in op.params]
-        result = table[op.kind](*args, **op.attrs)
-        if len(op.outputs) == 1:
-            env[op.outputs[0]] = result
-        else:
-            env.update(zip(op.outputs, result, strict=True))
-    return env
+    return run_bound(bind(ops, table, weights), env)
 
 
 def _fmt_attr(value: Any) -> str:

@@ -14,7 +14,7 @@ from gemma_core.backend import Backend, get_backend
 from gemma_core.cache import CacheState, KVCache, layer_capacity, ring_order
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError, InputError
-from gemma_core.graph import build_graph, cache_name, execute
+from gemma_core.graph import bind, build_graph, cache_name, run_bound
 from gemma_core.layout import validate_weights
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -64,14 +64,25 @@ class Model:
         self.dtype = dtype
         self.device = device
         self.graph = build_graph(config)
-        self.ops = self.backend.op_table(dtype)
         self.weights = self.backend.prepare_weights(_tie(config, weights), dtype, device)
+        self.ops = self.backend.op_table(dtype)  # binds the graph to the ops and weights
         self.tokenizer = tokenizer
-        def step(w: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-            execute(self.graph, self.ops, w, env)
+
+        def step(env: dict[str, Any]) -> dict[str, Any]:
+            run_bound(self._plan, env)
             return {k: env[k] for k in ("logits", *(cache_name(i) for i in range(config.num_layers)))}
 
         self._step = self.backend.compile_step(step, {"compile": compile, "device": device})
+
+    @property
+    def ops(self) -> Mapping[str, Any]:
+        """The op table the graph runs on; setting it (e.g. to patch an op) rebinds the graph."""
+        return self._ops
+
+    @ops.setter
+    def ops(self, table: Mapping[str, Any]) -> None:
+        self._ops = table
+        self._plan = bind(self.graph, table, self.weights)
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty static cache for `batch_size` rows and up to `max_length` tokens."""
@@ -121,7 +132,7 @@ class Model:
             "logit_index": be.asarray(np.arange(t - 1 if last_only else 0, t), dev),
         }
         env.update({cache_name(i): layer for i, layer in enumerate(cache.layers)})
-        env = self._step(self.weights, env)
+        env = self._step(env)
         new_cache = KVCache(
             layers=[env[cache_name(i)] for i in range(self.config.num_layers)],
             length=start + t, max_length=cache.max_length, valid=valid,

@@ -73,22 +73,22 @@ class TorchBackend(Backend):
         recompiles between decode steps). On CUDA the compiled step replays CUDA graphs
         ("reduce-overhead"); weights and cache buffers are marked static (see `_static`) so a
         replay does not copy them, and outputs are cloned because the next replay reuses them."""
-        if not options.get("compile"):
-            return torch.inference_mode()(step)
         device = options.get("device") or "cpu"
         cuda = torch.device(device).type == "cuda"
-        compiled = torch.compile(step, dynamic=False, fullgraph=True,
-                                 mode="reduce-overhead" if cuda else None)
+        run: StepFn = step
+        if options.get("compile"):
+            compiled = torch.compile(step, dynamic=False, fullgraph=True,
+                                     mode="reduce-overhead" if cuda else None)
 
-        @torch.inference_mode()
-        def run(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-            if not cuda:
-                return compiled(weights, env)
-            torch.compiler.cudagraph_mark_step_begin()
-            out = compiled(weights, env)
-            return {k: (v.clone() if k == "logits" else v) for k, v in out.items()}
+            def replay(env: dict[str, Any]) -> dict[str, Any]:
+                if not cuda:
+                    return compiled(env)
+                torch.compiler.cudagraph_mark_step_begin()
+                out = compiled(env)
+                return {k: (v.clone() if k == "logits" else v) for k, v in out.items()}
 
-        return run
+            run = replay
+        return torch.inference_mode()(run)
 
 
 def _static(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ def ring_slots(capacity: int, end: torch.Tensor | int, device: torch.device) -> 
     """Absolute slot held by each ring position after `end` tokens (-1 where empty)."""
     j = torch.arange(capacity, device=device)
     slots = j + capacity * torch.div(end - 1 - j, capacity, rounding_mode="floor")
-    return torch.where(slots < 0, torch.full_like(slots, -1), slots)
+    return torch.where(slots < 0, -1, slots)
 
 
 def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
@@ -33,9 +33,10 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         return F.embedding(ids, table) * table.new_tensor(scale)  # the scale rounded to the dtype
 
     def rms_norm(x: torch.Tensor, w: torch.Tensor, *, eps: float) -> torch.Tensor:
-        x32 = x.float() if x.dtype != torch.float64 else x
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        return (y * (1.0 + w.to(x32.dtype))).to(x.dtype)
+        if x.dtype in (torch.float32, torch.float64):  # no casts to pay for
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w)
+        x32 = x.float()  # narrower dtypes: float32 inside, one cast at the end
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).to(x.dtype)
 
     def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w)
@@ -85,10 +86,10 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         visible = (ks >= 0) & (ks <= qs)
         if window is not None:
             visible = visible & (ks > qs - window)
-        real = valid[:, ks.clamp(min=0)[0]]  # [B,S]
+        real = valid.index_select(1, key_slots.clamp(min=0))  # [B,S]
         mask = visible[None, None] & real[:, None, None, :]  # [B,1,T,S]
         # additive finite minimum (as transformers' eager path): a fully masked pad row stays finite
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, fmin)
+        bias = torch.where(mask, 0.0, fmin).to(q.dtype)
         groups = q.shape[1] // keys.shape[1]
         if softcap is None:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
