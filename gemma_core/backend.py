@@ -20,13 +20,14 @@ import numpy as np
 from gemma_core.errors import BackendError
 
 ENTRY_POINT_GROUP = "gemma_core.backends"
-StepFn = Callable[[dict[str, Any]], dict[str, Any]]
+StepFn = Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]]
 DEFAULT_BACKEND = "numpy"
 
 # name -> "module:attribute" of the backend object.
 BUILTIN_BACKENDS: dict[str, str] = {
     "numpy": "backends.numpy:backend",
     "torch": "backends.torch:backend",
+    "jax": "backends.jax:backend",
 }
 # Frameworks a backend may need, with the extra that installs each.
 _INSTALL_HINTS = {
@@ -92,8 +93,8 @@ class Backend(abc.ABC):
     def compile_step(self, step: StepFn, options: Mapping[str, Any]) -> StepFn:
         """Wrap the whole forward step for this framework's compiler; by default run it as is.
 
-        `step(env) -> outputs` runs the bound op list (weights included); `options` come from
-        `load(..., compile=..., device=...)`.
+        `step(weights, env) -> outputs` runs the op list; `options` come from
+        `load(..., compile=..., device=...)` (compile None means the backend's default).
         """
         if options.get("compile"):
             raise BackendError(f"backend {self.name!r} has no compiled mode")

@@ -54,7 +54,7 @@ class Model:
     def __init__(self, config: GemmaConfig, weights: Mapping[str, np.ndarray], *,
                  backend: str | Backend | None = None, dtype: str = "float32",
                  device: str | None = None, allow_float16: bool = False,
-                 tokenizer: Any = None, compile: bool = False) -> None:
+                 tokenizer: Any = None, compile: bool | None = None) -> None:
         check_dtype(config, dtype, allow_float16)
         validate_weights(config, weights)
         self.config = config
@@ -68,8 +68,10 @@ class Model:
         self.ops = self.backend.op_table(dtype)  # binds the graph to the ops and weights
         self.tokenizer = tokenizer
 
-        def step(env: dict[str, Any]) -> dict[str, Any]:
-            run_bound(self._plan, env)
+        def step(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+            # eager: the plan bound at init; traced (jit): bind the traced weights once per trace
+            plan = self._plan if weights is self.weights else bind(self.graph, self.ops, weights)
+            run_bound(plan, env)
             return {k: env[k] for k in ("logits", *(cache_name(i) for i in range(config.num_layers)))}
 
         self._step = self.backend.compile_step(step, {"compile": compile, "device": device})
@@ -132,7 +134,7 @@ class Model:
             "logit_index": be.asarray(np.arange(t - 1 if last_only else 0, t), dev),
         }
         env.update({cache_name(i): layer for i, layer in enumerate(cache.layers)})
-        env = self._step(env)
+        env = self._step(self.weights, env)
         new_cache = KVCache(
             layers=[env[cache_name(i)] for i in range(self.config.num_layers)],
             length=start + t, max_length=cache.max_length, valid=valid,
@@ -217,13 +219,14 @@ def _tie(config: GemmaConfig, weights: Mapping[str, np.ndarray]) -> dict[str, np
 
 def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None = None,
          dtype: str = "float32", device: str | None = None, *, seed: int = 0,
-         allow_float16: bool = False, progress: Any = None, compile: bool = False,
+         allow_float16: bool = False, progress: Any = None, compile: bool | None = None,
          **config_changes: Any) -> Model:
     """A model from a Hugging Face folder, a safetensors file beside its config.json, a `.gguf`
     file, or a preset name (random weights from `seed`). `config_changes` override preset fields
     (tests); for GGUF they are passed to the reader (e.g. `query_pre_attn_scalar`).
-    `progress(done, total)` is called while a GGUF file is dequantised. `compile=True` compiles
-    the forward step with the backend's compiler (torch.compile, jax.jit, ...)."""
+    `progress(done, total)` is called while a GGUF file is dequantised. `compile` chooses
+    whether the step goes through the backend's compiler (torch.compile, jax.jit); None takes
+    the backend's default (eager for numpy and torch, jit for jax)."""
     from gemma_core.checkpoint import load_checkpoint
     from gemma_core.presets import PRESETS
     from gemma_core.weights import random_weights

@@ -80,11 +80,11 @@ class TorchBackend(Backend):
             compiled = torch.compile(step, dynamic=False, fullgraph=True,
                                      mode="reduce-overhead" if cuda else None)
 
-            def replay(env: dict[str, Any]) -> dict[str, Any]:
+            def replay(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
                 if not cuda:
-                    return compiled(env)
+                    return compiled(weights, env)
                 torch.compiler.cudagraph_mark_step_begin()
-                out = compiled(env)
+                out = compiled(weights, env)
                 return {k: (v.clone() if k == "logits" else v) for k, v in out.items()}
 
             run = replay

@@ -1,0 +1,88 @@
+"""The JAX backend: float32, bfloat16 and float16 (float64 when `jax_enable_x64` is on);
+parameters placed once on the default device; the whole step under `jax.jit` with the cache
+donated, so XLA updates it in place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from backends.jax.ops import DTYPES, make_op_table
+from gemma_core.backend import Backend, StepFn
+from gemma_core.errors import BackendError
+from gemma_core.graph import cache_name
+
+CACHE_PREFIX = cache_name(0)[:-1]  # "cache."
+
+
+class JaxBackend(Backend):
+    """Realises the op vocabulary with jax.numpy on the default JAX device."""
+
+    name = "jax"
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:  # type: ignore[override]
+        x64 = bool(jax.config.read("jax_enable_x64"))
+        return tuple(d for d in DTYPES if d != "float64" or x64)
+
+    def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
+        return make_op_table(dtype)
+
+    def _device(self, device: str | None) -> Any:
+        if device in (None, "default"):
+            return None
+        try:
+            return jax.devices(device)[0]
+        except RuntimeError as e:
+            raise BackendError(f"device: {device!r} is not available to JAX ({e})") from None
+
+    def convert_weight(self, w: np.ndarray, dtype: str, device: str | None) -> Any:
+        return jax.device_put(jnp.asarray(np.asarray(w, np.float32), DTYPES[dtype]), self._device(device))
+
+    def asarray(self, x: np.ndarray, device: str | None) -> Any:
+        return jax.device_put(jnp.asarray(x), self._device(device))
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+            x = x.astype(jnp.float32)
+        return np.asarray(x)
+
+    def new_cache_layer(self, batch: int, kv_heads: int, capacity: int, head_dim: int,
+                        dtype: str, device: str | None) -> Any:
+        shape = (batch, kv_heads, capacity, head_dim)
+        dev = self._device(device)
+        return (jax.device_put(jnp.zeros(shape, DTYPES[dtype]), dev),
+                jax.device_put(jnp.zeros(shape, DTYPES[dtype]), dev))
+
+    def export_cache_layer(self, state: Any) -> tuple[np.ndarray, np.ndarray]:
+        k, v = state
+        return self.to_numpy(k), self.to_numpy(v)
+
+    def compile_step(self, step: StepFn, options: Mapping[str, Any]) -> StepFn:
+        """`jax.jit` of the whole step, the environment (its cache buffers included) donated.
+
+        Eager (op-by-op) when `compile=False` is asked for explicitly; jit is the default.
+        """
+        if options.get("compile") is False:
+            return step
+
+        def split_step(weights: Mapping[str, Any], inputs: dict[str, Any],
+                       caches: dict[str, Any]) -> dict[str, Any]:
+            return step(weights, {**inputs, **caches})
+
+        jitted = jax.jit(split_step, donate_argnums=(2,))  # only the cache buffers are donated
+
+        def run(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+            caches = {k: v for k, v in env.items() if k.startswith(CACHE_PREFIX)}
+            inputs = {k: v for k, v in env.items() if not k.startswith(CACHE_PREFIX)}
+            return jitted(weights, inputs, caches)
+
+        run.jitted = jitted  # type: ignore[attr-defined]
+        return run
+
+
+backend = JaxBackend()
