@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("transformers", "numpy", "torch", "torch-compile")
+ENGINES = ("transformers", "numpy", "torch", "torch-compile", "jax")
 
 
 def _weights_folder(model: str, work: Path) -> Path:
@@ -74,10 +74,10 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
     else:
         import gemma_core
 
-        backend = "numpy" if engine == "numpy" else "torch"
+        backend = engine.split("-")[0]
         model = gemma_core.load(folder, backend=backend, dtype=dtype,
-                                device=None if backend == "numpy" else device,
-                                compile=engine == "torch-compile")
+                                device=device if backend == "torch" else None,
+                                compile=True if engine == "torch-compile" else None)
         vocab = model.config.vocab_size
     load_s = time.perf_counter() - t0
     ids = rng.integers(3, vocab, (1, prompt_len))
@@ -119,7 +119,7 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
         "prefill_tok_s": prompt_len / ttft, "decode_tok_s": 1.0 / per_token,
         "load_s": load_s, "first_call_s": warm_s,
         "compile_s": max(warm_s - ttft - per_token * (new_tokens - 1), 0.0)
-        if engine.endswith("compile") else 0.0,
+        if engine in ("torch-compile", "jax") else 0.0,
         "peak_rss_mb": _peak_mb(),
     }
     if device.startswith("cuda"):
