@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,14 +15,37 @@ from conformance.cases import MODEL_CASES, OP_CASES, Harness, ModelCase, OpCase
 from conformance.compare import compare_logits, compare_op, compare_tensor
 from conformance.tolerances import TOLERANCES, Tolerance
 from gemma_core.backend import Backend, get_backend, known_backends
-from gemma_core.config import Architecture
+from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import BackendError, ConfigError
 from gemma_core.graph import OP_KINDS
-from gemma_core.model import Float16OverflowWarning, Model, batch_ids
+from gemma_core.model import Float16OverflowWarning, Model, batch_ids, load
 from gemma_core.presets import get_preset
 from gemma_core.weights import random_weights
 
 DEFAULT_DTYPES = ("float32", "bfloat16")
+GAPS_DIR = Path(__file__).parent / "known_gaps"
+
+
+def known_gaps(backend: str) -> list[tuple[str, str, str]]:
+    """(case glob or arch:<name>, dtype, reason) rows of `known_gaps/<backend>.txt` (none if absent)."""
+    path = GAPS_DIR / f"{backend}.txt"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pattern, dtype, reason = line.split(maxsplit=2)
+            rows.append((pattern, dtype, reason))
+    return rows
+
+
+def _gap(gaps: list[tuple[str, str, str]], case: str, arch: Architecture, dtype: str) -> str | None:
+    for pattern, gap_dtype, reason in gaps:
+        if gap_dtype not in (dtype, "*"):
+            continue
+        if pattern == f"arch:{arch.value}" or fnmatch.fnmatch(case, pattern):
+            return reason
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +102,37 @@ def _compare_caches(ref: Model, cand: Model, ref_cache: Any, cand_cache: Any, st
         _check(*compare_tensor(rv, cv, tol), what=f"{step} cache values layer {layer}", worst=worst)
 
 
+_CHECKPOINTS: dict[str, tuple[GemmaConfig, dict[str, np.ndarray]]] = {}
+
+
+def _checkpoint(path: str) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
+    if path not in _CHECKPOINTS:
+        model = load(path)  # any supported format; the numpy backend keeps float32 host arrays
+        _CHECKPOINTS.clear()  # hold one checkpoint at a time
+        _CHECKPOINTS[path] = (model.config, dict(model.weights))
+    return _CHECKPOINTS[path]
+
+
+def checkpoint_cases(path: str) -> tuple[ModelCase, ...]:
+    """The model-level comparisons on a user's checkpoint: a left-padded batch, then decode."""
+    name = f"model:{Path(path).name}"
+    return (ModelCase(name, ("user checkpoint: logits and caches across backends",), preset=path,
+                      lengths=(11, 6), decode_steps=4),)
+
+
+def case_config(case: ModelCase) -> GemmaConfig:
+    """The config a case runs: its preset with changes, or a checkpoint's."""
+    if case.name.startswith("model:"):
+        return _checkpoint(case.preset)[0]
+    return get_preset(case.preset).replace(**case.changes)
+
+
 def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance) -> str:
     """Prefill + greedy decode on reference and candidate; logits and caches after every step,
     then the candidate's incremental logits against its own full forward pass."""
-    config = get_preset(case.preset).replace(**case.changes)
-    weights = random_weights(config, case.seed)
+    config = case_config(case)
+    weights = (_checkpoint(case.preset)[1] if case.name.startswith("model:")
+               else random_weights(config, case.seed))
     ref = Model(config, weights, backend="numpy", dtype=tol.reference_dtype)
     cand = Model(config, weights, backend=backend, dtype=dtype)
     ids, mask = _prompt(case, config.vocab_size)
@@ -150,19 +201,23 @@ def _cell(fn: Any, case: str, name: str, dtype: str, *args: Any) -> Result:
 
 
 def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str] = DEFAULT_DTYPES,
-                    cases: Iterable[str] | None = None) -> list[Result]:
+                    cases: Iterable[str] | None = None, model: str | None = None) -> list[Result]:
     """The full matrix. Backends named explicitly must load; by default every known backend is
-    tried and one that is not installed is reported as skipped."""
+    tried and one that is not installed is reported as skipped. With `model` (a checkpoint in
+    any supported format), the model-level comparisons run on its weights instead of the
+    catalogue's random ones. Cases listed in a backend's known gaps are skipped with the reason."""
     explicit = backends is not None
     names = list(backends) if backends is not None else known_backends()
     wanted = set(cases) if cases is not None else None
     results: list[Result] = []
+    model_cases = MODEL_CASES if model is None else checkpoint_cases(model)
     for name in names:
         try:
             backend = get_backend(name)
         except BackendError as e:
             results.append(Result("load", name, "-", "fail" if explicit else "skip", str(e)))
             continue
+        gaps = known_gaps(name)
         results.append(_cell(check_float16_policy, "float16-policy", name, "float16", backend))
         for dtype in dtypes:
             if dtype not in TOLERANCES:
@@ -172,17 +227,16 @@ def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str]
                 continue
             tol = TOLERANCES[dtype]
             results.append(_cell(_op_table_check, "op-table", name, dtype, backend, dtype))
-            for op_case in OP_CASES:
+            for op_case in OP_CASES if model is None else ():
                 if wanted is None or op_case.name in wanted:
                     results.append(_cell(run_op_case, op_case.name, name, dtype, op_case, backend,
                                          dtype, tol))
-            for case in MODEL_CASES:
+            for case in model_cases:
                 if wanted is not None and case.name not in wanted:
                     continue
-                arch = get_preset(case.preset).architecture
-                if dtype == "float16" and arch is not Architecture.GEMMA:
-                    results.append(Result(case.name, name, dtype, "skip",
-                                          "float16 is refused for Gemma 2/3 (rule 9)"))
+                reason = _gap(gaps, case.name, case_config(case).architecture, dtype)
+                if reason is not None:
+                    results.append(Result(case.name, name, dtype, "skip", f"known gap: {reason}"))
                     continue
                 results.append(_cell(run_model_case, case.name, name, dtype, case, backend, dtype, tol))
     return results

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -145,28 +144,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_matrix(results: Sequence[object]) -> str:
-    lines = [f"{'case':<38} {'backend':<10} {'dtype':<9} {'status':<5} detail"]
-    for r in results:
-        lines.append(f"{r.case:<38} {r.backend:<10} {r.dtype:<9} {r.status:<5} {r.detail}")  # type: ignore[attr-defined]
-    return "\n".join(lines)
-
-
 def cmd_conformance(args: argparse.Namespace) -> int:
+    from conformance import reports
     from conformance.runner import run_conformance
 
     backends = args.backends.split(",") if args.backends else None
     dtypes = args.dtypes.split(",")
     cases = args.cases.split(",") if args.cases else None
-    results = run_conformance(backends, dtypes, cases)
-    failed = [r for r in results if r.status == "fail"]
-    if args.json:
-        print(json.dumps({"results": [r.as_dict() for r in results], "failed": len(failed)}, indent=2))
-    else:
-        print(_format_matrix(results))
-        counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
-        print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
-    return 1 if failed else 0
+    results = run_conformance(backends, dtypes, cases, model=args.model)
+    print(reports.as_json(results) if args.json else reports.as_text(results))
+    for path, render in ((args.junit, reports.as_junit), (args.markdown, reports.as_markdown)):
+        if path:
+            Path(path).write_text(render(results))
+    return 1 if reports.counts(results)["fail"] else 0
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -326,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "ones not installed are skipped)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated compute dtypes")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
+    p.add_argument("--model", help="run the model comparisons on this checkpoint (any format)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML (for CI systems)")
+    p.add_argument("--markdown", metavar="FILE", help="also write a Markdown summary")
     p.set_defaults(func=cmd_conformance)
     return parser
 

@@ -118,3 +118,72 @@ def test_cli_conformance_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert out["failed"] == 0
     assert {r["case"] for r in out["results"]} >= {"op-rope", "gemma1-mha", "op-table"}
+
+
+# ---- reports, user checkpoints, plugins --------------------------------------------------------
+
+def test_junit_and_markdown_reports(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import xml.etree.ElementTree as ET
+
+    junit, md = tmp_path / "r.xml", tmp_path / "r.md"
+    code = main(["conformance", "--backends", "numpy", "--dtypes", "float32,float16", "--cases",
+                 "op-linear,gemma1-mha,gemma3-local-global-rope", "--junit", str(junit),
+                 "--markdown", str(md)])
+    assert code == 0
+    suite = ET.parse(junit).getroot()
+    assert suite.tag == "testsuite" and suite.get("failures") == "0"
+    skipped = [c for c in suite if c.find("skipped") is not None]
+    assert [(c.get("classname"), c.get("name")) for c in skipped] == [
+        ("numpy.float16", "gemma3-local-global-rope")]
+    text = md.read_text()
+    assert "| gemma1-mha | pass | pass |" in text
+    assert "known gap: refused: Gemma 3 activations exceed float16's range" in text
+
+
+def test_known_gaps_are_data() -> None:
+    from conformance.runner import known_gaps
+
+    for backend in ("numpy", "torch", "jax"):
+        assert ("arch:gemma2", "float16") in {(p, d) for p, d, _ in known_gaps(backend)}
+    assert known_gaps("no-such-backend") == []
+
+
+def test_user_checkpoint_is_compared_across_backends(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gemma_core.checkpoint import save_checkpoint
+    from gemma_core.presets import get_preset
+    from gemma_core.weights import random_weights
+
+    config = get_preset("tiny-gemma2")
+    folder = save_checkpoint(tmp_path / "m", config, random_weights(config, 9))
+    results = run_conformance(["numpy"], ("float32",), model=str(folder))
+    cells = {r.case: r for r in results}
+    assert cells["model:m"].status == "pass", cells["model:m"]
+    assert "op-rope" not in cells  # the checkpoint's comparisons, not the op catalogue
+
+
+def test_plugin_backend_from_an_entry_point(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A plugin installed as a distribution (a dist-info with entry points on the path) is found
+    by name and checked; one that lacks an op kind is reported precisely."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    info = tmp_path / "gemma_plugin_example-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gemma-plugin-example\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[gemma_core.backends]\nexample = gemma_plugin_example:backend\n"
+        "incomplete = gemma_plugin_example:incomplete\n")
+    plugin_dir = Path(__file__).parent / "plugin_backend"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(plugin_dir),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "gemma_core.cli", "conformance", "--backends", "example,incomplete",
+           "--dtypes", "float32", "--cases", "op-linear,gemma1-mha", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert out.returncode == 1, out.stderr
+    results = {(r["backend"], r["case"]): r for r in json.loads(out.stdout)["results"]}
+    assert results[("example", "gemma1-mha")]["status"] == "pass"
+    assert results[("example", "op-table")]["status"] == "pass"
+    assert results[("incomplete", "op-table")]["status"] == "fail"
+    assert "missing ['softcap']" in results[("incomplete", "op-table")]["detail"]
