@@ -28,6 +28,7 @@ class ModelCase:
     decode_steps: int
     changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
+    task: str = "causal-lm"  # heads run prefill only (decode_steps 0)
 
 
 MODEL_CASES: tuple[ModelCase, ...] = (
@@ -49,6 +50,13 @@ MODEL_CASES: tuple[ModelCase, ...] = (
               "tiny-gemma3", lengths=(18, 11), decode_steps=6),
     ModelCase("gemma3-decode-past-ring", ("cache: sliding ring buffer wraps during decode",),
               "tiny-gemma3", lengths=(3,), decode_steps=19),
+    ModelCase("gemma2-sequence-classification", ("head: score on every position, pooled at the "
+                                                 "rightmost non-pad token",),
+              "tiny-gemma2", lengths=(12, 5), decode_steps=0, task="sequence-classification"),
+    ModelCase("gemma1-token-classification", ("head: score with bias on every position",),
+              "tiny-gemma", lengths=(9, 4), decode_steps=0, task="token-classification"),
+    ModelCase("gemma3-base-hidden-states", ("head: final norm, every layer's hidden states",),
+              "tiny-gemma3", lengths=(10, 7), decode_steps=0, task="base"),
 )
 
 

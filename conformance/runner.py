@@ -131,6 +131,8 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
     """Prefill + greedy decode on reference and candidate; logits and caches after every step,
     then the candidate's incremental logits against its own full forward pass."""
     config = case_config(case)
+    if case.task != "causal-lm":
+        return _run_head_case(case, config, backend, dtype, tol)
     weights = (_checkpoint(case.preset)[1] if case.name.startswith("model:")
                else random_weights(config, case.seed))
     ref = Model(config, weights, backend="numpy", dtype=tol.reference_dtype)
@@ -163,6 +165,31 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
     _check(*compare_logits(full, np.concatenate(steps, axis=1), full_mask.astype(bool), tol),
            what="incremental vs full forward", worst=worst)
     return f"{case.decode_steps} decode steps; first check: {worst[0]}"
+
+
+def _run_head_case(case: ModelCase, config: GemmaConfig, backend: Backend, dtype: str,
+                   tol: Tolerance) -> str:
+    """A task head on a left-padded batch: its outputs (and every hidden state, for base)."""
+    labels = 3 if case.task.endswith("classification") else 0
+    weights = random_weights(config, case.seed, task=case.task, num_labels=labels)
+    ref = Model(config, weights, backend="numpy", dtype=tol.reference_dtype, task=case.task)
+    cand = Model(config, weights, backend=backend, dtype=dtype, task=case.task)
+    ids, mask = _prompt(case, config.vocab_size)
+    r, c = ref.forward(ids, mask), cand.forward(ids, mask)
+    real = mask.astype(bool)
+    worst: list[str] = []
+    if case.task == "base":
+        assert r.hidden_states is not None and c.hidden_states is not None
+        for i, (rh, ch) in enumerate(zip(r.hidden_states, c.hidden_states, strict=True)):
+            pad = ~real[:, :, None]  # rows of pad tokens come from fully masked attention
+            rh, ch = np.where(pad, 0.0, np.asarray(rh)), np.where(pad, 0.0, cand.to_numpy(ch))
+            _check(*compare_tensor(rh, ch, tol), what=f"hidden state {i}", worst=worst)
+        return f"{len(r.hidden_states)} hidden states; first check: {worst[0]}"
+    rl, cl = np.asarray(r.logits), cand.to_numpy(c.logits)
+    if case.task == "sequence-classification":  # [B, labels]: one pooled position per row
+        rl, cl, real = rl[:, None], cl[:, None], np.ones((len(ids), 1), bool)
+    _check(*compare_logits(rl, cl, real, tol), what=f"{case.task} logits", worst=worst)
+    return worst[0]
 
 
 def check_float16_policy(backend: Backend) -> str:

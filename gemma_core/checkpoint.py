@@ -81,8 +81,25 @@ def canonical_names(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
-    """(config, weights) of a Hugging Face folder (or a safetensors file inside one), validated."""
+def read_labels(path: str | os.PathLike[str]) -> list[str] | None:
+    """The label names (`id2label`, by id) of a folder's config.json, if it has them."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        id2label = json.loads((folder / "config.json").read_text()).get("id2label")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(id2label, dict):
+        return None
+    try:
+        return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except ValueError:
+        raise ConfigError(f"id2label: keys must be integers, got {sorted(id2label)}") from None
+
+
+def load_checkpoint(path: str | os.PathLike[str],
+                    validate: bool = True) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
+    """(config, weights) of a Hugging Face folder (or a safetensors file inside one), validated
+    as a causal LM unless `validate=False` (the caller validates for its task)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -90,9 +107,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[GemmaConfig, dict[str
     config = read_config(folder)
     tensors = read_safetensors(path) if path.is_file() else read_tensors(folder)
     weights = canonical_names(tensors)
-    validate_weights(config, weights)
-    if config.tie_word_embeddings:
-        weights.pop(LM_HEAD, None)
+    if validate:
+        validate_weights(config, weights)
+        if config.tie_word_embeddings:
+            weights.pop(LM_HEAD, None)
     return config, weights
 
 

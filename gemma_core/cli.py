@@ -213,6 +213,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import gemma_core
+    from gemma_core.tokenizer import GemmaTokenizer
+
+    text = _read_prompt(args)
+    model = gemma_core.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                            task="sequence-classification")
+    if args.tokenizer:
+        model.tokenizer = GemmaTokenizer(args.tokenizer)
+    if model.tokenizer is None:
+        raise GemmaError(f"{args.model}: the model has no tokenizer; pass --tokenizer tokenizer.model")
+    ids = np.array([model.tokenizer.encode(text)])
+    logits = model.to_numpy(model.forward(ids).logits)[0].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    for i in np.argsort(-probs)[: args.top or len(probs)]:
+        print(f"{model.labels[i]:<24} {probs[i]:.4f}")
+    return 0
+
+
 def cmd_mask(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -294,6 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt (Gemma 3 folds it into the first turn)")
     p.add_argument("--context", type=int, default=4096, help="tokens the conversation may use")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("classify", help="label a text with a sequence-classification checkpoint")
+    p.add_argument("--model", required=True, help="a Hugging Face *ForSequenceClassification folder")
+    p.add_argument("--tokenizer", help="a tokenizer.model file (for folders that lack one)")
+    p.add_argument("--backend", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--top", type=int, default=0, help="print only the N most likely labels")
+    p.add_argument("prompt", nargs="?", help="the text (or stdin)")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("mask", help="show which tokens each token attends to, per layer kind")
     p.add_argument("--config", required=True, help="preset name, model folder, config.json or .gguf")

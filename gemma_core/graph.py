@@ -24,6 +24,8 @@ arrays are in the compute dtype unless noted, axis letters as in `gemma_core.con
 - mul(a, b), add(a, b) -> elementwise.
 - softcap(x; cap) -> tanh(x / cap) * cap.
 - gather_positions(x[B,T,D], index[P] int) -> [B,P,D]: the positions whose logits are wanted.
+- pool_last_token(x[B,T,C], ids[B,T] int; pad_id) -> [B,C]: each row at its rightmost token that is
+  not `pad_id` (position 0 if all are), right for left and right padding alike.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from gemma_core.config import Architecture, GemmaConfig
-from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD
+from gemma_core.errors import ConfigError
+from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD, SCORE, SCORE_BIAS
 
 OP_KINDS: tuple[str, ...] = (
     "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope_table", "rope", "kv_cache",
-    "attention",
+    "attention", "pool_last_token",
     "gelu_tanh", "mul", "add", "softcap", "gather_positions",
 )
 
@@ -109,17 +112,19 @@ def _attention_block(b: _Builder, c: GemmaConfig, i: int, p: str) -> None:
 
 
 def _layer(b: _Builder, c: GemmaConfig, i: int) -> None:
+    """Layer i reads the residual stream `x{i}` and writes `x{i+1}`."""
     p = f"model.layers.{i}"
     eps = c.rms_norm_eps
-    b.add("rms_norm", ["x"], "h", [f"{p}.input_layernorm.weight"], eps=eps)
+    x, out = f"x{i}", f"x{i + 1}"
+    b.add("rms_norm", [x], "h", [f"{p}.input_layernorm.weight"], eps=eps)
     _attention_block(b, c, i, p)
     if c.has_sandwich_norms:
         b.add("rms_norm", ["a"], "a", [f"{p}.post_attention_layernorm.weight"], eps=eps)
-        b.add("add", ["x", "a"], "x")
-        b.add("rms_norm", ["x"], "h", [f"{p}.pre_feedforward_layernorm.weight"], eps=eps)
+        b.add("add", [x, "a"], "r")
+        b.add("rms_norm", ["r"], "h", [f"{p}.pre_feedforward_layernorm.weight"], eps=eps)
     else:
-        b.add("add", ["x", "a"], "x")
-        b.add("rms_norm", ["x"], "h", [f"{p}.post_attention_layernorm.weight"], eps=eps)
+        b.add("add", [x, "a"], "r")
+        b.add("rms_norm", ["r"], "h", [f"{p}.post_attention_layernorm.weight"], eps=eps)
     b.add("linear", ["h"], "gate", [f"{p}.mlp.gate_proj.weight"])  # [B,T,F]
     b.add("linear", ["h"], "up", [f"{p}.mlp.up_proj.weight"])
     b.add("gelu_tanh", ["gate"], "gate")
@@ -127,13 +132,21 @@ def _layer(b: _Builder, c: GemmaConfig, i: int) -> None:
     b.add("linear", ["m"], "m", [f"{p}.mlp.down_proj.weight"])  # [B,T,D]
     if c.has_sandwich_norms:
         b.add("rms_norm", ["m"], "m", [f"{p}.post_feedforward_layernorm.weight"], eps=eps)
-    b.add("add", ["x", "m"], "x")
+    b.add("add", ["r", "m"], out)
 
 
-def build_graph(config: GemmaConfig) -> list[Op]:
-    """The ordered op list of `config`'s causal LM; reads `GRAPH_INPUTS`, writes `logits` and caches."""
+TASKS = ("causal-lm", "base", "sequence-classification", "token-classification")
+
+
+def build_graph(config: GemmaConfig, task: str = "causal-lm") -> list[Op]:
+    """The ordered op list of `config` for `task`; reads `GRAPH_INPUTS`, writes caches and
+    `logits` (causal-lm: [B,P,V]; sequence-classification: [B,labels], pooled at the rightmost
+    non-pad token; token-classification: [B,T,labels]) or `hidden` (base: [B,T,D]). The residual
+    stream after layer i is `x{i+1}` (`x0` the scaled embeddings), so hidden states can be read."""
+    if task not in TASKS:
+        raise ConfigError(f"task: unknown value {task!r} (known: {', '.join(TASKS)})")
     b = _Builder()
-    b.add("embed", ["ids"], "x", [EMBED], scale=config.embed_scale)  # [B,T,D]
+    b.add("embed", ["ids"], "x0", [EMBED], scale=config.embed_scale)  # [B,T,D]
     for theta, scaling in dict.fromkeys(config.rope(i) for i in range(config.num_layers)):
         b.add("rope_table", ["positions"], rope_names(theta, scaling), head_dim=config.head_dim,
               theta=theta, scaling=scaling)  # [B,1,T,H] each
@@ -141,11 +154,21 @@ def build_graph(config: GemmaConfig) -> list[Op]:
         b.layer = i
         _layer(b, config, i)
     b.layer = None
-    b.add("gather_positions", ["x", "logit_index"], "x")  # [B,P,D]
-    b.add("rms_norm", ["x"], "x", [FINAL_NORM], eps=config.rms_norm_eps)
-    b.add("linear", ["x"], "logits", [EMBED if config.tie_word_embeddings else LM_HEAD])  # [B,P,V]
-    if config.final_logit_softcap is not None:
-        b.add("softcap", ["logits"], "logits", cap=config.final_logit_softcap)
+    last, eps = f"x{config.num_layers}", config.rms_norm_eps
+    if task == "causal-lm":
+        b.add("gather_positions", [last, "logit_index"], "h")  # [B,P,D]
+        b.add("rms_norm", ["h"], "h", [FINAL_NORM], eps=eps)
+        b.add("linear", ["h"], "logits", [EMBED if config.tie_word_embeddings else LM_HEAD])  # [B,P,V]
+        if config.final_logit_softcap is not None:
+            b.add("softcap", ["logits"], "logits", cap=config.final_logit_softcap)
+        return b.ops
+    b.add("rms_norm", [last], "hidden", [FINAL_NORM], eps=eps)  # [B,T,D]
+    if task == "sequence-classification":
+        b.add("linear", ["hidden"], "logits", [SCORE])  # [B,T,labels], no bias
+        b.add("pool_last_token", ["logits", "ids"], "logits", pad_id=config.pad_token_id)  # [B,labels]
+    elif task == "token-classification":
+        b.add("linear", ["hidden"], "logits", [SCORE])  # [B,T,labels]
+        b.add("add", ["logits"], "logits", [SCORE_BIAS])
     return b.ops
 
 
@@ -190,9 +213,9 @@ def format_op(op: Op) -> str:
     return text
 
 
-def format_graph(config: GemmaConfig, ops: Sequence[Op] | None = None) -> str:
+def format_graph(config: GemmaConfig, ops: Sequence[Op] | None = None, task: str = "causal-lm") -> str:
     """The op list as text, a header per layer (its attention kind and RoPE)."""
-    ops = build_graph(config) if ops is None else ops
+    ops = build_graph(config, task) if ops is None else ops
     c = config
     lines = [
         f"# {c.architecture.value}: {c.num_layers} layers, D={c.hidden_size}, F={c.intermediate_size}, "

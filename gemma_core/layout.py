@@ -1,7 +1,8 @@
 """The weight layout: one row per tensor, in the Hugging Face (canonical) names and `[out, in]` shapes.
 
 Shapes are written in config symbols (see `gemma_core.config`): V vocab, D hidden, F intermediate,
-N query heads, K kv heads, H head_dim. `{layer}` stands for the layer index.
+N query heads, K kv heads, H head_dim, L labels (classification heads). `{layer}` stands for the
+layer index. `when` names the config property, or the task, a row exists for.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from gemma_core.errors import WeightError
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
+SCORE = "score.weight"
+SCORE_BIAS = "score.bias"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,33 +49,40 @@ LAYOUT: tuple[ParamRow, ...] = (
     ParamRow("model.layers.{layer}.mlp.up_proj.weight", ("F", "D"), note="linear branch"),
     ParamRow("model.layers.{layer}.mlp.down_proj.weight", ("D", "F")),
     ParamRow(FINAL_NORM, ("D",)),
-    ParamRow(LM_HEAD, ("V", "D"), "untied", "absent when tied to the embedding"),
+    ParamRow(LM_HEAD, ("V", "D"), "untied", "causal LM only; absent when tied to the embedding"),
+    ParamRow(SCORE, ("L", "D"), "classification", "sequence/token classification head"),
+    ParamRow(SCORE_BIAS, ("L",), "token-classification", "token classification only"),
 )
 
 
-def _symbols(config: GemmaConfig) -> dict[str, int]:
+def _symbols(config: GemmaConfig, num_labels: int = 0) -> dict[str, int]:
     c = config
     return {"V": c.vocab_size, "D": c.hidden_size, "F": c.intermediate_size, "N": c.num_heads,
-            "K": c.num_kv_heads, "H": c.head_dim}
+            "K": c.num_kv_heads, "H": c.head_dim, "L": num_labels}
 
 
 def _dim(symbol: str, values: Mapping[str, int]) -> int:
     return math.prod(values[s] for s in symbol.split("*"))
 
 
-def _applies(row: ParamRow, config: GemmaConfig) -> bool:
+def _applies(row: ParamRow, config: GemmaConfig, task: str) -> bool:
     if row.when == "always":
         return True
     if row.when == "untied":
-        return not config.tie_word_embeddings
+        return task == "causal-lm" and not config.tie_word_embeddings
+    if row.when == "classification":
+        return task in ("sequence-classification", "token-classification")
+    if row.when == "token-classification":
+        return task == row.when
     return bool(getattr(config, row.when))
 
 
-def iter_params(config: GemmaConfig) -> Iterator[tuple[str, tuple[int, ...], ParamRow]]:
-    """Every tensor name of `config` with its concrete shape, in layout order."""
-    values = _symbols(config)
+def iter_params(config: GemmaConfig, task: str = "causal-lm",
+                num_labels: int = 0) -> Iterator[tuple[str, tuple[int, ...], ParamRow]]:
+    """Every tensor name of `config` (with `task`'s head) and its concrete shape, in layout order."""
+    values = _symbols(config, num_labels)
     for row in LAYOUT:
-        if not _applies(row, config):
+        if not _applies(row, config, task):
             continue
         shape = tuple(_dim(s, values) for s in row.shape)
         if "{layer}" in row.name:
@@ -82,25 +92,27 @@ def iter_params(config: GemmaConfig) -> Iterator[tuple[str, tuple[int, ...], Par
             yield row.name, shape, row
 
 
-def expected_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor `config` needs."""
-    return {name: shape for name, shape, _ in iter_params(config)}
+def expected_shapes(config: GemmaConfig, task: str = "causal-lm",
+                    num_labels: int = 0) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor `config` needs for `task`."""
+    return {name: shape for name, shape, _ in iter_params(config, task, num_labels)}
 
 
-def param_count(config: GemmaConfig) -> int:
+def param_count(config: GemmaConfig, task: str = "causal-lm", num_labels: int = 0) -> int:
     """Number of parameters, the tied embedding counted once."""
-    return sum(math.prod(shape) for _, shape, _ in iter_params(config))
+    return sum(math.prod(shape) for _, shape, _ in iter_params(config, task, num_labels))
 
 
-def validate_weights(config: GemmaConfig, weights: Mapping[str, Any]) -> None:
+def validate_weights(config: GemmaConfig, weights: Mapping[str, Any], task: str = "causal-lm",
+                     num_labels: int = 0) -> None:
     """Raise one `WeightError` naming every missing, unexpected and mis-shaped tensor.
 
     `weights` maps names to anything with a `.shape`. A tied model may also carry
     `lm_head.weight` (some exporters write it); it must then have the embedding's shape.
     """
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, task, num_labels)
     allowed = dict(expected)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and task == "causal-lm":
         allowed[LM_HEAD] = expected[EMBED]
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(allowed))
@@ -120,12 +132,12 @@ def validate_weights(config: GemmaConfig, weights: Mapping[str, Any]) -> None:
         raise WeightError("weights do not match the config: " + " | ".join(problems))
 
 
-def format_layout(config: GemmaConfig) -> str:
+def format_layout(config: GemmaConfig, task: str = "causal-lm", num_labels: int = 0) -> str:
     """The layout table as text, one row per template."""
-    values = _symbols(config)
+    values = _symbols(config, num_labels)
     lines = []
     for row in LAYOUT:
-        if not _applies(row, config):
+        if not _applies(row, config, task):
             continue
         shape = ", ".join(f"{s}={_dim(s, values)}" for s in row.shape)
         lines.append(f"{row.name:<58} [{shape}]" + (f"  # {row.note}" if row.note else ""))

@@ -13,9 +13,9 @@ import numpy as np
 from gemma_core.backend import Backend, get_backend
 from gemma_core.cache import CacheState, KVCache, layer_capacity, ring_order
 from gemma_core.config import Architecture, GemmaConfig
-from gemma_core.errors import ConfigError, InputError
-from gemma_core.graph import bind, build_graph, cache_name, run_bound
-from gemma_core.layout import validate_weights
+from gemma_core.errors import ConfigError, InputError, WeightError
+from gemma_core.graph import TASKS, bind, build_graph, cache_name, run_bound
+from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, validate_weights
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -42,10 +42,15 @@ def check_dtype(config: GemmaConfig, dtype: str, allow_float16: bool = False) ->
 
 @dataclasses.dataclass
 class ForwardOutput:
-    """Logits `[B, T or 1, V]` as a backend array, and the updated cache."""
+    """Backend arrays and the updated cache. `logits`: causal-lm [B, T or 1, V],
+    sequence-classification [B, labels], token-classification [B, T, labels]; None for base.
+    `last_hidden_state` [B, T, D] (after the final norm) and `hidden_states` (the embeddings,
+    then each layer's output, the last one normed: L + 1 arrays, as transformers) for base."""
 
     logits: Any
     cache: KVCache
+    last_hidden_state: Any = None
+    hidden_states: tuple[Any, ...] | None = None
 
 
 class Model:
@@ -54,17 +59,30 @@ class Model:
     def __init__(self, config: GemmaConfig, weights: Mapping[str, np.ndarray], *,
                  backend: str | Backend | None = None, dtype: str = "float32",
                  device: str | None = None, allow_float16: bool = False,
-                 tokenizer: Any = None, compile: bool | None = None) -> None:
+                 tokenizer: Any = None, compile: bool | None = None, task: str = "causal-lm",
+                 labels: Sequence[str] | None = None) -> None:
         check_dtype(config, dtype, allow_float16)
-        validate_weights(config, weights)
-        self.config = config
+        if task not in TASKS:
+            raise ConfigError(f"task: unknown value {task!r} (known: {', '.join(TASKS)})")
+        weights = _tie(config, weights, task)
+        score = weights.get(SCORE)
+        num_labels = int(score.shape[0]) if score is not None and score.ndim == 2 else 0
+        if task in ("sequence-classification", "token-classification") and num_labels == 0:
+            raise WeightError(f"task {task}: the weights have no {SCORE} classification head")
+        validate_weights(config, weights, task, num_labels)
+        self.config, self.task = config, task
+        self.labels = tuple(labels) if labels else tuple(f"LABEL_{i}" for i in range(num_labels))
+        if len(self.labels) != num_labels:
+            raise ConfigError(f"id2label: {len(self.labels)} labels for a head of {num_labels}")
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend)
         if dtype not in self.backend.dtypes:
             raise ConfigError(f"dtype: backend {self.backend.name!r} does not support {dtype!r}")
         self.dtype = dtype
         self.device = device
-        self.graph = build_graph(config)
-        self.weights = self.backend.prepare_weights(_tie(config, weights), dtype, device)
+        self.graph = build_graph(config, task)
+        self.weights = self.backend.prepare_weights(weights, dtype, device)
+        head = ("hidden", *(f"x{i}" for i in range(config.num_layers))) if task == "base" else ("logits",)
+        outputs = (*head, *(cache_name(i) for i in range(config.num_layers)))
         self.ops = self.backend.op_table(dtype)  # binds the graph to the ops and weights
         self.tokenizer = tokenizer
 
@@ -72,7 +90,7 @@ class Model:
             # eager: the plan bound at init; traced (jit): bind the traced weights once per trace
             plan = self._plan if weights is self.weights else bind(self.graph, self.ops, weights)
             run_bound(plan, env)
-            return {k: env[k] for k in ("logits", *(cache_name(i) for i in range(config.num_layers)))}
+            return {k: env[k] for k in outputs}
 
         self._step = self.backend.compile_step(step, {"compile": compile, "device": device})
 
@@ -140,7 +158,11 @@ class Model:
             length=start + t, max_length=cache.max_length, valid=valid,
             seen=cache.seen + mask.sum(axis=1),
         )
-        return ForwardOutput(logits=env["logits"], cache=new_cache)
+        if self.task != "base":
+            return ForwardOutput(logits=env["logits"], cache=new_cache)
+        layers = tuple(env[f"x{i}"] for i in range(self.config.num_layers))
+        return ForwardOutput(logits=None, cache=new_cache, last_hidden_state=env["hidden"],
+                             hidden_states=(*layers, env["hidden"]))
 
     def __call__(self, input_ids: Any, attention_mask: Any = None,
                  cache: KVCache | None = None) -> ForwardOutput:
@@ -209,33 +231,42 @@ def _check_mask(mask: Any, shape: tuple[int, ...], to_numpy: Any) -> np.ndarray:
     return m.astype(bool)
 
 
-def _tie(config: GemmaConfig, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drop a redundant `lm_head.weight` of a tied model, so the embedding is held once."""
+def _tie(config: GemmaConfig, weights: Mapping[str, np.ndarray],
+         task: str = "causal-lm") -> dict[str, np.ndarray]:
+    """The tensors `task` reads: a redundant `lm_head.weight` of a tied model is dropped (the
+    embedding is held once), and so are the heads of other tasks (a causal LM's head when
+    loading it as a base model or classifier, a classifier's score when loading it as base)."""
     out = dict(weights)
-    if config.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
+    if config.tie_word_embeddings or task != "causal-lm":
+        out.pop(LM_HEAD, None)
+    if task in ("causal-lm", "base"):
+        out.pop(SCORE, None)
+        out.pop(SCORE_BIAS, None)
     return out
 
 
 def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None = None,
          dtype: str = "float32", device: str | None = None, *, seed: int = 0,
          allow_float16: bool = False, progress: Any = None, compile: bool | None = None,
-         **config_changes: Any) -> Model:
+         task: str = "causal-lm", num_labels: int = 2, **config_changes: Any) -> Model:
     """A model from a Hugging Face folder, a safetensors file beside its config.json, a `.gguf`
     file, or a preset name (random weights from `seed`). `config_changes` override preset fields
     (tests); for GGUF they are passed to the reader (e.g. `query_pre_attn_scalar`).
     `progress(done, total)` is called while a GGUF file is dequantised. `compile` chooses
     whether the step goes through the backend's compiler (torch.compile, jax.jit); None takes
-    the backend's default (eager for numpy and torch, jit for jax)."""
-    from gemma_core.checkpoint import load_checkpoint
+    the backend's default (eager for numpy and torch, jit for jax). `task` picks the head:
+    causal-lm, base, sequence-classification or token-classification (`num_labels` sizes a
+    preset's random head; a checkpoint's comes from its `score.weight` and id2label)."""
+    from gemma_core.checkpoint import load_checkpoint, read_labels
     from gemma_core.presets import PRESETS
     from gemma_core.weights import random_weights
 
     key = os.fspath(path_or_preset)
-    tokenizer = None
+    tokenizer, labels = None, None
     if key in PRESETS and not os.path.exists(key):
         config = PRESETS[key].replace(**config_changes) if config_changes else PRESETS[key]
-        weights = random_weights(config, seed)
+        classifier = task in ("sequence-classification", "token-classification")
+        weights = random_weights(config, seed, task=task, num_labels=num_labels if classifier else 0)
     else:
         if key.endswith(".gguf"):
             from gemma_core.formats.gguf import load_gguf
@@ -244,10 +275,16 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
         else:
             if config_changes:
                 raise ConfigError(f"config overrides apply to presets only, got {sorted(config_changes)}")
-            config, weights = load_checkpoint(key)
+            config, weights = load_checkpoint(key, validate=False)
             tokenizer = find_tokenizer(key, config)
+            labels = read_labels(key)
+    rows = int(weights[SCORE].shape[0]) if SCORE in weights else 0
+    if task not in ("sequence-classification", "token-classification") or (
+            labels is not None and len(labels) != rows):
+        labels = None  # transformers writes two default labels even for causal LMs
     return Model(config, weights, backend=backend, dtype=dtype, device=device,
-                 allow_float16=allow_float16, tokenizer=tokenizer, compile=compile)
+                 allow_float16=allow_float16, tokenizer=tokenizer, compile=compile, task=task,
+                 labels=labels)
 
 
 def find_tokenizer(path: str | os.PathLike[str], config: GemmaConfig) -> Any:

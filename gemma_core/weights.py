@@ -8,13 +8,14 @@ from gemma_core.config import GemmaConfig
 from gemma_core.layout import iter_params
 
 
-def random_weights(config: GemmaConfig, seed: int = 0, dtype: str = "float32") -> dict[str, np.ndarray]:
+def random_weights(config: GemmaConfig, seed: int = 0, dtype: str = "float32", task: str = "causal-lm",
+                   num_labels: int = 0) -> dict[str, np.ndarray]:
     """Normal weights scaled so activations stay O(1): linear rows ~ 1/sqrt(fan_in),
     embedding rows ~ 2/sqrt(D) (unit-scale hidden states, logits of std about 2),
     norm weights ~ N(0, 0.1) so that `1 + w` differs from one."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
-    for name, shape, _ in iter_params(config):
+    for name, shape, _ in iter_params(config, task, num_labels):
         if len(shape) == 1:
             std = 0.1
         elif name.endswith("embed_tokens.weight") or name == "lm_head.weight":

@@ -15,7 +15,7 @@ def test_graph_prints_op_list(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out.startswith("# gemma: 18 layers, D=2048")
     assert out.count("\nlayer ") == 18
-    assert "embed            ids -> x  [model.embed_tokens.weight]  scale=45.2548" in out
+    assert "embed            ids -> x0  [model.embed_tokens.weight]  scale=45.2548" in out
 
 
 def test_graph_with_weight_layout(capsys: pytest.CaptureFixture[str]) -> None:

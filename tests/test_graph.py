@@ -93,4 +93,5 @@ def test_format_graph_is_readable() -> None:
     assert "layer 0 (local window=512, rope theta=10000 scaling=1)" in text
     assert "layer 5 (global, rope theta=1e+06 scaling=1)" in text
     assert "attention        q, keys, values, key_slots, query_slots, valid -> a" in text
-    assert text.splitlines()[-1].strip().startswith("linear           x -> logits")
+    assert text.splitlines()[-1].strip().startswith("linear           h -> logits")
+    assert "add              r, m -> x18" in text  # the residual stream after layer 17

@@ -171,6 +171,7 @@ def test_format_layout_mentions_every_template_once(name: str, untied: bool) -> 
     config = PRESETS[name].replace(tie_word_embeddings=not untied)
     text = format_layout(config)
     present = [row for row in LAYOUT if not (row.name == LM_HEAD and not untied)
+               and row.when not in ("classification", "token-classification")  # causal LM here
                and not (row.when == "has_qk_norm" and not config.has_qk_norm)
                and not (row.when == "has_sandwich_norms" and not config.has_sandwich_norms)]
     assert len(text.splitlines()) == len(present)
@@ -187,3 +188,17 @@ def test_format_layout_shows_concrete_sizes() -> None:
     assert "[N*H=1024, D=640]" in q_line
     embed_line = next(line for line in text.splitlines() if line.startswith(EMBED))
     assert "[V=262144, D=640]" in embed_line
+
+
+def test_task_heads_in_the_layout() -> None:
+    from gemma_core.layout import SCORE, SCORE_BIAS, expected_shapes
+
+    config = PRESETS["tiny-gemma"]
+    seq = expected_shapes(config, "sequence-classification", num_labels=3)
+    tok = expected_shapes(config, "token-classification", num_labels=3)
+    base = expected_shapes(config, "base")
+    assert seq[SCORE] == (3, 64) and SCORE_BIAS not in seq
+    assert tok[SCORE] == (3, 64) and tok[SCORE_BIAS] == (3,)
+    untied = config.replace(tie_word_embeddings=False)
+    assert SCORE not in base and LM_HEAD not in expected_shapes(untied, "base")
+    assert "score.bias" in format_layout(config, "token-classification", 3)

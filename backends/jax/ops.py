@@ -119,9 +119,13 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     def gather_positions(x: jax.Array, index: jax.Array) -> jax.Array:
         return jnp.take(x, index, axis=1)
 
+    def pool_last_token(x: jax.Array, ids: jax.Array, *, pad_id: int) -> jax.Array:
+        last = jnp.argmax(jnp.arange(ids.shape[1]) * (ids != pad_id), axis=1)  # rightmost non-pad
+        return x[jnp.arange(x.shape[0]), last]
+
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
         "attention": attention, "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
-        "gather_positions": gather_positions,
+        "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }

@@ -128,10 +128,14 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     def gather_positions(x: np.ndarray, index: np.ndarray) -> np.ndarray:
         return x[:, index]
 
+    def pool_last_token(x: np.ndarray, ids: np.ndarray, *, pad_id: int) -> np.ndarray:
+        last = (np.arange(ids.shape[1]) * (ids != pad_id)).argmax(axis=1)  # rightmost non-pad
+        return x[np.arange(len(x)), last]
+
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
         "attention": attention,
         "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
-        "gather_positions": gather_positions,
+        "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }

@@ -38,7 +38,9 @@ class TorchBackend(Backend):
 
     def convert_weight(self, w: np.ndarray, dtype: str, device: str | None) -> Any:
         dev, dt = self.device(device), DTYPES[dtype]
-        host = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        # memory-mapped checkpoints are read-only; torch tensors must own writable memory
+        host = torch.from_numpy(w if w.flags.writeable else w.copy())
         out = host.to(device=dev, dtype=dt)
         if out.ndim == 2 and dev.type == "cpu" and dt in (torch.float32, torch.float64):
             # Same [out, in] shape, column-major memory: CPU BLAS reads a matrix-vector product

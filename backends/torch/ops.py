@@ -116,10 +116,15 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return x.index_select(1, index)
 
+    def pool_last_token(x: torch.Tensor, ids: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        last = (positions * (ids != pad_id)).argmax(dim=1)  # rightmost non-pad
+        return x[torch.arange(x.shape[0], device=x.device), last]
+
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
         "attention": attention,
         "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
-        "gather_positions": gather_positions,
+        "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }
