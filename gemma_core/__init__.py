@@ -3,7 +3,7 @@
 This package imports numpy only; frameworks are imported by the backend asked for.
 """
 
-from gemma_core.backend import Backend, get_backend, known_backends
+from gemma_core.backend import Backend, get_backend, installed_backends, known_backends
 from gemma_core.cache import CacheState, KVCache
 from gemma_core.config import Architecture, AttentionKind, GemmaConfig
 from gemma_core.errors import (
@@ -23,6 +23,7 @@ __all__ = [
     "OP_KINDS", "PRESETS", "Architecture", "AttentionKind", "Backend", "BackendError", "CacheState",
     "CheckpointError", "ConfigError", "ForwardOutput", "GemmaConfig", "GemmaError", "InputError",
     "KVCache", "Model", "Op", "WeightError", "batch_ids", "build_graph", "format_graph",
-    "get_backend", "get_preset", "known_backends", "load", "param_count", "validate_weights",
+    "get_backend", "get_preset", "installed_backends", "known_backends", "load", "param_count",
+    "validate_weights",
 ]
 __version__ = "0.1.0"

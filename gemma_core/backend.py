@@ -118,6 +118,18 @@ def known_backends() -> list[str]:
 _LOADED: dict[str, Backend] = {}
 
 
+def installed_backends() -> list[str]:
+    """The known backends whose frameworks import here (each is loaded to find out)."""
+    names = []
+    for name in known_backends():
+        try:
+            get_backend(name)
+        except BackendError:
+            continue
+        names.append(name)
+    return names
+
+
 def _import_target(target: str) -> Any:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -22,10 +22,10 @@ def _config_arg(value: str) -> GemmaConfig:
         return get_preset(value)
     path = Path(value)
     if path.suffix == ".gguf":
-        from gemma_core.formats.gguf import _open
+        from gemma_core.formats.gguf import open_gguf
         from gemma_core.formats.gguf import read_config as gguf_config
 
-        return gguf_config(_open(path), str(path))
+        return gguf_config(open_gguf(path), str(path))
     if path.exists():
         return read_config(path if path.is_dir() else path.parent)
     if os.sep in value or value.endswith(".json"):
@@ -98,12 +98,12 @@ def _storage(value: str) -> tuple[str, str]:
         return "preset (random weights)", "float32"
     path = Path(value)
     if path.suffix == ".gguf":
-        from gemma_core.formats.gguf import _open
+        from gemma_core.formats.gguf import open_gguf
 
         kinds: Counter[str] = Counter()
         import gguf
 
-        for t in _open(path).tensors.values():
+        for t in open_gguf(path).tensors.values():
             kinds[gguf.GGMLQuantizationType(t.type_id).name] += 1
         return "gguf", ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
     from gemma_core.checkpoint import INDEX

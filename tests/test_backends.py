@@ -12,20 +12,8 @@ from conformance import run_conformance
 from gemma_core.presets import get_preset
 from gemma_core.weights import random_weights
 
-
-def _installed() -> list[str]:
-    names = []
-    for name in gemma_core.known_backends():
-        try:
-            gemma_core.get_backend(name)
-        except gemma_core.BackendError:
-            continue
-        if name != "numpy":
-            names.append(name)
-    return names
-
-
-pytestmark = pytest.mark.parametrize("backend", _installed())
+pytestmark = pytest.mark.parametrize(
+    "backend", [b for b in gemma_core.installed_backends() if b != "numpy"])
 
 
 def test_conformance_float32_bfloat16_float16(backend: str) -> None:

@@ -22,15 +22,6 @@ TOK = {"tiny-gemma": "GemmaForTokenClassification", "tiny-gemma2": "Gemma2ForTok
 LABELS = ["negative", "neutral", "positive"]
 
 
-def _installed() -> list[str]:
-    names = []
-    for name in gemma_core.known_backends():
-        try:
-            gemma_core.get_backend(name)
-        except gemma_core.BackendError:
-            continue
-        names.append(name)
-    return names
 
 
 def _hf(preset: str, cls_name: str, folder):  # type: ignore[no-untyped-def]
@@ -52,7 +43,7 @@ def _batch() -> tuple[np.ndarray, np.ndarray]:
     return gemma_core.batch_ids([list(range(3, 17)), list(range(40, 46))])
 
 
-@pytest.mark.parametrize("backend", _installed())
+@pytest.mark.parametrize("backend", gemma_core.installed_backends())
 @pytest.mark.parametrize("preset", sorted(SEQ))
 def test_sequence_classification_matches_transformers(tmp_path, preset: str, backend: str) -> None:  # type: ignore[no-untyped-def]
     hf = _hf(preset, SEQ[preset], tmp_path / "m")

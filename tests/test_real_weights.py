@@ -34,18 +34,9 @@ def gguf_path() -> str:
     return default_model_path()
 
 
-def _installed() -> list[str]:
-    names = []
-    for name in gemma_core.known_backends():
-        try:
-            gemma_core.get_backend(name)
-        except gemma_core.BackendError:
-            continue
-        names.append(name)
-    return names
 
 
-@pytest.fixture(scope="session", params=_installed())
+@pytest.fixture(scope="session", params=gemma_core.installed_backends())
 def ours(gguf_path: str, request: pytest.FixtureRequest) -> gemma_core.Model:
     """The real model on every installed backend (float32)."""
     return gemma_core.load(gguf_path, backend=request.param)

@@ -62,7 +62,8 @@ class _Reader:
     tensors: dict[str, TensorInfo]
 
 
-def _open(path: str | os.PathLike[str]) -> _Reader:
+def open_gguf(path: str | os.PathLike[str]) -> _Reader:
+    """The metadata and tensors of a GGUF file (tensor data memory-mapped, not yet decoded)."""
     try:
         import gguf  # noqa: F401  (dequantisation and the ggml type table)
     except ModuleNotFoundError:
@@ -232,7 +233,7 @@ def load_gguf(
     """(config, float32 weights, GemmaTokenizer or None) of a GGUF file."""
     from gemma_core.tokenizer import GemmaTokenizer
 
-    reader = _open(path)
+    reader = open_gguf(path)
     config = read_config(reader, os.fspath(path), query_pre_attn_scalar)
     weights = read_weights(reader, config, os.fspath(path), progress)
     tokenizer = None
