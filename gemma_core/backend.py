@@ -90,6 +90,10 @@ class Backend(abc.ABC):
     def export_cache_layer(self, state: Any) -> tuple[np.ndarray, np.ndarray]:
         """The layer's (keys, values) slot buffers `[B, K, capacity, H]` as numpy."""
 
+    def static_shapes(self, options: Mapping[str, Any]) -> bool:
+        """Whether the step is compiled per input shape (generation then buckets prompts)."""
+        return bool(options.get("compile"))
+
     def compile_step(self, step: StepFn, options: Mapping[str, Any]) -> StepFn:
         """Wrap the whole forward step for this framework's compiler; by default run it as is.
 

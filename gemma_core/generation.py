@@ -67,6 +67,20 @@ def _encode_prompts(prompts: Prompt | Sequence[Prompt], tokenizer: GemmaTokenize
     return rows
 
 
+def _bucket(n: int, smallest: int = 16) -> int:
+    """The next power of two at or above `n` (at least `smallest`)."""
+    return max(smallest, 1 << (n - 1).bit_length())
+
+
+def _left_pad(ids: np.ndarray, mask: np.ndarray, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    extra = width - ids.shape[1]
+    if extra <= 0:
+        return ids, mask
+    rows = len(ids)
+    return (np.concatenate([np.full((rows, extra), pad_id, ids.dtype), ids], axis=1),
+            np.concatenate([np.zeros((rows, extra), mask.dtype), mask], axis=1))
+
+
 def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(cuts) if cuts else None
@@ -135,6 +149,13 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new
     past = 0 if cache is None else cache.length
     total = past + ids.shape[1] + max_new_tokens
     limit = model.config.max_position_embeddings if cache is None else cache.max_length
+    if model.static_shapes and cache is None and total <= limit:
+        # compiled steps specialise on shapes: left-pad the prompt to a bucket (positions come
+        # from the mask, so the logits do not change) and round the cache up, so that prompts
+        # of similar lengths reuse one compiled prefill and one compiled decode step
+        width = min(_bucket(ids.shape[1]), limit - max_new_tokens)
+        ids, mask = _left_pad(ids, mask, width, model.config.pad_token_id)
+        total = min(_bucket(width + max_new_tokens), limit)
     if cache is not None and len(rows_ids) != cache.batch_size:
         raise InputError(f"prompts: {len(rows_ids)} rows for a cache of {cache.batch_size}")
     if total > limit:

@@ -92,7 +92,9 @@ class Model:
             run_bound(plan, env)
             return {k: env[k] for k in outputs}
 
-        self._step = self.backend.compile_step(step, {"compile": compile, "device": device})
+        options = {"compile": compile, "device": device}
+        self._step = self.backend.compile_step(step, options)
+        self.static_shapes = self.backend.static_shapes(options)
 
     @property
     def ops(self) -> Mapping[str, Any]:

@@ -29,3 +29,17 @@ def test_eager_equals_jit() -> None:
     ids = np.array([[2, 5, 6, 7, 8]])
     np.testing.assert_allclose(jitted.to_numpy(jitted.forward(ids).logits),
                                eager.to_numpy(eager.forward(ids).logits), atol=1e-5)
+
+
+def test_generation_buckets_prompt_lengths() -> None:
+    """Prompts of 5 and 9 tokens share one compiled prefill and one decode step, and give the
+    reference's tokens (left padding to the bucket changes no logits)."""
+    model = gemma_core.load("tiny-gemma3", backend="jax", tie_word_embeddings=False)
+    ref = gemma_core.load("tiny-gemma3", tie_word_embeddings=False)
+    kw = {"max_new_tokens": 6, "eos_token_ids": []}
+    first = model.generate([list(range(2, 7))], **kw)
+    traces = model._step.jitted._cache_size()  # type: ignore[attr-defined]
+    second = model.generate([list(range(2, 11))], **kw)
+    assert model._step.jitted._cache_size() == traces  # type: ignore[attr-defined]
+    assert first.token_ids == ref.generate([list(range(2, 7))], **kw).token_ids
+    assert second.token_ids == ref.generate([list(range(2, 11))], **kw).token_ids

@@ -62,6 +62,9 @@ class JaxBackend(Backend):
         k, v = state
         return self.to_numpy(k), self.to_numpy(v)
 
+    def static_shapes(self, options: Mapping[str, Any]) -> bool:
+        return options.get("compile") is not False
+
     def compile_step(self, step: StepFn, options: Mapping[str, Any]) -> StepFn:
         """`jax.jit` of the whole step, the environment (its cache buffers included) donated.
 
