@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 
 from conformance.cases import MODEL_CASES, OP_CASES, Harness, ModelCase, OpCase
 from conformance.compare import compare_logits, compare_op, compare_tensor
+from conformance.golden import GOLDEN_CASES, GOLDEN_DIR, GoldenCase, load_golden
 from conformance.tolerances import TOLERANCES, Tolerance
 from gemma_core.backend import Backend, get_backend, known_backends
 from gemma_core.config import Architecture, GemmaConfig
@@ -24,6 +26,8 @@ from gemma_core.weights import random_weights
 
 DEFAULT_DTYPES = ("float32", "bfloat16")
 GAPS_DIR = Path(__file__).parent / "known_gaps"
+GOLDEN_META: dict[str, dict[str, Any]] = (
+    json.loads((GOLDEN_DIR / "meta.json").read_text()) if (GOLDEN_DIR / "meta.json").is_file() else {})
 
 
 def known_gaps(backend: str) -> list[tuple[str, str, str]]:
@@ -167,6 +171,27 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
     return f"{case.decode_steps} decode steps; first check: {worst[0]}"
 
 
+def run_golden_case(case: GoldenCase, backend: Backend, dtype: str, tol: Tolerance) -> str:
+    """The backend against transformers' recorded logits and caches (first and last layer)."""
+    expected = load_golden(case)
+    config = case.config()
+    model = Model(config, random_weights(config, case.seed), backend=backend, dtype=dtype)
+    ids, mask = case.inputs()
+    out = model.forward(ids, mask)
+    worst: list[str] = []
+    _check(*compare_logits(expected["logits"].astype(np.float64), model.to_numpy(out.logits),
+                           mask.astype(bool), tol), what="logits vs transformers", worst=worst)
+    state = model.export_cache(out.cache)
+    for tag, layer in (("first", 0), ("last", config.num_layers - 1)):
+        for kind, ours in (("keys", state.keys[layer]), ("values", state.values[layer])):
+            ref = expected[f"{tag}_{kind}"]
+            kept = ref.shape[2]  # transformers' sliding layers keep W - 1 tokens
+            pad = ~state.real[layer][:, None, -kept:, None]
+            _check(*compare_tensor(np.where(pad, 0.0, ref), np.where(pad, 0.0, ours[:, :, -kept:]), tol),
+                   what=f"{tag} layer {kind} vs transformers", worst=worst)
+    return f"transformers {GOLDEN_META.get(case.name, {}).get('transformers', '?')}; {worst[0]}"
+
+
 def _run_head_case(case: ModelCase, config: GemmaConfig, backend: Backend, dtype: str,
                    tol: Tolerance) -> str:
     """A task head on a left-padded batch: its outputs (and every hidden state, for base)."""
@@ -258,6 +283,15 @@ def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str]
                 if wanted is None or op_case.name in wanted:
                     results.append(_cell(run_op_case, op_case.name, name, dtype, op_case, backend,
                                          dtype, tol))
+            for golden in GOLDEN_CASES if model is None and dtype == "float32" else ():
+                if wanted is not None and golden.name not in wanted:
+                    continue
+                reason = _gap(gaps, golden.name, golden.config().architecture, dtype)
+                if reason is not None:
+                    results.append(Result(golden.name, name, dtype, "skip", f"known gap: {reason}"))
+                    continue
+                results.append(_cell(run_golden_case, golden.name, name, dtype, golden, backend, dtype,
+                                     tol))
             for case in model_cases:
                 if wanted is not None and case.name not in wanted:
                     continue

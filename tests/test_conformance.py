@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -187,3 +188,35 @@ def test_plugin_backend_from_an_entry_point(tmp_path) -> None:  # type: ignore[n
     assert results[("example", "op-table")]["status"] == "pass"
     assert results[("incomplete", "op-table")]["status"] == "fail"
     assert "missing ['softcap']" in results[("incomplete", "op-table")]["detail"]
+
+
+def test_golden_transformers_values_pass_without_transformers() -> None:
+    """The committed transformers outputs are checked in a process where transformers (and
+    torch) cannot be imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None; sys.modules['torch'] = None\n"
+        "from conformance import run_conformance\n"
+        "from conformance.golden import GOLDEN_CASES\n"
+        "names = [c.name for c in GOLDEN_CASES]\n"
+        "res = run_conformance(['numpy'], ('float32',), names)\n"
+        "golden = [r for r in res if r.case in names]\n"
+        "assert len(golden) == len(names) and all(r.status == 'pass' for r in golden), golden\n"
+        "print('ok', golden[0].detail)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok transformers 5.")
+
+
+def test_golden_catches_a_wrong_model() -> None:
+    from conformance.golden import GOLDEN_CASES
+    from conformance.runner import run_golden_case
+    from conformance.tolerances import TOLERANCES
+
+    # the same weights with one RoPE theta for every layer: transformers' values disagree
+    wrong = dataclasses.replace(GOLDEN_CASES[2], changes={"rope_local_theta": 1e6})
+    with pytest.raises(Exception, match="logits vs transformers"):
+        run_golden_case(wrong, NumpyBackend(), "float32", TOLERANCES["float32"])
