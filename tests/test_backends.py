@@ -26,6 +26,7 @@ def test_conformance_float32_bfloat16_float16(backend: str) -> None:
 @pytest.mark.transformers
 @pytest.mark.parametrize("preset", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
 def test_logits_match_transformers(backend: str, preset: str) -> None:
+    pytest.importorskip("transformers")
     config = get_preset(preset).replace(**({"attn_logit_softcap": 0.5} if preset == "tiny-gemma2" else {}))
     model = gemma_core.Model(config, random_weights(config, 4), backend=backend)
     ids, mask = gemma_core.batch_ids([list(range(3, 23)), list(range(30, 39))])
