@@ -93,6 +93,7 @@ class Model:
             return {k: env[k] for k in outputs}
 
         options = {"compile": compile, "device": device}
+        self.raw_step = step  # the uncompiled step, for backends that trace it into larger loops
         self._step = self.backend.compile_step(step, options)
         self.static_shapes = self.backend.static_shapes(options)
 

@@ -43,3 +43,18 @@ def test_generation_buckets_prompt_lengths() -> None:
     assert model._step.jitted._cache_size() == traces  # type: ignore[attr-defined]
     assert first.token_ids == ref.generate([list(range(2, 7))], **kw).token_ids
     assert second.token_ids == ref.generate([list(range(2, 11))], **kw).token_ids
+
+
+def test_whole_loop_decoding_equals_the_host_loop() -> None:
+    from backends.jax.loop import generate_loop
+
+    model = gemma_core.load("tiny-gemma3", backend="jax", tie_word_embeddings=False)
+    prompts = [[2, 10, 20, 30, 40], [2, 11]]
+    host = model.generate(prompts, max_new_tokens=12, eos_token_ids=[]).token_ids
+    loop = generate_loop(model, prompts, 12)
+    assert loop.tolist() == host
+    a = generate_loop(model, prompts, 12, temperature=1.0, top_k=20, seed=3)
+    b = generate_loop(model, prompts, 12, temperature=1.0, top_k=20, seed=3)
+    c = generate_loop(model, prompts, 12, temperature=1.0, top_k=20, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
