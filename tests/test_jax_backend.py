@@ -82,7 +82,9 @@ def test_tensor_parallel_sharding_on_virtual_devices() -> None:
         "got = [tp.to_numpy(out.logits)]\n"
         "cache = out.cache\n"
         "for t in range(6, 10):\n"
-        "    o = tp.forward(ids[:, t:t + 1], cache=cache); cache = o.cache; got.append(tp.to_numpy(o.logits))\n"
+        "    o = tp.forward(ids[:, t:t + 1], cache=cache)\n"
+        "    cache = o.cache\n"
+        "    got.append(tp.to_numpy(o.logits))\n"
         "print(float(np.abs(np.concatenate(got, 1) - ref).max()))\n"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
