@@ -70,11 +70,12 @@ class _Failure(Exception):
     pass
 
 
-def _check(ok: bool, text: str, what: str, worst: list[str]) -> None:
+def _check(ok: bool, text: str, what: str, first: list[str]) -> None:
+    """Raise on a failed check; remember the first passing one's text for the report."""
     if not ok:
         raise _Failure(f"{what}: {text}")
-    if not worst:
-        worst.append(f"{what}: {text}")
+    if not first:
+        first.append(f"{what}: {text}")
 
 
 def run_op_case(case: OpCase, backend: Backend, dtype: str, tol: Tolerance) -> str:
@@ -84,9 +85,9 @@ def run_op_case(case: OpCase, backend: Backend, dtype: str, tol: Tolerance) -> s
     cand = case.run(Harness(backend, dtype), np.random.default_rng(0))
     if set(ref) != set(cand):
         raise _Failure(f"outputs {sorted(cand)} != reference {sorted(ref)}")
-    worst: list[str] = []
+    first: list[str] = []
     for name in ref:
-        _check(*compare_op(ref[name], cand[name], tol), what=name, worst=worst)
+        _check(*compare_op(ref[name], cand[name], tol), what=name, first=first)
     return f"{len(ref)} outputs within tolerance"
 
 
@@ -96,14 +97,14 @@ def _prompt(case: ModelCase, vocab: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compare_caches(ref: Model, cand: Model, ref_cache: Any, cand_cache: Any, step: str,
-                    tol: Tolerance, worst: list[str]) -> None:
+                    tol: Tolerance, first: list[str]) -> None:
     r, c = ref.export_cache(ref_cache), cand.export_cache(cand_cache)
     for layer, (rk, ck, rv, cv) in enumerate(zip(r.keys, c.keys, r.values, c.values, strict=True)):
         # keys of pad tokens come from fully masked attention rows: implementation-defined
         pad = ~r.real[layer][:, None, :, None]
         rk, ck, rv, cv = (np.where(pad, 0.0, x) for x in (rk, ck, rv, cv))
-        _check(*compare_tensor(rk, ck, tol), what=f"{step} cache keys layer {layer}", worst=worst)
-        _check(*compare_tensor(rv, cv, tol), what=f"{step} cache values layer {layer}", worst=worst)
+        _check(*compare_tensor(rk, ck, tol), what=f"{step} cache keys layer {layer}", first=first)
+        _check(*compare_tensor(rv, cv, tol), what=f"{step} cache values layer {layer}", first=first)
 
 
 _CHECKPOINTS: dict[str, tuple[GemmaConfig, dict[str, np.ndarray]]] = {}
@@ -143,13 +144,13 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
     cand = Model(config, weights, backend=backend, dtype=dtype)
     ids, mask = _prompt(case, config.vocab_size)
     max_length = ids.shape[1] + case.decode_steps
-    worst: list[str] = []
+    first: list[str] = []
     r = ref.forward(ids, mask, ref.new_cache(len(ids), max_length))
     c = cand.forward(ids, mask, cand.new_cache(len(ids), max_length))
     c_logits = cand.to_numpy(c.logits)
-    _check(*compare_logits(np.asarray(r.logits), c_logits, mask.astype(bool), tol), worst=worst,
+    _check(*compare_logits(np.asarray(r.logits), c_logits, mask.astype(bool), tol), first=first,
            what="prefill logits")
-    _compare_caches(ref, cand, r.cache, c.cache, "prefill", tol, worst)
+    _compare_caches(ref, cand, r.cache, c.cache, "prefill", tol, first)
     steps = [c_logits]
     tokens = [ids]
     for step in range(case.decode_steps):
@@ -161,14 +162,14 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
         steps.append(c_logits)
         real = np.ones(nxt.shape, bool)
         _check(*compare_logits(np.asarray(r.logits), c_logits, real, tol),
-               what=f"decode {step} logits", worst=worst)
-        _compare_caches(ref, cand, r.cache, c.cache, f"decode {step}", tol, worst)
+               what=f"decode {step} logits", first=first)
+        _compare_caches(ref, cand, r.cache, c.cache, f"decode {step}", tol, first)
     full_ids = np.concatenate(tokens, axis=1)
     full_mask = np.concatenate([mask, np.ones((len(ids), case.decode_steps), mask.dtype)], axis=1)
     full = cand.to_numpy(cand.forward(full_ids, full_mask).logits)
     _check(*compare_logits(full, np.concatenate(steps, axis=1), full_mask.astype(bool), tol),
-           what="incremental vs full forward", worst=worst)
-    return f"{case.decode_steps} decode steps; first check: {worst[0]}"
+           what="incremental vs full forward", first=first)
+    return f"{case.decode_steps} decode steps; first check: {first[0]}"
 
 
 def run_golden_case(case: GoldenCase, backend: Backend, dtype: str, tol: Tolerance) -> str:
@@ -178,9 +179,9 @@ def run_golden_case(case: GoldenCase, backend: Backend, dtype: str, tol: Toleran
     model = Model(config, random_weights(config, case.seed), backend=backend, dtype=dtype)
     ids, mask = case.inputs()
     out = model.forward(ids, mask)
-    worst: list[str] = []
+    first: list[str] = []
     _check(*compare_logits(expected["logits"].astype(np.float64), model.to_numpy(out.logits),
-                           mask.astype(bool), tol), what="logits vs transformers", worst=worst)
+                           mask.astype(bool), tol), what="logits vs transformers", first=first)
     state = model.export_cache(out.cache)
     for tag, layer in (("first", 0), ("last", config.num_layers - 1)):
         for kind, ours in (("keys", state.keys[layer]), ("values", state.values[layer])):
@@ -188,8 +189,8 @@ def run_golden_case(case: GoldenCase, backend: Backend, dtype: str, tol: Toleran
             kept = ref.shape[2]  # transformers' sliding layers keep W - 1 tokens
             pad = ~state.real[layer][:, None, -kept:, None]
             _check(*compare_tensor(np.where(pad, 0.0, ref), np.where(pad, 0.0, ours[:, :, -kept:]), tol),
-                   what=f"{tag} layer {kind} vs transformers", worst=worst)
-    return f"transformers {GOLDEN_META.get(case.name, {}).get('transformers', '?')}; {worst[0]}"
+                   what=f"{tag} layer {kind} vs transformers", first=first)
+    return f"transformers {GOLDEN_META.get(case.name, {}).get('transformers', '?')}; {first[0]}"
 
 
 def _run_head_case(case: ModelCase, config: GemmaConfig, backend: Backend, dtype: str,
@@ -202,19 +203,19 @@ def _run_head_case(case: ModelCase, config: GemmaConfig, backend: Backend, dtype
     ids, mask = _prompt(case, config.vocab_size)
     r, c = ref.forward(ids, mask), cand.forward(ids, mask)
     real = mask.astype(bool)
-    worst: list[str] = []
+    first: list[str] = []
     if case.task == "base":
         assert r.hidden_states is not None and c.hidden_states is not None
         for i, (rh, ch) in enumerate(zip(r.hidden_states, c.hidden_states, strict=True)):
             pad = ~real[:, :, None]  # rows of pad tokens come from fully masked attention
             rh, ch = np.where(pad, 0.0, np.asarray(rh)), np.where(pad, 0.0, cand.to_numpy(ch))
-            _check(*compare_tensor(rh, ch, tol), what=f"hidden state {i}", worst=worst)
-        return f"{len(r.hidden_states)} hidden states; first check: {worst[0]}"
+            _check(*compare_tensor(rh, ch, tol), what=f"hidden state {i}", first=first)
+        return f"{len(r.hidden_states)} hidden states; first check: {first[0]}"
     rl, cl = np.asarray(r.logits), cand.to_numpy(c.logits)
     if case.task == "sequence-classification":  # [B, labels]: one pooled position per row
         rl, cl, real = rl[:, None], cl[:, None], np.ones((len(ids), 1), bool)
-    _check(*compare_logits(rl, cl, real, tol), what=f"{case.task} logits", worst=worst)
-    return worst[0]
+    _check(*compare_logits(rl, cl, real, tol), what=f"{case.task} logits", first=first)
+    return first[0]
 
 
 def check_float16_policy(backend: Backend) -> str:

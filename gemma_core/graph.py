@@ -1,4 +1,5 @@
-"""The model as an ordered op list, built once from a config and run by `execute` on any op table.
+"""The model as an ordered op list, built once from a config, bound to any op table (`bind`) and run
+in order (`run_bound`).
 
 Op vocabulary (every backend's op table implements exactly these, with these signatures;
 arrays are in the compute dtype unless noted, axis letters as in `gemma_core.config`):
@@ -191,12 +192,6 @@ def run_bound(plan: Sequence[BoundOp], env: MutableMapping[str, Any]) -> Mutable
         else:
             env.update(zip(outputs, result, strict=True))
     return env
-
-
-def execute(ops: Sequence[Op], table: Mapping[str, Callable[..., Any]],
-            weights: Mapping[str, Any], env: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Run `ops` in order, each through `table[op.kind]`, reading and writing `env`."""
-    return run_bound(bind(ops, table, weights), env)
 
 
 def _fmt_attr(value: Any) -> str:
