@@ -28,6 +28,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "numpy": "backends.numpy:backend",
     "torch": "backends.torch:backend",
     "jax": "backends.jax:backend",
+    "tensorflow": "backends.tensorflow:backend",
 }
 # Frameworks a backend may need, with the extra that installs each.
 _INSTALL_HINTS = {

@@ -144,7 +144,7 @@ def test_junit_and_markdown_reports(tmp_path, capsys) -> None:  # type: ignore[n
 def test_known_gaps_are_data() -> None:
     from conformance.runner import known_gaps
 
-    for backend in ("numpy", "torch", "jax"):
+    for backend in ("numpy", "torch", "jax", "tensorflow"):
         assert ("arch:gemma2", "float16") in {(p, d) for p, d, _ in known_gaps(backend)}
     assert known_gaps("no-such-backend") == []
 

@@ -1,0 +1,164 @@
+"""The op table in TensorFlow: pure functions, so a whole step traces under
+`tf.function(jit_compile=True)` and also runs eagerly.
+
+Same names and semantics as the NumPy reference (gemma_core.graph). The cache is functional, as in
+the JAX backend: `kv_cache` returns updated buffers. Shapes may be dynamic (the Keras model's
+serving signature takes any batch and length), so sizes come from `tf.shape` where a static shape
+may be unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16,
+          "float64": tf.float64}
+
+
+def ring_slots(capacity: int, end: tf.Tensor) -> tf.Tensor:
+    """Absolute slot held by each ring position after `end` tokens (-1 where empty)."""
+    j = tf.range(capacity, dtype=end.dtype)
+    slots = j + capacity * tf.math.floordiv(end - 1 - j, capacity)
+    return tf.where(slots < 0, tf.constant(-1, end.dtype), slots)
+
+
+def _rotate_half(x: tf.Tensor) -> tf.Tensor:
+    half = x.shape[-1] // 2
+    return tf.concat([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _write_slots(buf: tf.Tensor, slots: tf.Tensor, new: tf.Tensor) -> tf.Tensor:
+    """`buf[:, :, slots] = new` for a `[B,K,C,H]` buffer, as a functional update."""
+    if new.shape[2] == 1:  # one token: a select over the slot axis (cheap, fuses in XLA)
+        hit = tf.equal(tf.range(buf.shape[2], dtype=slots.dtype), slots[0])[None, None, :, None]
+        return tf.where(hit, new, buf)
+    moved = tf.tensor_scatter_nd_update(tf.transpose(buf, [2, 0, 1, 3]), slots[:, None],
+                                        tf.transpose(new, [2, 0, 1, 3]))  # [C,B,K,H]
+    return tf.transpose(moved, [1, 2, 0, 3])
+
+
+def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
+    """The op table computing in `dtype`."""
+    dt = DTYPES[dtype]
+    f32 = tf.float64 if dtype == "float64" else tf.float32
+    fmin = dt.min
+    cpu = not tf.config.list_logical_devices("GPU")
+
+    def embed(ids: tf.Tensor, table: tf.Tensor, *, scale: float) -> tf.Tensor:
+        return tf.gather(table, ids) * tf.constant(scale, dt)  # the scale rounded to the dtype
+
+    def rms_norm(x: tf.Tensor, w: tf.Tensor, *, eps: float) -> tf.Tensor:
+        x32 = tf.cast(x, f32)
+        y = x32 / tf.sqrt(tf.reduce_mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        return tf.cast(y * (1.0 + tf.cast(w, f32)), x.dtype)
+
+    def dot(spec: str, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        """einsum with float32 accumulation and one rounding to the compute dtype (the operands
+        upcast, as XLA's CPU backend runs narrow-float dots slowly; see backends/jax/ops.py)."""
+        if not cpu or dt in (tf.float32, tf.float64):
+            return tf.einsum(spec, a, b)
+        return tf.cast(tf.einsum(spec, tf.cast(a, f32), tf.cast(b, f32)), dt)
+
+    def linear(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+        lead = tf.shape(x)[:-1]
+        x2 = tf.reshape(x, [-1, x.shape[-1]])  # [N,I]
+        if cpu and dt not in (tf.float32, tf.float64):
+            y = tf.cast(tf.matmul(tf.cast(x2, f32), tf.cast(w, f32), transpose_b=True), dt)
+        else:
+            y = tf.matmul(x2, w, transpose_b=True)
+        return tf.reshape(y, tf.concat([lead, [w.shape[0]]], axis=0))
+
+    def split_heads(x: tf.Tensor, *, heads: int, head_dim: int) -> tf.Tensor:
+        s = tf.shape(x)
+        return tf.transpose(tf.reshape(x, [s[0], s[1], heads, head_dim]), [0, 2, 1, 3])
+
+    def merge_heads(x: tf.Tensor) -> tf.Tensor:
+        s = tf.shape(x)
+        return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [s[0], s[2], x.shape[1] * x.shape[3]])
+
+    def rope_table(positions: tf.Tensor, *, head_dim: int, theta: float,
+                   scaling: float) -> tuple[tf.Tensor, tf.Tensor]:
+        # inverse frequencies as host constants: TensorFlow's float32 pow differs from the
+        # correctly rounded one by an ulp, which positions in the thousands amplify
+        n32 = np.float32
+        inv_freq = n32(1.0) / (n32(theta) ** (np.arange(0, head_dim, 2, dtype=n32) / n32(head_dim)))
+        inv_freq = tf.constant(inv_freq / n32(scaling))
+        freqs = tf.cast(positions, tf.float32)[..., None] * inv_freq  # [B,T,H/2] float32 angles
+        angles = tf.concat([freqs, freqs], axis=-1)[:, None]  # [B,1,T,H]
+        # cos/sin of the float32 angles evaluated in float64: TensorFlow's float32 sin/cos are
+        # fast approximations, off by up to 15x the float32 tolerance at angles of a few hundred
+        angles = tf.cast(angles, tf.float64)
+        return tf.cast(tf.cos(angles), dt), tf.cast(tf.sin(angles), dt)
+
+    def rope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) -> tf.Tensor:
+        return x * cos + _rotate_half(x) * sin
+
+    def kv_cache(k: tf.Tensor, v: tf.Tensor, layer: tuple[tf.Tensor, tf.Tensor],
+                 query_slots: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, Any]:
+        kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C
+        cap, t = kbuf.shape[2], k.shape[2]
+        if cap == 0:  # no cache (the Keras model's one-shot forward): attend to the new keys only
+            return k, v, query_slots, layer
+        start = query_slots[0]
+        if t == 1:  # decode: the slot written is outside every query's window, so write first
+            kbuf = _write_slots(kbuf, query_slots % cap, k)
+            vbuf = _write_slots(vbuf, query_slots % cap, v)
+            return kbuf, vbuf, ring_slots(cap, start + 1), (kbuf, vbuf)
+        keys = tf.concat([kbuf, k], axis=2)
+        values = tf.concat([vbuf, v], axis=2)
+        key_slots = tf.concat([ring_slots(cap, start), query_slots], axis=0)
+        kept = slice(max(0, t - cap), t)  # only the last `cap` new tokens fit
+        kbuf = _write_slots(kbuf, query_slots[kept] % cap, k[:, :, kept])
+        vbuf = _write_slots(vbuf, query_slots[kept] % cap, v[:, :, kept])
+        return keys, values, key_slots, (kbuf, vbuf)
+
+    def attention(q: tf.Tensor, keys: tf.Tensor, values: tf.Tensor, key_slots: tf.Tensor,
+                  query_slots: tf.Tensor, valid: tf.Tensor, *, scale: float,
+                  softcap: float | None, window: int | None) -> tf.Tensor:
+        qs, ks = query_slots[:, None], key_slots[None, :]
+        visible = (ks >= 0) & (ks <= qs)
+        if window is not None:
+            visible = visible & (ks > qs - window)
+        real = tf.gather(valid, tf.maximum(key_slots, 0), axis=1)  # [B,S]
+        mask = visible[None, None] & real[:, None, None, :]  # [B,1,T,S]
+        groups = q.shape[1] // keys.shape[1]
+        if groups > 1:  # query head h reads kv head h // groups
+            keys = tf.repeat(keys, groups, axis=1)
+            values = tf.repeat(values, groups, axis=1)
+        scores = dot("bnth,bnsh->bnts", q, keys) * tf.constant(scale, dt)
+        if softcap is not None:
+            scores = tf.tanh(scores / softcap) * softcap  # before the mask
+        scores = tf.cast(tf.where(mask, scores, scores + fmin), f32)
+        probs = tf.cast(tf.nn.softmax(scores, axis=-1), dt)
+        return dot("bnts,bnsh->bnth", probs, values)
+
+    def gelu_tanh(x: tf.Tensor) -> tf.Tensor:
+        return tf.cast(tf.nn.gelu(tf.cast(x, f32), approximate=True), x.dtype)
+
+    def mul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return a * b
+
+    def add(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return a + b
+
+    def softcap(x: tf.Tensor, *, cap: float) -> tf.Tensor:
+        return tf.tanh(x / cap) * cap
+
+    def gather_positions(x: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+        return tf.gather(x, index, axis=1)
+
+    def pool_last_token(x: tf.Tensor, ids: tf.Tensor, *, pad_id: int) -> tf.Tensor:
+        positions = tf.range(tf.shape(ids)[1], dtype=ids.dtype)
+        last = tf.argmax(positions * tf.cast(ids != pad_id, ids.dtype), axis=1)  # rightmost non-pad
+        return tf.gather(x, last, axis=1, batch_dims=1)
+
+    return {
+        "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
+        "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
+        "attention": attention, "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
+        "gather_positions": gather_positions, "pool_last_token": pool_last_token,
+    }
