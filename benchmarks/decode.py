@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("transformers", "numpy", "torch", "torch-compile", "jax")
+ENGINES = ("transformers", "numpy", "torch", "torch-compile", "jax", "tensorflow")
 
 
 def _weights_folder(model: str, work: Path) -> Path:
@@ -119,7 +119,7 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
         "prefill_tok_s": prompt_len / ttft, "decode_tok_s": 1.0 / per_token,
         "load_s": load_s, "first_call_s": warm_s,
         "compile_s": max(warm_s - ttft - per_token * (new_tokens - 1), 0.0)
-        if engine in ("torch-compile", "jax") else 0.0,
+        if engine in ("torch-compile", "jax", "tensorflow") else 0.0,
         "peak_rss_mb": _peak_mb(),
     }
     if device.startswith("cuda"):
