@@ -1,4 +1,4 @@
-"""The `gemma` command line: graph, info, conformance (and generation as it lands)."""
+"""The `gemma` command line: graph, info, conformance, convert (and generation as it lands)."""
 
 from __future__ import annotations
 
@@ -281,6 +281,22 @@ def cmd_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from gemma_core.formats.convert import convert, detect
+
+    source_format = detect(args.src)
+    bars: dict[str, _Progress] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bars.setdefault(stage, _Progress(stage))(done, total)
+
+    ckpt = convert(args.src, args.dst, args.to, args.dtype, progress, overwrite=args.overwrite,
+                   source_format=source_format)
+    print(f"{args.src} ({source_format}) -> {args.dst} ({args.to}): {ckpt.config.architecture.value}, "
+          f"{len(ckpt.weights)} tensors checked", file=sys.stderr)
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from gemma_core.backend import default_backend_name
 
@@ -333,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sliding-window", type=int, help="override the config's window")
     p.add_argument("texts", nargs="+", help="one text, or several to see left padding")
     p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("convert", help="convert weights between hf, keras-hub, flax, gemma-pytorch, gguf")
+    p.add_argument("src", help="checkpoint file or folder (format detected)")
+    p.add_argument("dst", help="output path (written to a temporary path, renamed when complete)")
+    p.add_argument("--to", required=True, choices=("hf", "keras-hub", "flax", "gemma-pytorch", "gguf"),
+                   help="output format (flax: orbax folder, or a flat tree if DST ends .safetensors; "
+                        "gemma-pytorch: a folder, or one file if DST ends .ckpt)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "q8_0"),
+                   help="cast floating weights (default: keep); q8_0 for gguf only")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("graph", help="print a config's op list")
     p.add_argument("--config", required=True, help="preset name, model folder or config.json")

@@ -140,7 +140,11 @@ def read_config(reader: _Reader, path: str = "", query_pre_attn_scalar: float | 
         max_position_embeddings=int(need("context_length")),
         # stored as float32: 1e-6 comes back as 9.99999997e-07; take the shortest decimal
         rms_norm_eps=float(str(np.float32(need("attention.layer_norm_rms_epsilon")))),
-        query_pre_attn_scalar=_query_scalar(arch, hidden, layers, heads, head_dim, query_pre_attn_scalar),
+        # gemma-core's own writer records the scalar (llama.cpp does not): gemma_core.formats.gguf_write
+        query_pre_attn_scalar=_query_scalar(
+            arch, hidden, layers, heads, head_dim,
+            query_pre_attn_scalar if query_pre_attn_scalar is not None
+            else _field(reader, "gemma_core.query_pre_attn_scalar")),
         attn_logit_softcap=_field(reader, f"{name}.attn_logit_softcapping")
         if arch is Architecture.GEMMA2 else None,
         final_logit_softcap=_field(reader, f"{name}.final_logit_softcapping"),
@@ -150,7 +154,8 @@ def read_config(reader: _Reader, path: str = "", query_pre_attn_scalar: float | 
         rope_local_theta=10_000.0,
         rope_scaling_factor=factor,
         tie_word_embeddings="output.weight" not in reader.tensors,
-        pad_token_id=int(pad), bos_token_id=int(bos), eos_token_ids=(int(eos),),
+        pad_token_id=int(pad), bos_token_id=int(bos),
+        eos_token_ids=tuple(int(e) for e in _field(reader, "gemma_core.eos_token_ids", [eos])),
     )
 
 

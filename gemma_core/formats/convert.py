@@ -1,0 +1,195 @@
+"""`gemma convert`: detect a checkpoint's format, read it into the canonical layout, write another.
+
+Formats (`--to` names): `hf` (Hugging Face folder, single or sharded safetensors, tokenizer
+files), `keras-hub` (preset folder), `flax` (orbax folder, or a flat `.safetensors` file of the
+tree when DST ends `.safetensors`), `gemma-pytorch` (folder with model.ckpt, or one `.ckpt` file),
+`gguf` (read: F32/F16/BF16/Q8_0/Q5_0/Q4_K/Q6_K; write: F32/F16/BF16/Q8_0).
+
+The output is written to a temporary path beside the destination and renamed into place only
+when complete, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from gemma_core.errors import CheckpointError, ConfigError
+from gemma_core.formats import flax, gemma_pytorch, keras_hub
+from gemma_core.formats.mapping import Checkpoint, cast, dtype_name
+from gemma_core.safetensors_io import read_header
+
+FORMATS = ("hf", "keras-hub", "flax", "gemma-pytorch", "gguf")
+DTYPES = ("float32", "bfloat16", "float16")
+GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "q8_0": "Q8_0"}
+# Hugging Face files copied verbatim from an HF source to an HF destination
+HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+StageProgress = Callable[[str, int, int], None]
+
+
+def detect(path: str | os.PathLike[str]) -> str:
+    """The format name of a checkpoint file or folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if flax.is_orbax(p):
+            return "flax"
+        if keras_hub.is_preset(p):
+            return "keras-hub"
+        if gemma_pytorch.is_checkpoint(p):
+            return "gemma-pytorch"
+        if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+            return "hf"
+        raise CheckpointError(f"{p}: not a checkpoint folder this tool knows (hf, keras-hub, flax orbax, "
+                              "gemma-pytorch)")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"GGUF" or p.suffix == ".gguf":
+        return "gguf"
+    if head[:4] == b"PK\x03\x04" or p.suffix in gemma_pytorch.SUFFIXES:
+        return "gemma-pytorch"
+    if p.suffix == ".safetensors":
+        header, _ = read_header(p)  # a damaged file is reported here, whichever format it was
+        return "flax" if any(k.startswith("transformer/") for k in header) else "hf"
+    raise CheckpointError(f"{p}: cannot tell the checkpoint format of this file")
+
+
+def _stage(progress: StageProgress | None, label: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(label, done, total)
+
+
+def read(path: str | os.PathLike[str], fmt: str | None = None,
+         progress: StageProgress | None = None) -> Checkpoint:
+    """Any supported checkpoint in canonical form (format detected unless given)."""
+    fmt = fmt or detect(path)
+    bar = _stage(progress, "reading")
+    if fmt == "hf":
+        return _read_hf(Path(path))
+    if fmt == "keras-hub":
+        return keras_hub.read(path, bar)
+    if fmt == "flax":
+        if Path(path).is_dir():
+            return flax.read_orbax(path, bar)
+        return flax.read_safetensors_tree(path, bar)
+    if fmt == "gemma-pytorch":
+        return gemma_pytorch.read(path, bar)
+    if fmt == "gguf":
+        return _read_gguf(Path(path), bar)
+    raise ConfigError(f"format: unknown {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def _read_hf(path: Path) -> Checkpoint:
+    from gemma_core.checkpoint import load_checkpoint
+
+    config, weights = load_checkpoint(path)
+    folder = path if path.is_dir() else path.parent
+    files = {name: (folder / name).read_bytes() for name in HF_FILES if (folder / name).is_file()}
+    return Checkpoint(config, weights, files.get("tokenizer.model"), files)
+
+
+def _read_gguf(path: Path, bar: Callable[[int, int], None] | None) -> Checkpoint:
+    import gguf as gguf_lib
+    import numpy as np
+
+    from gemma_core.formats.gguf import build_tokenizer_proto, open_gguf, read_config, read_weights
+    from gemma_core.formats.gguf_write import EOS_KEY, QPAS_KEY
+
+    reader = open_gguf(path)
+    config = read_config(reader, str(path), reader.meta.get(QPAS_KEY))
+    eos = reader.meta.get(EOS_KEY)
+    if isinstance(eos, list) and eos:
+        config = config.replace(eos_token_ids=tuple(int(e) for e in eos))
+    weights = read_weights(reader, config, str(path), bar)
+    embed = reader.tensors.get("token_embd.weight")
+    kind = gguf_lib.GGMLQuantizationType(embed.type_id).name if embed is not None else "F32"
+    if kind in ("BF16", "F16"):  # keep the stored precision (exact: these widen to float32)
+        weights = cast(weights, "bfloat16" if kind == "BF16" else "float16")
+    else:
+        weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    spm = build_tokenizer_proto(reader) if reader.meta.get("tokenizer.ggml.tokens") is not None else None
+    return Checkpoint(config, weights, spm)
+
+
+def _write(path: Path, fmt: str, ckpt: Checkpoint, dst: Path, gguf_type: str | None,
+           bar: Callable[[int, int], None] | None) -> None:
+    if fmt == "hf":
+        from gemma_core.checkpoint import save_checkpoint
+
+        save_checkpoint(path, ckpt.config, ckpt.weights, dtype=dtype_name(ckpt.weights))
+        files = dict(ckpt.hf_files)
+        if ckpt.tokenizer_model is not None:
+            files.setdefault("tokenizer.model", ckpt.tokenizer_model)
+        for name, data in files.items():
+            (path / name).write_bytes(data)
+        if bar is not None:
+            bar(1, 1)
+    elif fmt == "keras-hub":
+        keras_hub.write(path, ckpt, bar)
+    elif fmt == "flax":
+        if dst.suffix == ".safetensors":
+            flax.write_safetensors_tree(path, ckpt, bar)
+        else:
+            flax.write_orbax(path, ckpt, bar)
+    elif fmt == "gemma-pytorch":
+        gemma_pytorch.write(path, ckpt, bar)
+    elif fmt == "gguf":
+        from gemma_core.formats import gguf_write
+
+        gguf_write.write(path, ckpt, gguf_type, bar)
+    else:
+        raise ConfigError(f"--to: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, dtype: str | None = None,
+            progress: StageProgress | None = None, *, overwrite: bool = False,
+            source_format: str | None = None) -> Checkpoint:
+    """Convert `src` (any supported format) to `dst` in format `to`.
+
+    `dtype` casts floating tensors (float32, bfloat16, float16; `q8_0` for gguf); None keeps
+    them. The destination appears only once complete; an existing one is replaced only with
+    `overwrite=True`. Returns the checkpoint as written (canonical form).
+    """
+    if to not in FORMATS:
+        raise ConfigError(f"--to: unknown format {to!r} (known: {', '.join(FORMATS)})")
+    allowed = (*DTYPES, "q8_0") if to == "gguf" else DTYPES
+    if dtype is not None and dtype not in allowed:
+        raise ConfigError(f"--dtype: {dtype!r} is not supported for {to} (supported: {', '.join(allowed)})")
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the destination is the source")
+    ckpt = read(src, source_format, progress)
+    gguf_type = GGUF_TYPES[dtype] if to == "gguf" and dtype is not None else None
+    if dtype is not None and dtype != "q8_0":
+        ckpt.weights = cast(ckpt.weights, dtype)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.stem}.partial-{secrets.token_hex(4)}{dst.suffix}"
+    try:
+        _write(tmp, to, ckpt, dst, gguf_type, _stage(progress, "writing"))
+        if dst.exists() or dst.is_symlink():
+            old = dst.parent / f".{dst.stem}.old-{secrets.token_hex(4)}{dst.suffix}"
+            dst.rename(old)
+            tmp.rename(dst)
+            _remove(old)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return ckpt
