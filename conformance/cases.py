@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from gemma_core.backend import Backend
+from gemma_core.layout import EMBED
+from gemma_core.quant import SCALE_SUFFIX, QuantConfig, quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,14 @@ MODEL_CASES: tuple[ModelCase, ...] = (
               "tiny-gemma3", lengths=(18, 11), decode_steps=6),
     ModelCase("gemma3-decode-past-ring", ("cache: sliding ring buffer wraps during decode",),
               "tiny-gemma3", lengths=(3,), decode_steps=19),
+    ModelCase("gemma2-int8", ("quant: int8 per-channel projections and tied embedding",),
+              "tiny-gemma2", lengths=(10, 6), decode_steps=3, changes={"quantization": QuantConfig("int8")}),
+    ModelCase("gemma1-int4-untied", ("quant: int4 groups of 32, an untied lm_head quantised too",),
+              "tiny-gemma", lengths=(9, 5), decode_steps=3,
+              changes={"quantization": QuantConfig("int4", 32), "tie_word_embeddings": False}),
+    ModelCase("gemma3-nf4-float-embedding", ("quant: nf4 projections, embedding kept in float",),
+              "tiny-gemma3", lengths=(8,), decode_steps=3,
+              changes={"quantization": QuantConfig("nf4", 32, embedding=False), "hidden_size": 64}),
     ModelCase("gemma2-sequence-classification", ("head: score on every position, pooled at the "
                                                  "rightmost non-pad token",),
               "tiny-gemma2", lengths=(12, 5), decode_steps=0, task="sequence-classification"),
@@ -70,6 +80,13 @@ class Harness:
     def f(self, x: np.ndarray) -> Any:
         """A float array in the compute dtype."""
         return self.backend.prepare_weights({"x": x}, self.dtype, None)["x"]
+
+    def q(self, w: np.ndarray, quant: QuantConfig, name: str = "w") -> tuple[Any, Any]:
+        """A float `[O, I]` weight quantised, as the backend's (values, scale) pair for `name`."""
+        values, scale = quantize(w, quant)
+        pair = self.backend.prepare_weights({name: values, name + SCALE_SUFFIX: scale}, self.dtype,
+                                            None, quant=quant)
+        return pair[name], pair[name + SCALE_SUFFIX]
 
     def i(self, x: np.ndarray) -> Any:
         """An integer or boolean array."""
@@ -182,6 +199,29 @@ def _elementwise(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
+QUANT_SCHEMES = (QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64),
+                 QuantConfig("nf4", 32))
+
+
+def _quantized(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    x = _normal(rng, 2, 3, 128)
+    ids = rng.integers(0, 48, (2, 5))
+    out = {}
+    for quant in QUANT_SCHEMES:
+        tag = f"{quant.scheme}/{quant.group_size}"
+        for rows in (48, 40):  # 48: torch's fused int4 kernel tiles 16 rows; 40: its fallback
+            # the 48-row table is the (tied) embedding: read as rows and as the LM head
+            name = EMBED if rows == 48 else "w"
+            values, scale = h.q(_normal(rng, rows, 128, scale=0.1), quant, name)
+            out[f"{tag}:qlinear:{rows}"] = h.np(h.table["qlinear"](
+                h.f(x), values, scale, scheme=quant.scheme, group_size=quant.group_size))
+            if rows == 48:
+                out[f"{tag}:qembed"] = h.np(h.table["qembed"](
+                    h.i(ids), values, scale, scheme=quant.scheme, group_size=quant.group_size,
+                    scale_by=math.sqrt(128)))
+    return out
+
+
 OP_CASES: tuple[OpCase, ...] = (
     OpCase("op-embed", "embed", ("1 scale rounded to the compute dtype",), _embed),
     OpCase("op-rms_norm", "rms_norm", ("2 float32 norm, (1 + w), one cast",), _rms_norm),
@@ -193,4 +233,6 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("op-attention", "attention", ("4 scale, GQA, softcap before mask, finfo.min mask",
                                          "5 window of W keys incl. itself, left padding"), _attention),
     OpCase("op-elementwise", "gelu_tanh", ("6 gelu tanh", "8 softcap", "mul/add/gather"), _elementwise),
+    OpCase("op-quantized", "qlinear", ("quant: int8 per channel, int4 and nf4 groups, dequantised "
+                                       "exactly; embedding rows",), _quantized),
 )

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from gemma_core.errors import BackendError
+from gemma_core.quant import SCALE_SUFFIX, QuantConfig
 
 ENTRY_POINT_GROUP = "gemma_core.backends"
 StepFn = Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]]
@@ -63,16 +64,31 @@ class Backend(abc.ABC):
         return tables[dtype]
 
     def prepare_weights(self, weights: Mapping[str, np.ndarray], dtype: str,
-                        device: str | None) -> dict[str, Any]:
+                        device: str | None, quant: QuantConfig | None = None) -> dict[str, Any]:
         """Convert canonical numpy weights to backend arrays, each distinct array once, so a
-        tied tensor stays one backend array."""
+        tied tensor stays one backend array. Under `quant`, a name with a `<name>_scale` beside
+        it is a quantised pair, converted together by `prepare_quantized`."""
         converted: dict[int, Any] = {}
         out = {}
         for name, w in weights.items():
-            if id(w) not in converted:
-                converted[id(w)] = self.convert_weight(np.asarray(w), dtype, device)
-            out[name] = converted[id(w)]
+            scale = weights.get(name + SCALE_SUFFIX) if quant is not None else None
+            if scale is not None:
+                if id(w) not in converted:
+                    converted[id(w)] = self.prepare_quantized(np.asarray(w), np.asarray(scale), quant,
+                                                              dtype, device, name=name)
+                out[name], out[name + SCALE_SUFFIX] = converted[id(w)]
+            elif name not in out:
+                if id(w) not in converted:
+                    converted[id(w)] = self.convert_weight(np.asarray(w), dtype, device)
+                out[name] = converted[id(w)]
         return out
+
+    def prepare_quantized(self, values: np.ndarray, scale: np.ndarray, quant: Any, dtype: str,
+                          device: str | None, name: str = "") -> tuple[Any, Any]:
+        """One quantised weight `name` (gemma_core.quant layout) as the pair of backend objects
+        this backend's `qlinear` and `qembed` read. By default: the integer values as they are,
+        the scale in float32."""
+        return self.asarray(values, device), self.convert_weight(scale, "float32", device)
 
     @abc.abstractmethod
     def asarray(self, x: np.ndarray, device: str | None) -> Any:

@@ -19,6 +19,7 @@ import numpy as np
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import CheckpointError, ConfigError
 from gemma_core.layout import LM_HEAD, validate_weights
+from gemma_core.quant import SCALE_SUFFIX
 from gemma_core.safetensors_io import read_safetensors, write_safetensors
 
 INDEX = "model.safetensors.index.json"
@@ -127,9 +128,11 @@ def save_checkpoint(folder: str | os.PathLike[str], config: GemmaConfig,
     validate_weights(config, weights)
     if dtype is not None and dtype not in _SAVE_DTYPES:
         raise ConfigError(f"dtype: cannot save as {dtype!r} (supported: {', '.join(_SAVE_DTYPES)})")
-    tensors = {k: v for k, v in weights.items() if not (config.tie_word_embeddings and k == LM_HEAD)}
-    if dtype is not None:
-        tensors = {k: np.asarray(v).astype(_SAVE_DTYPES[dtype]) for k, v in tensors.items()}
+    tensors = {k: v for k, v in weights.items()
+               if not (config.tie_word_embeddings and k in (LM_HEAD, LM_HEAD + SCALE_SUFFIX))}
+    if dtype is not None:  # floating weights only: quantised values and their scales are kept
+        tensors = {k: v if np.asarray(v).dtype.kind in "iu" or k.endswith(SCALE_SUFFIX)
+                   else np.asarray(v).astype(_SAVE_DTYPES[dtype]) for k, v in tensors.items()}
     shards = _plan_shards(tensors, max_shard_bytes)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

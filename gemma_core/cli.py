@@ -1,4 +1,4 @@
-"""The `gemma` command line: graph, info, conformance, convert (and generation as it lands)."""
+"""The `gemma` command line: generate, chat, classify, convert, quantize, info, graph, mask, conformance."""
 
 from __future__ import annotations
 
@@ -57,8 +57,13 @@ def _load_model(args: argparse.Namespace) -> Any:
     path = args.model or default_model_path()
     if not args.model and not os.path.exists(path):
         raise GemmaError(f"{path}: the embedded model file is missing")
+    quantize = None
+    if args.quantize:
+        from gemma_core.quant import parse_scheme
+
+        quantize = parse_scheme(args.quantize, args.group_size)
     model = gemma_core.load(path, backend=args.backend, dtype=args.dtype, device=args.device,
-                            progress=_Progress("loading"))
+                            progress=_Progress("loading"), quantize=quantize)
     if args.tokenizer:
         model.tokenizer = GemmaTokenizer(args.tokenizer)
     if model.tokenizer is None:
@@ -297,6 +302,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from gemma_core.formats.convert import quantize
+    from gemma_core.quant import parse_scheme
+
+    scheme = args.scheme or {8: "int8", 4: "int4"}[args.bits]
+    if (args.bits == 8 and scheme != "int8") or (args.bits == 4 and scheme == "int8"):
+        raise GemmaError(f"--scheme {scheme} does not store {args.bits} bits")
+    quant = parse_scheme(scheme, args.group_size, embedding=not args.float_embedding)
+    bars: dict[str, _Progress] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bars.setdefault(stage, _Progress(stage))(done, total)
+
+    ckpt = quantize(args.src, args.dst, quant, progress, overwrite=args.overwrite)
+    stored = sum(v.nbytes for v in ckpt.weights.values())
+    print(f"{args.src} -> {args.dst}: {quant.scheme}"
+          f"{f' groups of {quant.group_size}' if quant.group_size else ''}, "
+          f"embedding {'quantised' if quant.embedding else 'kept in float'}, {stored / 2**20:.1f} MiB",
+          file=sys.stderr)
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from gemma_core.backend import default_backend_name
 
@@ -305,6 +332,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help=f"backend (default: {default_backend_name()})")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64")
     p.add_argument("--device", default=None)
+    p.add_argument("--quantize", choices=("int8", "int4", "nf4"),
+                   help="quantise the weights on load (weight-only; fastest with --dtype bfloat16)")
+    p.add_argument("--group-size", type=int, help="int4/nf4 group size: 32 (default), 64 or 128")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, help="sample at this temperature (0 = greedy)")
     p.add_argument("--top-k", type=int)
@@ -360,6 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast floating weights (default: keep); q8_0 for gguf only")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="write a weight-only quantised Hugging Face folder (int8, int4, nf4)")
+    p.add_argument("src", help="checkpoint file or folder in any supported format")
+    p.add_argument("dst", help="output folder (written to a temporary path, renamed when complete)")
+    p.add_argument("--bits", type=int, choices=(8, 4), required=True)
+    p.add_argument("--group-size", type=int, help="4-bit group size: 32 (default), 64 or 128")
+    p.add_argument("--scheme", choices=("int8", "int4", "nf4"), help="4 bits: int4 (default) or nf4")
+    p.add_argument("--float-embedding", action="store_true",
+                   help="keep the embedding (and the tied LM head) in float")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("graph", help="print a config's op list")
     p.add_argument("--config", required=True, help="preset name, model folder or config.json")

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gemma_core.errors import ConfigError
+from gemma_core.quant import QuantConfig
 
 
 class Architecture(str, enum.Enum):
@@ -79,6 +80,7 @@ class GemmaConfig:
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_ids: tuple[int, ...] = (1,)
+    quantization: QuantConfig | None = None  # weight-only quantisation (gemma_core.quant)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -127,6 +129,8 @@ class GemmaConfig:
             raise ConfigError(
                 f"layer_types: {len(self.layer_types)} entries for num_layers {self.num_layers}"
             )
+        if self.quantization is not None and not isinstance(self.quantization, QuantConfig):
+            raise ConfigError(f"quantization: expected a QuantConfig or None, got {self.quantization!r}")
         has_local = AttentionKind.LOCAL in self.layer_types
         if has_local and self.sliding_window is None:
             raise ConfigError("sliding_window: required by sliding_attention layers, got None")
@@ -209,8 +213,12 @@ class GemmaConfig:
         return config_from_hf(hf)
 
     def to_hf(self) -> dict[str, Any]:
-        """The Hugging Face `config.json` dict transformers writes for this model."""
-        return config_to_hf(self)
+        """The Hugging Face `config.json` dict transformers writes for this model (with the
+        gemma-core `quantization_config` of a quantised one)."""
+        out = config_to_hf(self)
+        if self.quantization is not None:
+            out["quantization_config"] = self.quantization.to_hf()
+        return out
 
 
 # transformers' class defaults (GemmaConfig = gemma-7b, Gemma2Config = gemma-2-2b, Gemma3TextConfig),
@@ -272,6 +280,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> GemmaConfig:
     """Parse a Hugging Face config dict; the text part of a multimodal `gemma3` config is used."""
     if not isinstance(hf, Mapping):
         raise ConfigError(f"config.json: expected an object, got {type(hf).__name__}")
+    quant_entry = hf.get("quantization_config")
+    quantization = QuantConfig.from_hf(quant_entry) if quant_entry is not None else None
     model_type = hf.get("model_type")
     if model_type == "gemma3":
         text = hf.get("text_config")
@@ -360,6 +370,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> GemmaConfig:
         pad_token_id=get("pad_token_id"),
         bos_token_id=get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else eos,
+        quantization=quantization,
     )
 
 

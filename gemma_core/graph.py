@@ -21,6 +21,11 @@ arrays are in the compute dtype unless noted, axis letters as in `gemma_core.con
   the mask; key j visible to query i iff slot_j >= 0, slot_j <= slot_i, slot_j > slot_i - window (if
   set) and valid[b, slot_j] (valid covers every slot of the cache, M = max_length); additive mask
   with the dtype's finite minimum; softmax in float32.
+- qlinear(x[...,I], values, scale; scheme, group_size) -> [...,O]: `linear` on the weight that a
+  quantised (values, scale) pair stands for (gemma_core.quant): dequantised in float32, rounded to
+  the compute dtype. Backends may fuse the dequantisation into the product.
+- qembed(ids[B,T] int, values, scale; scheme, group_size, scale_by) -> [B,T,D]: `embed` on the
+  dequantised rows of a quantised table.
 - gelu_tanh(x) -> x: the tanh approximation of GELU.
 - mul(a, b), add(a, b) -> elementwise.
 - softcap(x; cap) -> tanh(x / cap) * cap.
@@ -38,10 +43,11 @@ from typing import Any
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError
 from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD, SCORE, SCORE_BIAS
+from gemma_core.quant import SCALE_SUFFIX, QuantConfig, is_quantized_name
 
 OP_KINDS: tuple[str, ...] = (
     "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope_table", "rope", "kv_cache",
-    "attention", "pool_last_token",
+    "attention", "pool_last_token", "qlinear", "qembed",
     "gelu_tanh", "mul", "add", "softcap", "gather_positions",
 )
 
@@ -79,21 +85,43 @@ def rope_names(theta: float, scaling: float) -> tuple[str, str]:
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, quant: QuantConfig | None = None) -> None:
         self.ops: list[Op] = []
         self.layer: int | None = None
+        self.quant = quant
 
     def add(self, kind: str, inputs: Sequence[str], outputs: str | Sequence[str],
             params: Sequence[str] = (), **attrs: Any) -> None:
         outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         self.ops.append(Op(kind, tuple(inputs), outs, tuple(params), attrs, self.layer))
 
+    def _quantized(self, weight: str) -> bool:
+        return self.quant is not None and is_quantized_name(weight, self.quant)
+
+    def linear(self, x: str, out: str, weight: str) -> None:
+        """`linear`, or `qlinear` reading (values, scale) where the weight is quantised."""
+        if self._quantized(weight):
+            assert self.quant is not None
+            self.add("qlinear", [x], out, [weight, weight + SCALE_SUFFIX], scheme=self.quant.scheme,
+                     group_size=self.quant.group_size)
+        else:
+            self.add("linear", [x], out, [weight])
+
+    def embed(self, ids: str, out: str, weight: str, scale: float) -> None:
+        """`embed`, or `qembed` where the table is quantised."""
+        if self._quantized(weight):
+            assert self.quant is not None
+            self.add("qembed", [ids], out, [weight, weight + SCALE_SUFFIX], scheme=self.quant.scheme,
+                     group_size=self.quant.group_size, scale_by=scale)
+        else:
+            self.add("embed", [ids], out, [weight], scale=scale)
+
 
 def _attention_block(b: _Builder, c: GemmaConfig, i: int, p: str) -> None:
     attn = f"{p}.self_attn"
-    b.add("linear", ["h"], "q", [f"{attn}.q_proj.weight"])
-    b.add("linear", ["h"], "k", [f"{attn}.k_proj.weight"])
-    b.add("linear", ["h"], "v", [f"{attn}.v_proj.weight"])
+    b.linear("h", "q", f"{attn}.q_proj.weight")
+    b.linear("h", "k", f"{attn}.k_proj.weight")
+    b.linear("h", "v", f"{attn}.v_proj.weight")
     b.add("split_heads", ["q"], "q", heads=c.num_heads, head_dim=c.head_dim)  # [B,N,T,H]
     b.add("split_heads", ["k"], "k", heads=c.num_kv_heads, head_dim=c.head_dim)  # [B,K,T,H]
     b.add("split_heads", ["v"], "v", heads=c.num_kv_heads, head_dim=c.head_dim)
@@ -109,7 +137,7 @@ def _attention_block(b: _Builder, c: GemmaConfig, i: int, p: str) -> None:
     b.add("attention", ["q", "keys", "values", "key_slots", "query_slots", "valid"], "a",
           scale=c.query_scale, softcap=softcap, window=c.window(i))
     b.add("merge_heads", ["a"], "a")  # [B,T,N*H]
-    b.add("linear", ["a"], "a", [f"{attn}.o_proj.weight"])
+    b.linear("a", "a", f"{attn}.o_proj.weight")
 
 
 def _layer(b: _Builder, c: GemmaConfig, i: int) -> None:
@@ -126,11 +154,11 @@ def _layer(b: _Builder, c: GemmaConfig, i: int) -> None:
     else:
         b.add("add", [x, "a"], "r")
         b.add("rms_norm", ["r"], "h", [f"{p}.post_attention_layernorm.weight"], eps=eps)
-    b.add("linear", ["h"], "gate", [f"{p}.mlp.gate_proj.weight"])  # [B,T,F]
-    b.add("linear", ["h"], "up", [f"{p}.mlp.up_proj.weight"])
+    b.linear("h", "gate", f"{p}.mlp.gate_proj.weight")  # [B,T,F]
+    b.linear("h", "up", f"{p}.mlp.up_proj.weight")
     b.add("gelu_tanh", ["gate"], "gate")
     b.add("mul", ["gate", "up"], "m")
-    b.add("linear", ["m"], "m", [f"{p}.mlp.down_proj.weight"])  # [B,T,D]
+    b.linear("m", "m", f"{p}.mlp.down_proj.weight")  # [B,T,D]
     if c.has_sandwich_norms:
         b.add("rms_norm", ["m"], "m", [f"{p}.post_feedforward_layernorm.weight"], eps=eps)
     b.add("add", ["r", "m"], out)
@@ -146,8 +174,8 @@ def build_graph(config: GemmaConfig, task: str = "causal-lm") -> list[Op]:
     stream after layer i is `x{i+1}` (`x0` the scaled embeddings), so hidden states can be read."""
     if task not in TASKS:
         raise ConfigError(f"task: unknown value {task!r} (known: {', '.join(TASKS)})")
-    b = _Builder()
-    b.add("embed", ["ids"], "x0", [EMBED], scale=config.embed_scale)  # [B,T,D]
+    b = _Builder(config.quantization)
+    b.embed("ids", "x0", EMBED, config.embed_scale)  # [B,T,D]
     for theta, scaling in dict.fromkeys(config.rope(i) for i in range(config.num_layers)):
         b.add("rope_table", ["positions"], rope_names(theta, scaling), head_dim=config.head_dim,
               theta=theta, scaling=scaling)  # [B,1,T,H] each
@@ -159,7 +187,7 @@ def build_graph(config: GemmaConfig, task: str = "causal-lm") -> list[Op]:
     if task == "causal-lm":
         b.add("gather_positions", [last, "logit_index"], "h")  # [B,P,D]
         b.add("rms_norm", ["h"], "h", [FINAL_NORM], eps=eps)
-        b.add("linear", ["h"], "logits", [EMBED if config.tie_word_embeddings else LM_HEAD])  # [B,P,V]
+        b.linear("h", "logits", EMBED if config.tie_word_embeddings else LM_HEAD)  # [B,P,V]
         if config.final_logit_softcap is not None:
             b.add("softcap", ["logits"], "logits", cap=config.final_logit_softcap)
         return b.ops

@@ -14,6 +14,7 @@ from typing import Any
 
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import WeightError
+from gemma_core.quant import SCALE_SUFFIX, is_quantized_name, stored_dtype, stored_shapes
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -94,8 +95,16 @@ def iter_params(config: GemmaConfig, task: str = "causal-lm",
 
 def expected_shapes(config: GemmaConfig, task: str = "causal-lm",
                     num_labels: int = 0) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor `config` needs for `task`."""
-    return {name: shape for name, shape, _ in iter_params(config, task, num_labels)}
+    """Name -> shape of every tensor `config` needs for `task` (as stored: a quantised weight
+    is its values and its `_scale`)."""
+    quant = config.quantization
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape, _ in iter_params(config, task, num_labels):
+        if quant is not None and is_quantized_name(name, quant):
+            out.update(stored_shapes(name, shape, quant))
+        else:
+            out[name] = shape
+    return out
 
 
 def param_count(config: GemmaConfig, task: str = "causal-lm", num_labels: int = 0) -> int:
@@ -114,6 +123,8 @@ def validate_weights(config: GemmaConfig, weights: Mapping[str, Any], task: str 
     allowed = dict(expected)
     if config.tie_word_embeddings and task == "causal-lm":
         allowed[LM_HEAD] = expected[EMBED]
+        if EMBED + SCALE_SUFFIX in expected:
+            allowed[LM_HEAD + SCALE_SUFFIX] = expected[EMBED + SCALE_SUFFIX]
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(allowed))
     misshaped = [
@@ -121,6 +132,15 @@ def validate_weights(config: GemmaConfig, weights: Mapping[str, Any], task: str 
         for name in weights
         if name in allowed and tuple(weights[name].shape) != allowed[name]
     ]
+    quant = config.quantization
+    if quant is not None:
+        want = stored_dtype(quant)
+        misshaped += [
+            f"{name}: expected {want} quantised values, got {weights[name].dtype}"
+            for name in weights
+            if name in allowed and not name.endswith(SCALE_SUFFIX) and is_quantized_name(name, quant)
+            and getattr(weights[name], "dtype", want) != want
+        ]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)}: {', '.join(missing)}")

@@ -16,6 +16,7 @@ from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError, InputError, WeightError
 from gemma_core.graph import TASKS, bind, build_graph, cache_name, run_bound
 from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, validate_weights
+from gemma_core.quant import SCALE_SUFFIX
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -80,7 +81,7 @@ class Model:
         self.dtype = dtype
         self.device = device
         self.graph = build_graph(config, task)
-        self.weights = self.backend.prepare_weights(weights, dtype, device)
+        self.weights = self.backend.prepare_weights(weights, dtype, device, quant=config.quantization)
         head = ("hidden", *(f"x{i}" for i in range(config.num_layers))) if task == "base" else ("logits",)
         outputs = (*head, *(cache_name(i) for i in range(config.num_layers)))
         self.ops = self.backend.op_table(dtype)  # binds the graph to the ops and weights
@@ -242,6 +243,7 @@ def _tie(config: GemmaConfig, weights: Mapping[str, np.ndarray],
     out = dict(weights)
     if config.tie_word_embeddings or task != "causal-lm":
         out.pop(LM_HEAD, None)
+        out.pop(LM_HEAD + SCALE_SUFFIX, None)
     if task in ("causal-lm", "base"):
         out.pop(SCORE, None)
         out.pop(SCORE_BIAS, None)
@@ -251,7 +253,8 @@ def _tie(config: GemmaConfig, weights: Mapping[str, np.ndarray],
 def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None = None,
          dtype: str = "float32", device: str | None = None, *, seed: int = 0,
          allow_float16: bool = False, progress: Any = None, compile: bool | None = None,
-         task: str = "causal-lm", num_labels: int = 2, **config_changes: Any) -> Model:
+         task: str = "causal-lm", num_labels: int = 2, quantize: Any = None,
+         **config_changes: Any) -> Model:
     """A model from a Hugging Face folder, a safetensors file beside its config.json, a `.gguf`
     file, or a preset name (random weights from `seed`). `config_changes` override preset fields
     (tests); for GGUF they are passed to the reader (e.g. `query_pre_attn_scalar`).
@@ -259,7 +262,9 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
     whether the step goes through the backend's compiler (torch.compile, jax.jit); None takes
     the backend's default (eager for numpy and torch, jit for jax). `task` picks the head:
     causal-lm, base, sequence-classification or token-classification (`num_labels` sizes a
-    preset's random head; a checkpoint's comes from its `score.weight` and id2label)."""
+    preset's random head; a checkpoint's comes from its `score.weight` and id2label).
+    `quantize` ("int8", "int4", "nf4" or a `QuantConfig`) quantises the weights on load
+    (gemma_core.quant); a checkpoint saved quantised loads quantised without it."""
     from gemma_core.checkpoint import load_checkpoint, read_labels
     from gemma_core.presets import PRESETS
     from gemma_core.weights import random_weights
@@ -281,6 +286,8 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
             config, weights = load_checkpoint(key, validate=False)
             tokenizer = find_tokenizer(key, config)
             labels = read_labels(key)
+    if quantize is not None:
+        config, weights = quantize_model(config, weights, quantize, task)
     rows = int(weights[SCORE].shape[0]) if SCORE in weights else 0
     if task not in ("sequence-classification", "token-classification") or (
             labels is not None and len(labels) != rows):
@@ -288,6 +295,22 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
     return Model(config, weights, backend=backend, dtype=dtype, device=device,
                  allow_float16=allow_float16, tokenizer=tokenizer, compile=compile, task=task,
                  labels=labels)
+
+
+def quantize_model(config: GemmaConfig, weights: Mapping[str, np.ndarray], quantize: Any,
+                   task: str = "causal-lm",
+                   progress: Any = None) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
+    """(config, weights) quantised with `quantize` (a scheme name or a `QuantConfig`)."""
+    from gemma_core.quant import QuantConfig, parse_scheme, quantize_weights
+
+    if config.quantization is not None:
+        raise ConfigError(f"quantize: the weights are already quantised ({config.quantization.scheme})")
+    quant = quantize if isinstance(quantize, QuantConfig) else parse_scheme(quantize)
+    config = config.replace(quantization=quant)
+    weights = _tie(config, weights, task)
+    validate_weights(config.replace(quantization=None), weights, task,
+                     int(weights[SCORE].shape[0]) if SCORE in weights else 0)
+    return config, quantize_weights(weights, quant, progress)
 
 
 def find_tokenizer(path: str | os.PathLike[str], config: GemmaConfig) -> Any:

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gemma_core.quant import NF4
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
           "float64": jnp.float64}
 
@@ -27,6 +29,17 @@ def ring_slots(capacity: int, end: jax.Array) -> jax.Array:
 def _rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def dequantize(values: jax.Array, scale: jax.Array, scheme: str, group_size: int | None) -> jax.Array:
+    """Float32 weight rows `[..., I]` of gemma-core quantised values (int8 `[..., I]`, or
+    nibble-packed uint8 `[..., I/2]`) and their float32 scales (gemma_core.quant)."""
+    if scheme == "int8":
+        return values.astype(jnp.float32) * scale[..., None]
+    codes = jnp.stack([values & 15, values >> 4], axis=-1).reshape(*values.shape[:-1], -1)
+    levels = codes.astype(jnp.float32) - 8 if scheme == "int4" else jnp.asarray(NF4)[codes]
+    grouped = levels.reshape(*levels.shape[:-1], -1, group_size) * scale[..., None]
+    return grouped.reshape(levels.shape)
 
 
 def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
@@ -114,6 +127,15 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         return dot("bnts,bnsh->bnth", probs, values)
 
+    def qlinear(x: jax.Array, values: jax.Array, scale: jax.Array, *, scheme: str,
+                group_size: int | None) -> jax.Array:
+        return linear(x, dequantize(values, scale, scheme, group_size).astype(dt))
+
+    def qembed(ids: jax.Array, values: jax.Array, scale: jax.Array, *, scheme: str,
+               group_size: int | None, scale_by: float) -> jax.Array:
+        rows = dequantize(jnp.take(values, ids, axis=0), jnp.take(scale, ids, axis=0), scheme, group_size)
+        return rows.astype(dt) * jnp.asarray(scale_by, dt)
+
     def gelu_tanh(x: jax.Array) -> jax.Array:
         return jax.nn.gelu(x.astype(f32), approximate=True).astype(x.dtype)
 
@@ -136,6 +158,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention, "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
+        "attention": attention, "qlinear": qlinear, "qembed": qembed,
+        "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
         "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }

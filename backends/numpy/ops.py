@@ -7,6 +7,7 @@ PyTorch evaluates each op of a bf16 model (fp32 accumulation, one rounding per o
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from gemma_core.masks import attention_mask
+from gemma_core.quant import QuantConfig, dequantize
 
 STORAGE = {
     "float64": np.dtype(np.float64),
@@ -112,6 +114,27 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         probs = rnd(probs / probs.sum(axis=-1, keepdims=True))
         return rnd(probs @ values)  # [B,N,T,H]
 
+    dequantized: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+
+    def weight(values: np.ndarray, scale: np.ndarray, scheme: str, group_size: int | None) -> np.ndarray:
+        """The dequantised weight in the compute dtype, made once per stored array (and dropped
+        with it)."""
+        key = id(values)
+        entry = dequantized.get(key)
+        if entry is None or entry[0]() is not values:
+            w = dequantize(values, scale, QuantConfig(scheme=scheme, group_size=group_size))
+            dequantized[key] = (weakref.ref(values, lambda _: dequantized.pop(key, None)),
+                                rnd(w.astype(acc)))
+        return dequantized[key][1]
+
+    def qlinear(x: np.ndarray, values: np.ndarray, scale: np.ndarray, *, scheme: str,
+                group_size: int | None) -> np.ndarray:
+        return linear(x, weight(values, scale, scheme, group_size))
+
+    def qembed(ids: np.ndarray, values: np.ndarray, scale: np.ndarray, *, scheme: str,
+               group_size: int | None, scale_by: float) -> np.ndarray:
+        return embed(ids, weight(values, scale, scheme, group_size), scale=scale_by)
+
     def gelu_tanh(x: np.ndarray) -> np.ndarray:
         c = acc.type(np.sqrt(2.0 / np.pi))
         return rnd(0.5 * x * (1.0 + np.tanh(c * (x + acc.type(0.044715) * x**3))))
@@ -135,7 +158,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention,
+        "attention": attention, "qlinear": qlinear, "qembed": qembed,
         "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
         "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }

@@ -21,6 +21,7 @@ import tensorflow as tf
 from backends.tensorflow.ops import DTYPES, make_op_table
 from gemma_core.backend import Backend, StepFn
 from gemma_core.errors import BackendError
+from gemma_core.quant import SCALE_SUFFIX
 
 
 class TensorflowBackend(Backend):
@@ -43,16 +44,21 @@ class TensorflowBackend(Backend):
         return name
 
     def prepare_weights(self, weights: Mapping[str, np.ndarray], dtype: str,
-                        device: str | None) -> dict[str, Any]:
+                        device: str | None, quant: Any = None) -> dict[str, Any]:
         """One Keras variable per distinct array (a tied embedding is one variable), named by
-        its canonical checkpoint name."""
+        its canonical checkpoint name. Quantised values keep their integer dtype and scales
+        stay float32 (neither trainable)."""
         _check_keras()
         made: dict[int, keras.Variable] = {}
         out = {}
         with tf.device(self.device(device)):
             for name, w in weights.items():
                 if id(w) not in made:
-                    made[id(w)] = keras.Variable(np.asarray(w, np.float32), dtype=dtype, name=name)
+                    w = np.asarray(w)
+                    if w.dtype.kind in "iu" or (quant is not None and name.endswith(SCALE_SUFFIX)):
+                        made[id(w)] = keras.Variable(w, dtype=w.dtype.name, name=name, trainable=False)
+                    else:
+                        made[id(w)] = keras.Variable(np.asarray(w, np.float32), dtype=dtype, name=name)
                 out[name] = made[id(w)]
         return out
 

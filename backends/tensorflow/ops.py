@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gemma_core.quant import NF4
+
 DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16,
           "float64": tf.float64}
 
@@ -39,6 +41,21 @@ def _write_slots(buf: tf.Tensor, slots: tf.Tensor, new: tf.Tensor) -> tf.Tensor:
     moved = tf.tensor_scatter_nd_update(tf.transpose(buf, [2, 0, 1, 3]), slots[:, None],
                                         tf.transpose(new, [2, 0, 1, 3]))  # [C,B,K,H]
     return tf.transpose(moved, [1, 2, 0, 3])
+
+
+def dequantize(values: tf.Tensor, scale: tf.Tensor, scheme: str, group_size: int | None) -> tf.Tensor:
+    """Float32 weight rows `[..., I]` of gemma-core quantised values (int8 `[..., I]`, or
+    nibble-packed uint8 `[..., I/2]`) and their float32 scales (gemma_core.quant)."""
+    values, scale = tf.convert_to_tensor(values), tf.cast(scale, tf.float32)
+    if scheme == "int8":
+        return tf.cast(values, tf.float32) * scale[..., None]
+    packed = tf.cast(values, tf.int32)
+    lead = tf.shape(packed)[:-1]
+    codes = tf.reshape(tf.stack([packed % 16, packed // 16], axis=-1),
+                       tf.concat([lead, [values.shape[-1] * 2]], axis=0))
+    levels = tf.cast(codes, tf.float32) - 8 if scheme == "int4" else tf.gather(tf.constant(NF4), codes)
+    grouped = tf.reshape(levels, tf.concat([lead, [-1, group_size]], axis=0)) * scale[..., None]
+    return tf.reshape(grouped, tf.shape(levels))
 
 
 def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
@@ -136,6 +153,15 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         probs = tf.cast(tf.nn.softmax(scores, axis=-1), dt)
         return dot("bnts,bnsh->bnth", probs, values)
 
+    def qlinear(x: tf.Tensor, values: tf.Tensor, scale: tf.Tensor, *, scheme: str,
+                group_size: int | None) -> tf.Tensor:
+        return linear(x, tf.cast(dequantize(values, scale, scheme, group_size), dt))
+
+    def qembed(ids: tf.Tensor, values: tf.Tensor, scale: tf.Tensor, *, scheme: str,
+               group_size: int | None, scale_by: float) -> tf.Tensor:
+        rows = dequantize(tf.gather(values, ids), tf.gather(scale, ids), scheme, group_size)
+        return tf.cast(rows, dt) * tf.constant(scale_by, dt)
+
     def gelu_tanh(x: tf.Tensor) -> tf.Tensor:
         return tf.cast(tf.nn.gelu(tf.cast(x, f32), approximate=True), x.dtype)
 
@@ -159,6 +185,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention, "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
+        "attention": attention, "qlinear": qlinear, "qembed": qembed,
+        "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
         "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }

@@ -13,6 +13,7 @@ import torch
 from backends.torch.ops import DTYPES, make_op_table
 from gemma_core.backend import Backend, StepFn
 from gemma_core.errors import BackendError
+from gemma_core.layout import EMBED
 
 
 class TorchBackend(Backend):
@@ -47,6 +48,31 @@ class TorchBackend(Backend):
             # about twice as fast this way (MKL sgemv reaches ~12 GB/s row-major, ~24 GB/s here).
             out = out.t().contiguous().t()
         return _static(out)
+
+    def prepare_quantized(self, values: np.ndarray, scale: np.ndarray, quant: Any, dtype: str,
+                          device: str | None, name: str = "") -> tuple[Any, Any]:
+        """((fused, rows, row_scale), fused_scale). On the CPU with a bf16/fp16 compute dtype,
+        `fused` is the weight in the layout of torch's weight-only kernels (`_weight_int8pack_mm`:
+        int8 [O, I] with scales in the compute dtype; `_weight_int4pack_mm_for_cpu`: its own
+        nibble packing with [I/g, O, 2] scales and zero points); `rows` and `row_scale` keep the
+        gemma-core layout where they are read (the embedding, or the dequantising fallback: nf4,
+        float32 compute, other devices)."""
+        dev, dt = self.device(device), DTYPES[dtype]
+        rows = torch.from_numpy(np.array(values)).to(dev)
+        row_scale = torch.from_numpy(np.array(scale, np.float32)).to(dev)
+        int4_fits = rows.shape[0] % 16 == 0  # the int4 kernel's packing tiles 16 output rows
+        if (dev.type != "cpu" or dt not in (torch.bfloat16, torch.float16) or quant.scheme == "nf4"
+                or (quant.scheme == "int4" and not int4_fits)):
+            return (None, rows, row_scale), None
+        if quant.scheme == "int8":
+            fused, fused_scale = rows, row_scale.to(dt)
+        else:  # the gemma-core codes c (w = (c - 8) * s) are what the kernel reads as uint4
+            codes = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
+            fused = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            zeros = torch.zeros_like(row_scale.t())
+            fused_scale = torch.stack([row_scale.t(), zeros], -1).to(dt).contiguous()  # [I/g, O, 2]
+        keep_rows = name == EMBED  # the embedding is gathered by rows as well
+        return (fused, rows if keep_rows else None, row_scale if keep_rows else None), fused_scale
 
     def asarray(self, x: np.ndarray, device: str | None) -> Any:
         return torch.as_tensor(np.ascontiguousarray(x), device=self.device(device))

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gemma_core.quant import NF4 as NF4_CODES
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -22,6 +24,22 @@ def ring_slots(capacity: int, end: torch.Tensor | int, device: torch.device) -> 
     j = torch.arange(capacity, device=device)
     slots = j + capacity * torch.div(end - 1 - j, capacity, rounding_mode="floor")
     return torch.where(slots < 0, -1, slots)
+
+
+NF4 = torch.from_numpy(NF4_CODES)
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor, scheme: str, group_size: int | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The weight rows that gemma-core quantised `values` (int8, or nibble-packed uint8) and their
+    float32 `scale` stand for, in float32, then cast to `dtype` (gemma_core.quant)."""
+    if scheme == "int8":
+        return (values.float() * scale.float()[:, None]).to(dtype)
+    codes = torch.stack([values & 15, values >> 4], dim=-1).reshape(values.shape[0], -1)  # [O, I]
+    levels = codes.float() - 8 if scheme == "int4" else NF4.to(values.device)[codes.long()]
+    o, i = levels.shape
+    assert group_size is not None
+    return (levels.view(o, i // group_size, group_size) * scale.float()[..., None]).view(o, i).to(dtype)
 
 
 def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
@@ -101,6 +119,25 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         probs = torch.softmax((scores + bias).float(), dim=-1).to(q.dtype)
         return probs @ values
 
+    def qlinear(x: torch.Tensor, values: Any, scale: Any, *, scheme: str,
+                group_size: int | None) -> torch.Tensor:
+        fused, rows, row_scale = values  # see TorchBackend.prepare_quantized
+        flat = x.reshape(-1, x.shape[-1])
+        if fused is not None and scheme == "int8":  # CPU int8 weight-only GEMM
+            return torch._weight_int8pack_mm(flat, fused, scale).view(*x.shape[:-1], -1)
+        if fused is not None and scheme == "int4":  # CPU int4 GEMM (its own packed layout)
+            return torch._weight_int4pack_mm_for_cpu(flat, fused, group_size or 0, scale).view(
+                *x.shape[:-1], -1)
+        return F.linear(x, dequantize(rows, row_scale, scheme, group_size, x.dtype))
+
+    def qembed(ids: torch.Tensor, values: Any, scale: Any, *, scheme: str,
+               group_size: int | None, scale_by: float) -> torch.Tensor:
+        _, rows, row_scale = values  # the gemma-core layout, whose rows can be gathered
+        flat = ids.reshape(-1)
+        table = dequantize(rows.index_select(0, flat), row_scale.index_select(0, flat), scheme,
+                           group_size, dt)
+        return table.view(*ids.shape, -1) * table.new_tensor(scale_by)
+
     def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
 
@@ -124,7 +161,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention,
+        "attention": attention, "qlinear": qlinear, "qembed": qembed,
         "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
         "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }

@@ -16,6 +16,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gemma_core.errors import CheckpointError, ConfigError
 from gemma_core.formats import flax, gemma_pytorch, keras_hub
@@ -178,10 +179,35 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, d
     gguf_type = GGUF_TYPES[dtype] if to == "gguf" and dtype is not None else None
     if dtype is not None and dtype != "q8_0":
         ckpt.weights = cast(ckpt.weights, dtype)
+    _write_atomically(dst, lambda tmp: _write(tmp, to, ckpt, dst, gguf_type, _stage(progress, "writing")))
+    return ckpt
+
+
+def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: Any,
+             progress: StageProgress | None = None, *, overwrite: bool = False) -> Checkpoint:
+    """Read `src` (any supported format) and write a quantised Hugging Face folder to `dst`:
+    values and scales in safetensors, the `quantization_config` in config.json (gemma_core.quant)."""
+    from gemma_core.model import quantize_model
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the destination is the source")
+    ckpt = read(src, None, progress)
+    config, weights = quantize_model(ckpt.config, ckpt.weights, quant,
+                                     progress=_stage(progress, "quantising"))
+    ckpt = Checkpoint(config, weights, ckpt.tokenizer_model, ckpt.hf_files)
+    _write_atomically(dst, lambda tmp: _write(tmp, "hf", ckpt, dst, None, _stage(progress, "writing")))
+    return ckpt
+
+
+def _write_atomically(dst: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary path beside `dst`, renamed to `dst` only on success."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.stem}.partial-{secrets.token_hex(4)}{dst.suffix}"
     try:
-        _write(tmp, to, ckpt, dst, gguf_type, _stage(progress, "writing"))
+        write(tmp)
         if dst.exists() or dst.is_symlink():
             old = dst.parent / f".{dst.stem}.old-{secrets.token_hex(4)}{dst.suffix}"
             dst.rename(old)
@@ -192,4 +218,3 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, d
     except BaseException:
         _remove(tmp)
         raise
-    return ckpt

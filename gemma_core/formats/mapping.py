@@ -319,6 +319,8 @@ def dtype_name(weights: Mapping[str, np.ndarray]) -> str:
              np.dtype(np.float16): "float16"}
     counts: dict[str, int] = {}
     for v in weights.values():
+        if np.asarray(v).dtype.kind != "f":  # quantised values say nothing of the float dtype
+            continue
         name = names.get(np.asarray(v).dtype, "float32")
         counts[name] = counts.get(name, 0) + 1
     return max(counts, key=counts.__getitem__) if counts else "float32"

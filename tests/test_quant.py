@@ -1,0 +1,168 @@
+"""Weight-only quantisation: the stored format (packing, scales, errors), quantised models on the
+reference, saved and loaded checkpoints, bad input, and the CLI. (Every backend against the
+reference on quantised weights: the conformance cases op-quantized, gemma2-int8, ...)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gemma_core
+from gemma_core.checkpoint import load_checkpoint, save_checkpoint
+from gemma_core.cli import main
+from gemma_core.errors import ConfigError, WeightError
+from gemma_core.quant import (
+    NF4,
+    QuantConfig,
+    dequantize,
+    pack_nibbles,
+    parse_scheme,
+    quantize,
+    quantize_weights,
+    unpack_nibbles,
+)
+from gemma_core.weights import random_weights
+
+
+def test_nibbles_are_packed_low_then_high() -> None:
+    codes = np.array([[1, 2, 15, 0], [7, 8, 9, 10]], np.uint8)
+    packed = pack_nibbles(codes)
+    np.testing.assert_array_equal(packed, [[0x21, 0x0F], [0x87, 0xA9]])
+    np.testing.assert_array_equal(unpack_nibbles(packed), codes)
+
+
+def test_int8_is_symmetric_per_output_channel() -> None:
+    w = np.array([[0.5, -1.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [2.0, 1.0, -0.5, 0.1]], np.float32)
+    q, s = quantize(w, QuantConfig("int8"))
+    assert q.dtype == np.int8 and s.dtype == np.float32 and s.shape == (3,)
+    np.testing.assert_array_equal(q[0], [64, -127, 32, 0])  # 0.5 / (1/127) = 63.5 rounds to even
+    np.testing.assert_array_equal(q[1], 0)  # an all-zero row stays zero (no division by zero)
+    np.testing.assert_allclose(s, [1 / 127, 0, 2 / 127], rtol=1e-7)
+    assert np.abs(dequantize(q, s, QuantConfig("int8")) - w).max() <= s.max() / 2 + 1e-7
+
+
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4", 128), ("nf4", 64)])
+def test_four_bit_groups_round_trip_within_half_a_step(scheme: str, group: int) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 256)).astype(np.float32)
+    quant = QuantConfig(scheme, group)
+    values, scale = quantize(w, quant)
+    assert values.dtype == np.uint8 and values.shape == (24, 128)
+    assert scale.shape == (24, 256 // group)
+    back = dequantize(values, scale, quant)
+    err = np.abs(back - w).reshape(24, -1, group)
+    step = scale[..., None] if scheme == "int4" else scale[..., None] * np.diff(NF4).max()
+    assert (err <= step / 2 + 1e-6).all()
+    # each group's largest magnitude is represented exactly (int4: 7 * s; nf4: +-1 * absmax)
+    g = w.reshape(24, -1, group)
+    peak = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1)
+    got = np.take_along_axis(back.reshape(24, -1, group), np.abs(g).argmax(-1)[..., None], -1)
+    np.testing.assert_allclose(got, peak, rtol=1e-6)
+
+
+def test_bad_schemes_and_group_sizes_are_named() -> None:
+    with pytest.raises(ConfigError, match="scheme: unsupported value 'int3'"):
+        QuantConfig("int3")
+    with pytest.raises(ConfigError, match="group_size: 48 is not supported"):
+        QuantConfig("int4", 48)
+    with pytest.raises(ConfigError, match="int8 uses one scale per output channel"):
+        QuantConfig("int8", 32)
+    with pytest.raises(ConfigError, match="unsupported value '2'"):
+        parse_scheme("2")
+    # tiny-gemma3 has hidden size 48: groups of 32 do not divide the projections' inputs
+    with pytest.raises(WeightError, match="input size 48 is not divisible by group_size 32"):
+        gemma_core.load("tiny-gemma3", quantize="int4")
+
+
+def test_quantised_model_follows_the_float_model() -> None:
+    ids = np.array([[2, 17, 40, 99, 5, 6, 7, 8]])
+    ref = np.asarray(gemma_core.load("tiny-gemma2", seed=5).forward(ids).logits)
+    for scheme, bound in (("int8", 0.15), ("int4", 1.5)):  # of the logits' std; random weights
+        model = gemma_core.load("tiny-gemma2", seed=5, quantize=scheme)
+        assert model.config.quantization == QuantConfig(scheme)
+        assert model.weights["model.layers.0.mlp.up_proj.weight"].dtype == (
+            np.int8 if scheme == "int8" else np.uint8)
+        ops = {op.kind for op in model.graph}
+        assert "qlinear" in ops and "qembed" in ops and "linear" not in ops
+        out = np.asarray(model.forward(ids).logits)
+        assert np.abs(out - ref).max() <= bound * ref.std()
+
+
+def test_float_embedding_keeps_embed_and_tied_head_in_float() -> None:
+    model = gemma_core.load("tiny-gemma", quantize=QuantConfig("int8", embedding=False))
+    kinds = [(op.kind, op.params[0]) for op in model.graph if op.params and "embed" in op.params[0]]
+    assert kinds == [("embed", "model.embed_tokens.weight"), ("linear", "model.embed_tokens.weight")]
+    assert model.weights["model.embed_tokens.weight"].dtype == np.float32
+
+
+def test_quantised_checkpoint_saves_and_loads(tmp_path: Path) -> None:
+    config = gemma_core.get_preset("tiny-gemma2").replace(quantization=QuantConfig("int4", 32))
+    weights = random_weights(config, 2)
+    folder = save_checkpoint(tmp_path / "q", config, weights, dtype="bfloat16")
+    hf = json.loads((folder / "config.json").read_text())
+    assert hf["quantization_config"] == {"quant_method": "gemma-core", "scheme": "int4", "bits": 4,
+                                         "group_size": 32, "embedding": True}
+    loaded_config, loaded = load_checkpoint(folder)
+    assert loaded_config.quantization == config.quantization
+    name = "model.layers.1.self_attn.o_proj.weight"
+    np.testing.assert_array_equal(loaded[name], weights[name])  # values kept, not cast
+    np.testing.assert_array_equal(loaded[name + "_scale"], weights[name + "_scale"])
+    assert loaded["model.norm.weight"].dtype.name == "bfloat16"  # floating weights cast
+    ids = np.array([[2, 9, 8, 7]])
+    a = gemma_core.load(str(folder)).forward(ids).logits
+    b = gemma_core.Model(config, {k: (v if v.dtype.kind in "iu" or k.endswith("_scale") else
+                                      v.astype("bfloat16").astype(np.float32))
+                                  for k, v in weights.items()}).forward(ids).logits
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_missing_scale_and_wrong_dtype_are_named(tmp_path: Path) -> None:
+    config = gemma_core.get_preset("tiny-gemma").replace(quantization=QuantConfig("int8"))
+    weights = random_weights(config, 0)
+    broken = dict(weights)
+    del broken["model.layers.0.mlp.down_proj.weight_scale"]
+    with pytest.raises(WeightError, match=r"missing 1: model\.layers\.0\.mlp\.down_proj\.weight_scale"):
+        gemma_core.Model(config, broken)
+    wrong = {**weights, "model.layers.1.mlp.up_proj.weight":
+             weights["model.layers.1.mlp.up_proj.weight"].astype(np.float32)}
+    with pytest.raises(WeightError, match="expected int8 quantised values, got float32"):
+        gemma_core.Model(config, wrong)
+    with pytest.raises(ConfigError, match="already quantised"):
+        gemma_core.load(str(save_checkpoint(tmp_path / "q", config, weights)), quantize="int8")
+
+
+def test_other_quantization_methods_are_refused() -> None:
+    hf = gemma_core.get_preset("tiny-gemma").to_hf()
+    hf["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    with pytest.raises(ConfigError, match="quant_method 'bitsandbytes' is not supported"):
+        gemma_core.GemmaConfig.from_hf(hf)
+
+
+def test_quantize_weights_quantises_a_tied_tensor_once() -> None:
+    w = np.ones((32, 64), np.float32)
+    out = quantize_weights({"model.embed_tokens.weight": w, "lm_head.weight": w}, QuantConfig("int8"))
+    assert out["model.embed_tokens.weight"] is out["lm_head.weight"]
+
+
+def test_cli_quantize_then_generate(tmp_path: Path, spm_file: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    config = gemma_core.get_preset("tiny-gemma")
+    src = save_checkpoint(tmp_path / "f", config, random_weights(config, 1))
+    (src / "tokenizer.model").write_bytes(spm_file.read_bytes())
+    assert main(["quantize", str(src), str(tmp_path / "q4"), "--bits", "4", "--group-size", "32"]) == 0
+    assert "int4 groups of 32" in capsys.readouterr().err
+    assert (tmp_path / "q4" / "tokenizer.model").is_file()
+    assert main(["quantize", str(src), str(tmp_path / "q4"), "--bits", "8"]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert main(["quantize", str(src), str(tmp_path / "bad"), "--bits", "4", "--group-size", "48"]) == 2
+    assert "group_size: 48 is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+    args = ["generate", "--model", str(tmp_path / "q4"), "--max-new-tokens", "4", "--greedy", "hello"]
+    assert main(args) == 0
+    quantised = capsys.readouterr().out
+    assert main(["generate", "--model", str(src), "--quantize", "int4", "--group-size", "32",
+                 "--max-new-tokens", "4", "--greedy", "hello"]) == 0
+    assert capsys.readouterr().out == quantised  # quantising on load = loading the quantised folder
