@@ -54,12 +54,16 @@ MODEL_CASES: tuple[ModelCase, ...] = (
               "tiny-gemma3", lengths=(3,), decode_steps=19),
     ModelCase("gemma2-int8", ("quant: int8 per-channel projections and tied embedding",),
               "tiny-gemma2", lengths=(10, 6), decode_steps=3, changes={"quantization": QuantConfig("int8")}),
-    ModelCase("gemma1-int4-untied", ("quant: int4 groups of 32, an untied lm_head quantised too",),
-              "tiny-gemma", lengths=(9, 5), decode_steps=3,
-              changes={"quantization": QuantConfig("int4", 32), "tie_word_embeddings": False}),
+    ModelCase("gemma2-int4-int8-embedding", ("quant: int4 projections, int8 tied embedding (the "
+                                             "int4 default)",),
+              "tiny-gemma2", lengths=(7, 4), decode_steps=2, changes={"quantization": QuantConfig("int4")}),
+    ModelCase("gemma1-int4-untied", ("quant: int4 groups of 32, an untied lm_head in int4 too",),
+              "tiny-gemma", lengths=(9, 5), decode_steps=3, seed=2,
+              changes={"quantization": QuantConfig("int4", 32, embedding="int4"),
+                       "tie_word_embeddings": False}),
     ModelCase("gemma3-nf4-float-embedding", ("quant: nf4 projections, embedding kept in float",),
               "tiny-gemma3", lengths=(8,), decode_steps=3,
-              changes={"quantization": QuantConfig("nf4", 32, embedding=False), "hidden_size": 64}),
+              changes={"quantization": QuantConfig("nf4", 32, embedding="float"), "hidden_size": 64}),
     ModelCase("gemma2-sequence-classification", ("head: score on every position, pooled at the "
                                                  "rightmost non-pad token",),
               "tiny-gemma2", lengths=(12, 5), decode_steps=0, task="sequence-classification"),
@@ -81,9 +85,12 @@ class Harness:
         """A float array in the compute dtype."""
         return self.backend.prepare_weights({"x": x}, self.dtype, None)["x"]
 
-    def q(self, w: np.ndarray, quant: QuantConfig, name: str = "w") -> tuple[Any, Any]:
-        """A float `[O, I]` weight quantised, as the backend's (values, scale) pair for `name`."""
-        values, scale = quantize(w, quant)
+    def q(self, w: np.ndarray, quant: QuantConfig, name: str) -> tuple[Any, Any]:
+        """A float `[O, I]` weight `name` quantised as `quant` says, as the backend's (values,
+        scale) pair."""
+        scheme = quant.scheme_for(name)
+        assert scheme is not None, name
+        values, scale = quantize(w, scheme, quant.group_for(scheme), name)
         pair = self.backend.prepare_weights({name: values, name + SCALE_SUFFIX: scale}, self.dtype,
                                             None, quant=quant)
         return pair[name], pair[name + SCALE_SUFFIX]
@@ -199,8 +206,8 @@ def _elementwise(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-QUANT_SCHEMES = (QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64),
-                 QuantConfig("nf4", 32))
+QUANT_SCHEMES = tuple(QuantConfig(scheme, group, embedding=scheme) for scheme, group in (
+    ("int8", None), ("int4", 32), ("int4", 64), ("nf4", 32)))
 
 
 def _quantized(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -211,7 +218,7 @@ def _quantized(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
         tag = f"{quant.scheme}/{quant.group_size}"
         for rows in (48, 40):  # 48: torch's fused int4 kernel tiles 16 rows; 40: its fallback
             # the 48-row table is the (tied) embedding: read as rows and as the LM head
-            name = EMBED if rows == 48 else "w"
+            name = EMBED if rows == 48 else "model.layers.0.mlp.up_proj.weight"
             values, scale = h.q(_normal(rng, rows, 128, scale=0.1), quant, name)
             out[f"{tag}:qlinear:{rows}"] = h.np(h.table["qlinear"](
                 h.f(x), values, scale, scheme=quant.scheme, group_size=quant.group_size))

@@ -66,16 +66,17 @@ class Backend(abc.ABC):
     def prepare_weights(self, weights: Mapping[str, np.ndarray], dtype: str,
                         device: str | None, quant: QuantConfig | None = None) -> dict[str, Any]:
         """Convert canonical numpy weights to backend arrays, each distinct array once, so a
-        tied tensor stays one backend array. Under `quant`, a name with a `<name>_scale` beside
-        it is a quantised pair, converted together by `prepare_quantized`."""
+        tied tensor stays one backend array. Under `quant`, a tensor it stores quantised and its
+        `<name>_scale` are converted together by `prepare_quantized`."""
         converted: dict[int, Any] = {}
         out = {}
         for name, w in weights.items():
-            scale = weights.get(name + SCALE_SUFFIX) if quant is not None else None
-            if scale is not None:
+            scheme = quant.scheme_for(name) if quant is not None else None
+            if quant is not None and scheme is not None and name + SCALE_SUFFIX in weights:
                 if id(w) not in converted:
-                    converted[id(w)] = self.prepare_quantized(np.asarray(w), np.asarray(scale), quant,
-                                                              dtype, device, name=name)
+                    scale = np.asarray(weights[name + SCALE_SUFFIX])
+                    converted[id(w)] = self.prepare_quantized(np.asarray(w), scale, scheme,
+                                                              quant.group_for(scheme), dtype, device, name)
                 out[name], out[name + SCALE_SUFFIX] = converted[id(w)]
             elif name not in out:
                 if id(w) not in converted:
@@ -83,8 +84,9 @@ class Backend(abc.ABC):
                 out[name] = converted[id(w)]
         return out
 
-    def prepare_quantized(self, values: np.ndarray, scale: np.ndarray, quant: Any, dtype: str,
-                          device: str | None, name: str = "") -> tuple[Any, Any]:
+    def prepare_quantized(self, values: np.ndarray, scale: np.ndarray, scheme: str,
+                          group_size: int | None, dtype: str, device: str | None,
+                          name: str = "") -> tuple[Any, Any]:
         """One quantised weight `name` (gemma_core.quant layout) as the pair of backend objects
         this backend's `qlinear` and `qembed` read. By default: the integer values as they are,
         the scale in float32."""

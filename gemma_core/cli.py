@@ -309,7 +309,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     scheme = args.scheme or {8: "int8", 4: "int4"}[args.bits]
     if (args.bits == 8 and scheme != "int8") or (args.bits == 4 and scheme == "int8"):
         raise GemmaError(f"--scheme {scheme} does not store {args.bits} bits")
-    quant = parse_scheme(scheme, args.group_size, embedding=not args.float_embedding)
+    quant = parse_scheme(scheme, args.group_size, embedding=args.embedding)
     bars: dict[str, _Progress] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -319,7 +319,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     stored = sum(v.nbytes for v in ckpt.weights.values())
     print(f"{args.src} -> {args.dst}: {quant.scheme}"
           f"{f' groups of {quant.group_size}' if quant.group_size else ''}, "
-          f"embedding {'quantised' if quant.embedding else 'kept in float'}, {stored / 2**20:.1f} MiB",
+          f"embedding {quant.embedding}, {stored / 2**20:.1f} MiB",
           file=sys.stderr)
     return 0
 
@@ -397,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=(8, 4), required=True)
     p.add_argument("--group-size", type=int, help="4-bit group size: 32 (default), 64 or 128")
     p.add_argument("--scheme", choices=("int8", "int4", "nf4"), help="4 bits: int4 (default) or nf4")
-    p.add_argument("--float-embedding", action="store_true",
-                   help="keep the embedding (and the tied LM head) in float")
+    p.add_argument("--embedding", choices=("int8", "int4", "nf4", "float"), default="int8",
+                   help="the embedding and (tied) LM head: int8 (default, as llama.cpp's Q4_K_M), "
+                        "4 bits, or float")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_quantize)
 

@@ -43,7 +43,7 @@ from typing import Any
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError
 from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD, SCORE, SCORE_BIAS
-from gemma_core.quant import SCALE_SUFFIX, QuantConfig, is_quantized_name
+from gemma_core.quant import SCALE_SUFFIX, QuantConfig
 
 OP_KINDS: tuple[str, ...] = (
     "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope_table", "rope", "kv_cache",
@@ -95,26 +95,28 @@ class _Builder:
         outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         self.ops.append(Op(kind, tuple(inputs), outs, tuple(params), attrs, self.layer))
 
-    def _quantized(self, weight: str) -> bool:
-        return self.quant is not None and is_quantized_name(weight, self.quant)
+    def _scheme(self, weight: str) -> dict[str, Any] | None:
+        """The qlinear/qembed attributes of `weight`, or None when it is stored in float."""
+        scheme = self.quant.scheme_for(weight) if self.quant is not None else None
+        if scheme is None or self.quant is None:
+            return None
+        return {"scheme": scheme, "group_size": self.quant.group_for(scheme)}
 
     def linear(self, x: str, out: str, weight: str) -> None:
         """`linear`, or `qlinear` reading (values, scale) where the weight is quantised."""
-        if self._quantized(weight):
-            assert self.quant is not None
-            self.add("qlinear", [x], out, [weight, weight + SCALE_SUFFIX], scheme=self.quant.scheme,
-                     group_size=self.quant.group_size)
-        else:
+        quant = self._scheme(weight)
+        if quant is None:
             self.add("linear", [x], out, [weight])
+        else:
+            self.add("qlinear", [x], out, [weight, weight + SCALE_SUFFIX], **quant)
 
     def embed(self, ids: str, out: str, weight: str, scale: float) -> None:
         """`embed`, or `qembed` where the table is quantised."""
-        if self._quantized(weight):
-            assert self.quant is not None
-            self.add("qembed", [ids], out, [weight, weight + SCALE_SUFFIX], scheme=self.quant.scheme,
-                     group_size=self.quant.group_size, scale_by=scale)
-        else:
+        quant = self._scheme(weight)
+        if quant is None:
             self.add("embed", [ids], out, [weight], scale=scale)
+        else:
+            self.add("qembed", [ids], out, [weight, weight + SCALE_SUFFIX], scale_by=scale, **quant)
 
 
 def _attention_block(b: _Builder, c: GemmaConfig, i: int, p: str) -> None:

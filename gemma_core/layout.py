@@ -14,7 +14,7 @@ from typing import Any
 
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import WeightError
-from gemma_core.quant import SCALE_SUFFIX, is_quantized_name, stored_dtype, stored_shapes
+from gemma_core.quant import SCALE_SUFFIX, stored_dtype, stored_shapes
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -100,8 +100,9 @@ def expected_shapes(config: GemmaConfig, task: str = "causal-lm",
     quant = config.quantization
     out: dict[str, tuple[int, ...]] = {}
     for name, shape, _ in iter_params(config, task, num_labels):
-        if quant is not None and is_quantized_name(name, quant):
-            out.update(stored_shapes(name, shape, quant))
+        scheme = quant.scheme_for(name) if quant is not None else None
+        if quant is not None and scheme is not None:
+            out.update(stored_shapes(name, shape, scheme, quant.group_for(scheme)))
         else:
             out[name] = shape
     return out
@@ -134,13 +135,14 @@ def validate_weights(config: GemmaConfig, weights: Mapping[str, Any], task: str 
     ]
     quant = config.quantization
     if quant is not None:
-        want = stored_dtype(quant)
-        misshaped += [
-            f"{name}: expected {want} quantised values, got {weights[name].dtype}"
-            for name in weights
-            if name in allowed and not name.endswith(SCALE_SUFFIX) and is_quantized_name(name, quant)
-            and getattr(weights[name], "dtype", want) != want
-        ]
+        for name in weights:
+            scheme = quant.scheme_for(name)
+            if name not in allowed or scheme is None:
+                continue
+            want = stored_dtype(scheme)
+            if getattr(weights[name], "dtype", want) != want:
+                misshaped.append(f"{name}: expected {want} quantised values ({scheme}), "
+                                 f"got {weights[name].dtype}")
     problems = []
     if missing:
         problems.append(f"missing {len(missing)}: {', '.join(missing)}")

@@ -36,31 +36,45 @@ def test_nibbles_are_packed_low_then_high() -> None:
 
 def test_int8_is_symmetric_per_output_channel() -> None:
     w = np.array([[0.5, -1.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [2.0, 1.0, -0.5, 0.1]], np.float32)
-    q, s = quantize(w, QuantConfig("int8"))
+    q, s = quantize(w, "int8")
     assert q.dtype == np.int8 and s.dtype == np.float32 and s.shape == (3,)
     np.testing.assert_array_equal(q[0], [64, -127, 32, 0])  # 0.5 / (1/127) = 63.5 rounds to even
     np.testing.assert_array_equal(q[1], 0)  # an all-zero row stays zero (no division by zero)
     np.testing.assert_allclose(s, [1 / 127, 0, 2 / 127], rtol=1e-7)
-    assert np.abs(dequantize(q, s, QuantConfig("int8")) - w).max() <= s.max() / 2 + 1e-7
+    assert np.abs(dequantize(q, s, "int8") - w).max() <= s.max() / 2 + 1e-7
 
 
-@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4", 128), ("nf4", 64)])
-def test_four_bit_groups_round_trip_within_half_a_step(scheme: str, group: int) -> None:
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_groups_are_asymmetric_and_no_worse_than_the_full_range(group: int) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(4, (24, 256)).astype(np.float32)  # heavy tails: clipping pays
+    values, scale = quantize(w, "int4", group)
+    assert values.dtype == np.uint8 and values.shape == (24, 128)
+    assert scale.shape == (24, 256 // group, 2)  # (step, offset) per group
+    back = dequantize(values, scale, "int4", group).reshape(24, -1, group)
+    g = w.reshape(24, -1, group)
+    lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+    step = (hi - lo) / 15  # the unclipped grid, one of the candidates
+    full = np.clip(np.rint((g - lo) / step), 0, 15) * step + lo
+    ours, plain = np.square(back - g).sum(-1), np.square(full - g).sum(-1)
+    assert (ours <= plain * (1 + 1e-5)).all()
+    assert ours.sum() < plain.sum()  # and clipping the tails helps overall
+    offset, top = scale[..., 1], scale[..., 1] + 15 * scale[..., 0]  # the grid lies inside the range
+    assert (offset >= lo[..., 0] - 1e-6).all() and (top <= hi[..., 0] + 1e-6).all()
+
+
+def test_nf4_groups_round_trip_within_half_a_step() -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((24, 256)).astype(np.float32)
-    quant = QuantConfig(scheme, group)
-    values, scale = quantize(w, quant)
-    assert values.dtype == np.uint8 and values.shape == (24, 128)
-    assert scale.shape == (24, 256 // group)
-    back = dequantize(values, scale, quant)
-    err = np.abs(back - w).reshape(24, -1, group)
-    step = scale[..., None] if scheme == "int4" else scale[..., None] * np.diff(NF4).max()
-    assert (err <= step / 2 + 1e-6).all()
-    # each group's largest magnitude is represented exactly (int4: 7 * s; nf4: +-1 * absmax)
-    g = w.reshape(24, -1, group)
-    peak = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1)
-    got = np.take_along_axis(back.reshape(24, -1, group), np.abs(g).argmax(-1)[..., None], -1)
-    np.testing.assert_allclose(got, peak, rtol=1e-6)
+    values, scale = quantize(w, "nf4", 64)
+    assert values.dtype == np.uint8 and values.shape == (24, 128) and scale.shape == (24, 4)
+    back = dequantize(values, scale, "nf4", 64)
+    err = np.abs(back - w).reshape(24, -1, 64)
+    assert (err <= scale[..., None] * np.diff(NF4).max() / 2 + 1e-6).all()
+    g = w.reshape(24, -1, 64)  # each group's largest magnitude is represented exactly
+    peak = np.abs(g).argmax(-1)[..., None]
+    np.testing.assert_allclose(np.take_along_axis(back.reshape(24, -1, 64), peak, -1),
+                               np.take_along_axis(g, peak, -1), rtol=1e-6)
 
 
 def test_bad_schemes_and_group_sizes_are_named() -> None:
@@ -70,6 +84,8 @@ def test_bad_schemes_and_group_sizes_are_named() -> None:
         QuantConfig("int4", 48)
     with pytest.raises(ConfigError, match="int8 uses one scale per output channel"):
         QuantConfig("int8", 32)
+    with pytest.raises(ConfigError, match="embedding: unsupported value 'fp8'"):
+        QuantConfig("int4", embedding="fp8")
     with pytest.raises(ConfigError, match="unsupported value '2'"):
         parse_scheme("2")
     # tiny-gemma3 has hidden size 48: groups of 32 do not divide the projections' inputs
@@ -85,14 +101,16 @@ def test_quantised_model_follows_the_float_model() -> None:
         assert model.config.quantization == QuantConfig(scheme)
         assert model.weights["model.layers.0.mlp.up_proj.weight"].dtype == (
             np.int8 if scheme == "int8" else np.uint8)
-        ops = {op.kind for op in model.graph}
-        assert "qlinear" in ops and "qembed" in ops and "linear" not in ops
+        assert model.weights["model.embed_tokens.weight"].dtype == np.int8  # int8 by default
+        ops = {(op.kind, op.attrs.get("scheme")) for op in model.graph if op.kind.startswith("q")}
+        assert ops == {("qembed", "int8"), ("qlinear", "int8"), ("qlinear", scheme)}
+        assert "linear" not in {op.kind for op in model.graph}
         out = np.asarray(model.forward(ids).logits)
         assert np.abs(out - ref).max() <= bound * ref.std()
 
 
 def test_float_embedding_keeps_embed_and_tied_head_in_float() -> None:
-    model = gemma_core.load("tiny-gemma", quantize=QuantConfig("int8", embedding=False))
+    model = gemma_core.load("tiny-gemma", quantize=QuantConfig("int8", embedding="float"))
     kinds = [(op.kind, op.params[0]) for op in model.graph if op.params and "embed" in op.params[0]]
     assert kinds == [("embed", "model.embed_tokens.weight"), ("linear", "model.embed_tokens.weight")]
     assert model.weights["model.embed_tokens.weight"].dtype == np.float32
@@ -104,7 +122,7 @@ def test_quantised_checkpoint_saves_and_loads(tmp_path: Path) -> None:
     folder = save_checkpoint(tmp_path / "q", config, weights, dtype="bfloat16")
     hf = json.loads((folder / "config.json").read_text())
     assert hf["quantization_config"] == {"quant_method": "gemma-core", "scheme": "int4", "bits": 4,
-                                         "group_size": 32, "embedding": True}
+                                         "group_size": 32, "embedding": "int8"}
     loaded_config, loaded = load_checkpoint(folder)
     assert loaded_config.quantization == config.quantization
     name = "model.layers.1.self_attn.o_proj.weight"
@@ -128,7 +146,7 @@ def test_missing_scale_and_wrong_dtype_are_named(tmp_path: Path) -> None:
         gemma_core.Model(config, broken)
     wrong = {**weights, "model.layers.1.mlp.up_proj.weight":
              weights["model.layers.1.mlp.up_proj.weight"].astype(np.float32)}
-    with pytest.raises(WeightError, match="expected int8 quantised values, got float32"):
+    with pytest.raises(WeightError, match=r"expected int8 quantised values \(int8\), got float32"):
         gemma_core.Model(config, wrong)
     with pytest.raises(ConfigError, match="already quantised"):
         gemma_core.load(str(save_checkpoint(tmp_path / "q", config, weights)), quantize="int8")
@@ -153,7 +171,7 @@ def test_cli_quantize_then_generate(tmp_path: Path, spm_file: Path,
     src = save_checkpoint(tmp_path / "f", config, random_weights(config, 1))
     (src / "tokenizer.model").write_bytes(spm_file.read_bytes())
     assert main(["quantize", str(src), str(tmp_path / "q4"), "--bits", "4", "--group-size", "32"]) == 0
-    assert "int4 groups of 32" in capsys.readouterr().err
+    assert "int4 groups of 32, embedding int8" in capsys.readouterr().err
     assert (tmp_path / "q4" / "tokenizer.model").is_file()
     assert main(["quantize", str(src), str(tmp_path / "q4"), "--bits", "8"]) == 2  # exists
     assert "already exists" in capsys.readouterr().err

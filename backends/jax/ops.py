@@ -37,9 +37,12 @@ def dequantize(values: jax.Array, scale: jax.Array, scheme: str, group_size: int
     if scheme == "int8":
         return values.astype(jnp.float32) * scale[..., None]
     codes = jnp.stack([values & 15, values >> 4], axis=-1).reshape(*values.shape[:-1], -1)
-    levels = codes.astype(jnp.float32) - 8 if scheme == "int4" else jnp.asarray(NF4)[codes]
-    grouped = levels.reshape(*levels.shape[:-1], -1, group_size) * scale[..., None]
-    return grouped.reshape(levels.shape)
+    groups = codes.reshape(*codes.shape[:-1], -1, group_size)
+    if scheme == "int4":  # codes * step + offset per group
+        out = groups.astype(jnp.float32) * scale[..., 0:1] + scale[..., 1:2]
+    else:
+        out = jnp.asarray(NF4)[groups] * scale[..., None]
+    return out.reshape(codes.shape)
 
 
 def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from gemma_core.masks import attention_mask
-from gemma_core.quant import QuantConfig, dequantize
+from gemma_core.quant import dequantize
 
 STORAGE = {
     "float64": np.dtype(np.float64),
@@ -122,7 +122,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         key = id(values)
         entry = dequantized.get(key)
         if entry is None or entry[0]() is not values:
-            w = dequantize(values, scale, QuantConfig(scheme=scheme, group_size=group_size))
+            w = dequantize(values, scale, scheme, group_size)
             dequantized[key] = (weakref.ref(values, lambda _: dequantized.pop(key, None)),
                                 rnd(w.astype(acc)))
         return dequantized[key][1]

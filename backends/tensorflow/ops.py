@@ -53,9 +53,12 @@ def dequantize(values: tf.Tensor, scale: tf.Tensor, scheme: str, group_size: int
     lead = tf.shape(packed)[:-1]
     codes = tf.reshape(tf.stack([packed % 16, packed // 16], axis=-1),
                        tf.concat([lead, [values.shape[-1] * 2]], axis=0))
-    levels = tf.cast(codes, tf.float32) - 8 if scheme == "int4" else tf.gather(tf.constant(NF4), codes)
-    grouped = tf.reshape(levels, tf.concat([lead, [-1, group_size]], axis=0)) * scale[..., None]
-    return tf.reshape(grouped, tf.shape(levels))
+    groups = tf.reshape(codes, tf.concat([lead, [-1, group_size]], axis=0))
+    if scheme == "int4":  # codes * step + offset per group
+        out = tf.cast(groups, tf.float32) * scale[..., 0:1] + scale[..., 1:2]
+    else:
+        out = tf.gather(tf.constant(NF4), groups) * scale[..., None]
+    return tf.reshape(out, tf.shape(codes))
 
 
 def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:

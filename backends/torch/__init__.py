@@ -49,8 +49,9 @@ class TorchBackend(Backend):
             out = out.t().contiguous().t()
         return _static(out)
 
-    def prepare_quantized(self, values: np.ndarray, scale: np.ndarray, quant: Any, dtype: str,
-                          device: str | None, name: str = "") -> tuple[Any, Any]:
+    def prepare_quantized(self, values: np.ndarray, scale: np.ndarray, scheme: str,
+                          group_size: int | None, dtype: str, device: str | None,
+                          name: str = "") -> tuple[Any, Any]:
         """((fused, rows, row_scale), fused_scale). On the CPU with a bf16/fp16 compute dtype,
         `fused` is the weight in the layout of torch's weight-only kernels (`_weight_int8pack_mm`:
         int8 [O, I] with scales in the compute dtype; `_weight_int4pack_mm_for_cpu`: its own
@@ -61,16 +62,16 @@ class TorchBackend(Backend):
         rows = torch.from_numpy(np.array(values)).to(dev)
         row_scale = torch.from_numpy(np.array(scale, np.float32)).to(dev)
         int4_fits = rows.shape[0] % 16 == 0  # the int4 kernel's packing tiles 16 output rows
-        if (dev.type != "cpu" or dt not in (torch.bfloat16, torch.float16) or quant.scheme == "nf4"
-                or (quant.scheme == "int4" and not int4_fits)):
+        if (dev.type != "cpu" or dt not in (torch.bfloat16, torch.float16) or scheme == "nf4"
+                or (scheme == "int4" and not int4_fits)):
             return (None, rows, row_scale), None
-        if quant.scheme == "int8":
+        if scheme == "int8":
             fused, fused_scale = rows, row_scale.to(dt)
-        else:  # the gemma-core codes c (w = (c - 8) * s) are what the kernel reads as uint4
+        else:  # the kernel computes (c - 8) * scale + zero: zero = offset + 8 * step
             codes = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
             fused = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            zeros = torch.zeros_like(row_scale.t())
-            fused_scale = torch.stack([row_scale.t(), zeros], -1).to(dt).contiguous()  # [I/g, O, 2]
+            step, offset = row_scale[..., 0], row_scale[..., 1]  # [O, I/g] each
+            fused_scale = torch.stack([step, offset + 8 * step], -1).transpose(0, 1).to(dt).contiguous()
         keep_rows = name == EMBED  # the embedding is gathered by rows as well
         return (fused, rows if keep_rows else None, row_scale if keep_rows else None), fused_scale
 

@@ -36,10 +36,14 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, scheme: str, group_siz
     if scheme == "int8":
         return (values.float() * scale.float()[:, None]).to(dtype)
     codes = torch.stack([values & 15, values >> 4], dim=-1).reshape(values.shape[0], -1)  # [O, I]
-    levels = codes.float() - 8 if scheme == "int4" else NF4.to(values.device)[codes.long()]
-    o, i = levels.shape
+    o, i = codes.shape
     assert group_size is not None
-    return (levels.view(o, i // group_size, group_size) * scale.float()[..., None]).view(o, i).to(dtype)
+    scale = scale.float()
+    if scheme == "int4":  # codes * step + offset per group
+        groups = codes.view(o, i // group_size, group_size).float()
+        return (groups * scale[..., 0:1] + scale[..., 1:2]).view(o, i).to(dtype)
+    levels = NF4.to(values.device)[codes.long()].view(o, i // group_size, group_size)
+    return (levels * scale[..., None]).view(o, i).to(dtype)
 
 
 def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
