@@ -4,6 +4,8 @@ same weights, in the same run, with the ratio to transformers and each engine's 
     python benchmarks/decode.py                                  # Gemma 3 270M shape, random weights, CPU
     python benchmarks/decode.py --model embedded                 # the real Gemma 3 270M (GGUF, dequantised)
     python benchmarks/decode.py --model gemma-2b --device cuda --dtypes bfloat16 --out gpu.md
+    python benchmarks/decode.py --model embedded --dtypes bfloat16 \
+        --engines transformers,torch,torch-int8,torch-int4,llama.cpp --llama-python /path/to/python
 
 Each engine runs in its own process (so peak memory is its own); weights are written once as a
 Hugging Face folder that every engine loads. Compile time is reported apart from speed.
@@ -23,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 ENGINES = ("transformers", "numpy", "torch", "torch-compile", "jax", "tensorflow")
+# Opt-in engines: weight-only quantised torch (quantised on load; run them with --dtypes bfloat16,
+# the dtype torch's int8/int4 CPU kernels take), and llama.cpp (llama-cpp-python) on the GGUF
+# file itself (--model embedded or a .gguf), in the interpreter given by --llama-python.
+QUANT_ENGINES = ("torch-int8", "torch-int4", "torch-compile-int8", "torch-compile-int4")
+LLAMA = "llama.cpp"
 
 
 def _weights_folder(model: str, work: Path) -> Path:
@@ -58,6 +65,38 @@ def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
+def llama_worker(gguf: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    """llama.cpp (llama-cpp-python) on the GGUF file: greedy, batch 1, timed per streamed token."""
+    import llama_cpp
+    import numpy as np
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=prompt_len + new_tokens + 8, n_threads=threads,
+                          n_batch=prompt_len, verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = np.random.default_rng(0).integers(3, llm.n_vocab(), prompt_len).tolist()
+    ids[0] = 2
+
+    def generate() -> tuple[float, float]:
+        llm.reset()
+        stamps = []
+        t0 = time.perf_counter()
+        for _ in llm.create_completion(ids, max_tokens=new_tokens, temperature=0.0, stream=True):
+            stamps.append(time.perf_counter())
+        if len(stamps) < 2:
+            raise RuntimeError(f"llama.cpp stopped after {len(stamps)} tokens")
+        return stamps[0] - t0, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+    t0 = time.perf_counter()
+    generate()
+    warm_s = time.perf_counter() - t0
+    runs = [generate() for _ in range(3)]
+    return {"engine": LLAMA, "dtype": "Q4_K_M", "device": "cpu",
+            "prefill_tok_s": prompt_len / _median([r[0] for r in runs]),
+            "decode_tok_s": 1.0 / _median([r[1] for r in runs]), "load_s": load_s,
+            "first_call_s": warm_s, "compile_s": 0.0, "peak_rss_mb": _peak_mb()}
+
+
 def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, new_tokens: int) -> dict:
     """Measure one engine in this process."""
     import numpy as np
@@ -75,9 +114,11 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
         import gemma_core
 
         backend = engine.split("-")[0]
+        quantize = engine.rsplit("-", 1)[1] if engine in QUANT_ENGINES else None
         model = gemma_core.load(folder, backend=backend, dtype=dtype,
                                 device=device if backend == "torch" else None,
-                                compile=True if engine == "torch-compile" else None)
+                                compile=True if engine.startswith("torch-compile") else None,
+                                quantize=quantize)
         vocab = model.config.vocab_size
     load_s = time.perf_counter() - t0
     ids = rng.integers(3, vocab, (1, prompt_len))
@@ -119,7 +160,7 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
         "prefill_tok_s": prompt_len / ttft, "decode_tok_s": 1.0 / per_token,
         "load_s": load_s, "first_call_s": warm_s,
         "compile_s": max(warm_s - ttft - per_token * (new_tokens - 1), 0.0)
-        if engine in ("torch-compile", "jax", "tensorflow") else 0.0,
+        if engine.startswith("torch-compile") or engine in ("jax", "tensorflow") else 0.0,
         "peak_rss_mb": _peak_mb(),
     }
     if device.startswith("cuda"):
@@ -129,19 +170,22 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
 
 def table(rows: list[dict], title: str) -> str:
     base = {r["dtype"]: r for r in rows if r["engine"] == "transformers" and "error" not in r}
+    llama = next((r for r in rows if r["engine"] == LLAMA and "error" not in r), None)
+    extra = " decode vs llama.cpp |" if llama else ""
     lines = [f"### {title}", "",
-             "| engine | dtype | prefill tok/s | decode tok/s | decode vs transformers | compile s | "
-             "peak RSS MB | peak GPU MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| engine | dtype | prefill tok/s | decode tok/s | decode vs transformers |" + extra
+             + " compile s | peak RSS MB | peak GPU MB |",
+             "|---|---|---|---|---|" + ("---|" if llama else "") + "---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['engine']} | {r['dtype']} | error: {r['error']} | | | | | |")
             continue
         ref = base.get(r["dtype"])
         ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
+        vs_llama = f" {r['decode_tok_s'] / llama['decode_tok_s']:.2f}x |" if llama else ""
         gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
         lines.append(f"| {r['engine']} | {r['dtype']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | "
-                     f"{ratio} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {gpu} |")
+                     f"{ratio} |{vs_llama} {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {gpu} |")
     return "\n".join(lines)
 
 
@@ -156,20 +200,40 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per engine")
     parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--llama-python", default=sys.executable,
+                        help="python with llama-cpp-python installed, for the llama.cpp engine")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads")
     parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.folder, args.device, args.prompt_len, args.new_tokens)))
+        if args.worker[0] == LLAMA:
+            print(json.dumps(llama_worker(args.gguf, args.prompt_len, args.new_tokens, args.threads)))
+        else:
+            print(json.dumps(worker(*args.worker, args.folder, args.device, args.prompt_len,
+                                    args.new_tokens)))
         return 0
+    engines = args.engines.split(",")
+    gguf = None
+    if LLAMA in engines:
+        from gemma_core.embedded import default_model_path
+
+        gguf = default_model_path() if args.model == "embedded" else args.model
+        if not gguf.endswith(".gguf"):
+            parser.error("the llama.cpp engine needs --model embedded or a .gguf file")
     with tempfile.TemporaryDirectory() as tmp:
         folder = _weights_folder(args.model, Path(tmp))
         rows = []
         for dtype in args.dtypes.split(","):
-            for engine in args.engines.split(","):
-                cmd = [sys.executable, __file__, "--worker", engine, dtype, "--folder", str(folder),
+            for engine in engines:
+                if engine == LLAMA and dtype != args.dtypes.split(",")[0]:
+                    continue  # one row: llama.cpp runs the file's own types
+                python = args.llama_python if engine == LLAMA else sys.executable
+                cmd = [python, __file__, "--worker", engine, dtype, "--folder", str(folder),
                        "--device", args.device, "--prompt-len", str(args.prompt_len),
-                       "--new-tokens", str(args.new_tokens)]
+                       "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+                       "--gguf", str(gguf)]
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     if proc.returncode:

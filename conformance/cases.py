@@ -203,6 +203,7 @@ def _elementwise(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
         "add": h.np(t["add"](h.f(a), h.f(b))),
         "softcap": h.np(t["softcap"](h.f(a * 20), cap=30.0)),
         "gather_positions": h.np(t["gather_positions"](h.f(a), h.i(np.array([2])))),
+        **{f"split:{i}": h.np(part) for i, part in enumerate(t["split"](h.f(a), sizes=(4, 5, 7)))},
     }
 
 
@@ -239,7 +240,8 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("op-kv_cache", "kv_cache", ("cache: post-RoPE keys, ring buffer of W slots",), _kv_cache),
     OpCase("op-attention", "attention", ("4 scale, GQA, softcap before mask, finfo.min mask",
                                          "5 window of W keys incl. itself, left padding"), _attention),
-    OpCase("op-elementwise", "gelu_tanh", ("6 gelu tanh", "8 softcap", "mul/add/gather"), _elementwise),
+    OpCase("op-elementwise", "gelu_tanh", ("6 gelu tanh", "8 softcap", "mul/add/gather/split"),
+           _elementwise),
     OpCase("op-quantized", "qlinear", ("quant: int8 per channel, int4 and nf4 groups, dequantised "
                                        "exactly; embedding rows",), _quantized),
 )

@@ -47,6 +47,9 @@ class Backend(abc.ABC):
 
     name: str
     dtypes: tuple[str, ...]
+    # Run projections that share an input (q/k/v, gate/up) as one product over stacked weights
+    # (gemma_core.graph.fuse_projections): fewer kernel launches for eager and compiled steps.
+    fuse_projections: bool = False
 
     @abc.abstractmethod
     def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:

@@ -26,6 +26,8 @@ arrays are in the compute dtype unless noted, axis letters as in `gemma_core.con
   the compute dtype. Backends may fuse the dequantisation into the product.
 - qembed(ids[B,T] int, values, scale; scheme, group_size, scale_by) -> [B,T,D]: `embed` on the
   dequantised rows of a quantised table.
+- split(x[...,S]; sizes) -> tuple of [...,sizes[i]]: consecutive slices of the last axis (the
+  outputs of projections fused by `fuse_projections`).
 - gelu_tanh(x) -> x: the tanh approximation of GELU.
 - mul(a, b), add(a, b) -> elementwise.
 - softcap(x; cap) -> tanh(x / cap) * cap.
@@ -47,7 +49,7 @@ from gemma_core.quant import SCALE_SUFFIX, QuantConfig
 
 OP_KINDS: tuple[str, ...] = (
     "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope_table", "rope", "kv_cache",
-    "attention", "pool_last_token", "qlinear", "qembed",
+    "attention", "pool_last_token", "qlinear", "qembed", "split",
     "gelu_tanh", "mul", "add", "softcap", "gather_positions",
 )
 
@@ -201,6 +203,43 @@ def build_graph(config: GemmaConfig, task: str = "causal-lm") -> list[Op]:
         b.add("linear", ["hidden"], "logits", [SCORE])  # [B,T,labels]
         b.add("add", ["logits"], "logits", [SCORE_BIAS])
     return b.ops
+
+
+def fuse_projections(ops: Sequence[Op], shapes: Mapping[str, tuple[int, ...]],
+                     ) -> tuple[list[Op], dict[str, tuple[str, ...]]]:
+    """Consecutive `linear` (or `qlinear`, alike in attributes) ops reading the same input, such
+    as q/k/v and gate/up, as one product over their stacked weights and a `split`. Returns the
+    new op list and {fused weight name: its source weight names, stacked along the output axis}
+    (a quantised weight's `_scale` is stacked the same way). `shapes` gives each weight's
+    logical `[out, in]` shape. Fewer, larger products: one kernel launch instead of three."""
+    out: list[Op] = []
+    fused: dict[str, tuple[str, ...]] = {}
+    i = 0
+    while i < len(ops):
+        op, j = ops[i], i + 1
+        if op.kind in ("linear", "qlinear"):
+            while (j < len(ops) and ops[j].kind == op.kind and ops[j].inputs == op.inputs
+                   and ops[j].attrs == op.attrs and op.inputs[0] not in ops[j - 1].outputs):
+                j += 1
+        if j - i < 2:
+            out.append(op)
+            i += 1
+            continue
+        group = ops[i:j]
+        sources = tuple(g.params[0] for g in group)
+        head, _, _ = sources[0].rpartition(".")  # e.g. model.layers.0.self_attn.q_proj
+        parent = head.rpartition(".")[0]
+        kinds = ",".join(name.rpartition(".")[0].rpartition(".")[2].removesuffix("_proj") for name in sources)
+        name = f"{parent}.{{{kinds}}}_proj.weight"
+        fused[name] = sources
+        params = (name,) if op.kind == "linear" else (name, name + SCALE_SUFFIX)
+        tmp = f"{'+'.join(o for g in group for o in g.outputs)}"
+        out.append(Op(op.kind, op.inputs, (tmp,), params, op.attrs, op.layer))
+        sizes = tuple(shapes[src][0] for src in sources)
+        out.append(Op("split", (tmp,), tuple(o for g in group for o in g.outputs), (),
+                      {"sizes": sizes}, op.layer))
+        i = j
+    return out, fused
 
 
 BoundOp = tuple[Callable[..., Any], tuple[str, ...], tuple[Any, ...], Mapping[str, Any], tuple[str, ...]]

@@ -14,8 +14,8 @@ from gemma_core.backend import Backend, get_backend
 from gemma_core.cache import CacheState, KVCache, layer_capacity, ring_order
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError, InputError, WeightError
-from gemma_core.graph import TASKS, bind, build_graph, cache_name, run_bound
-from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, validate_weights
+from gemma_core.graph import TASKS, bind, build_graph, cache_name, fuse_projections, run_bound
+from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, iter_params, validate_weights
 from gemma_core.quant import SCALE_SUFFIX
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -81,6 +81,10 @@ class Model:
         self.dtype = dtype
         self.device = device
         self.graph = build_graph(config, task)
+        if self.backend.fuse_projections:
+            shapes = {name: shape for name, shape, _ in iter_params(config, task, num_labels)}
+            self.graph, groups = fuse_projections(self.graph, shapes)
+            weights = _stack(weights, groups, config)
         self.weights = self.backend.prepare_weights(weights, dtype, device, quant=config.quantization)
         head = ("hidden", *(f"x{i}" for i in range(config.num_layers))) if task == "base" else ("logits",)
         outputs = (*head, *(cache_name(i) for i in range(config.num_layers)))
@@ -233,6 +237,23 @@ def _check_mask(mask: Any, shape: tuple[int, ...], to_numpy: Any) -> np.ndarray:
     if not np.isin(m, (0, 1)).all():
         raise InputError("attention_mask: values must be 0 or 1")
     return m.astype(bool)
+
+
+def _stack(weights: Mapping[str, np.ndarray], groups: Mapping[str, Sequence[str]],
+           config: GemmaConfig) -> dict[str, np.ndarray]:
+    """The weights with each fused group's sources stacked along the output axis (and their
+    quantisation scales likewise) under the fused name; the sources themselves dropped."""
+    out = dict(weights)
+    quantized = config.quantization is not None
+    for name, sources in groups.items():
+        out[name] = np.concatenate([np.asarray(weights[s]) for s in sources], axis=0)
+        if quantized and sources[0] + SCALE_SUFFIX in weights:
+            out[name + SCALE_SUFFIX] = np.concatenate(
+                [np.asarray(weights[s + SCALE_SUFFIX]) for s in sources], axis=0)
+        for s in sources:
+            out.pop(s, None)
+            out.pop(s + SCALE_SUFFIX, None)
+    return out
 
 
 def _tie(config: GemmaConfig, weights: Mapping[str, np.ndarray],

@@ -139,6 +139,10 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         rows = dequantize(jnp.take(values, ids, axis=0), jnp.take(scale, ids, axis=0), scheme, group_size)
         return rows.astype(dt) * jnp.asarray(scale_by, dt)
 
+    def split(x: jax.Array, *, sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+        bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+        return tuple(jnp.split(x, bounds, axis=-1))
+
     def gelu_tanh(x: jax.Array) -> jax.Array:
         return jax.nn.gelu(x.astype(f32), approximate=True).astype(x.dtype)
 
@@ -161,7 +165,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention, "qlinear": qlinear, "qembed": qembed,
+        "attention": attention, "qlinear": qlinear, "qembed": qembed, "split": split,
         "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
         "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }

@@ -135,6 +135,9 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
                group_size: int | None, scale_by: float) -> np.ndarray:
         return embed(ids, weight(values, scale, scheme, group_size), scale=scale_by)
 
+    def split(x: np.ndarray, *, sizes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+        return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=-1))
+
     def gelu_tanh(x: np.ndarray) -> np.ndarray:
         c = acc.type(np.sqrt(2.0 / np.pi))
         return rnd(0.5 * x * (1.0 + np.tanh(c * (x + acc.type(0.044715) * x**3))))
@@ -158,7 +161,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention, "qlinear": qlinear, "qembed": qembed,
+        "attention": attention, "qlinear": qlinear, "qembed": qembed, "split": split,
         "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
         "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }

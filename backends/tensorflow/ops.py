@@ -165,6 +165,9 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         rows = dequantize(tf.gather(values, ids), tf.gather(scale, ids), scheme, group_size)
         return tf.cast(rows, dt) * tf.constant(scale_by, dt)
 
+    def split(x: tf.Tensor, *, sizes: tuple[int, ...]) -> tuple[tf.Tensor, ...]:
+        return tuple(tf.split(x, list(sizes), axis=-1))
+
     def gelu_tanh(x: tf.Tensor) -> tf.Tensor:
         return tf.cast(tf.nn.gelu(tf.cast(x, f32), approximate=True), x.dtype)
 
@@ -188,7 +191,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention, "qlinear": qlinear, "qembed": qembed,
+        "attention": attention, "qlinear": qlinear, "qembed": qembed, "split": split,
         "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
         "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }

@@ -21,6 +21,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     dtypes = tuple(DTYPES)
+    fuse_projections = True  # 126 -> 72 weight products a step on Gemma 3 270M
 
     def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
         return make_op_table(dtype)
@@ -106,14 +107,25 @@ class TorchBackend(Backend):
         cuda = torch.device(device).type == "cuda"
         run: StepFn = step
         if options.get("compile"):
-            compiled = torch.compile(step, dynamic=False, fullgraph=True,
-                                     mode="reduce-overhead" if cuda else None)
+            # one compiled function per weight set, the weights captured rather than passed:
+            # guarding ~300 weight arguments cost ~1.2 ms a decode step (Gemma 3 270M, CPU)
+            compiled: dict[int, tuple[Mapping[str, Any], Any]] = {}
+
+            def traced(weights: Mapping[str, Any]) -> Any:
+                if id(weights) not in compiled:  # the weights are kept, so their id stays theirs
+                    # on the CPU a C++ wrapper launches the kernels (~1 ms a step less than
+                    # Python's); on CUDA, graphs replay them
+                    fn = torch.compile(lambda env: step(weights, env), dynamic=False, fullgraph=True,
+                                       mode="reduce-overhead" if cuda else None,
+                                       options=None if cuda else {"cpp_wrapper": True})
+                    compiled[id(weights)] = (weights, fn)
+                return compiled[id(weights)][1]
 
             def replay(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
                 if not cuda:
-                    return compiled(weights, env)
+                    return traced(weights)(env)
                 torch.compiler.cudagraph_mark_step_begin()
-                out = compiled(weights, env)
+                out = traced(weights)(env)
                 return {k: (v.clone() if k == "logits" else v) for k, v in out.items()}
 
             run = replay

@@ -50,6 +50,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     """The op table computing in `dtype`."""
     dt = DTYPES[dtype]
     fmin = torch.finfo(dt).min
+    upcast = dt in (torch.bfloat16, torch.float16)
 
     def embed(ids: torch.Tensor, table: torch.Tensor, *, scale: float) -> torch.Tensor:
         return F.embedding(ids, table) * table.new_tensor(scale)  # the scale rounded to the dtype
@@ -113,15 +114,19 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         # additive finite minimum (as transformers' eager path): a fully masked pad row stays finite
         bias = torch.where(mask, 0.0, fmin).to(q.dtype)
         groups = q.shape[1] // keys.shape[1]
-        if softcap is None:
+        if softcap is None and q.shape[2] > 1:  # decode (one query) is cheaper as plain matmuls
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
                                                   enable_gqa=groups > 1)
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
-        scores = (q @ keys.transpose(-1, -2)) * scale
-        scores = torch.tanh(scores / softcap) * softcap  # before the mask
-        probs = torch.softmax((scores + bias).float(), dim=-1).to(q.dtype)
-        return probs @ values
+        b, n, t, h = q.shape
+        kv = keys.shape[1]
+        if q.device.type == "cpu" and upcast:  # CPU bf16/fp16 batched matmuls of this size are
+            q, keys, values = q.float(), keys.float(), values.float()  # ~3x slower than float32
+        # query head h reads kv head h // groups: the heads of one group share a matmul
+        scores = (q.reshape(b, kv, groups * t, h) @ keys.transpose(-1, -2)) * scale  # [B,K,G*T,S]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap  # before the mask
+        probs = torch.softmax((scores.view(b, n, t, -1) + bias).float(), dim=-1).to(values.dtype)
+        return (probs.view(b, kv, groups * t, -1) @ values).view(b, n, t, h).to(dt)
 
     def qlinear(x: torch.Tensor, values: Any, scale: Any, *, scheme: str,
                 group_size: int | None) -> torch.Tensor:
@@ -141,6 +146,9 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         table = dequantize(rows.index_select(0, flat), row_scale.index_select(0, flat), scheme,
                            group_size, dt)
         return table.view(*ids.shape, -1) * table.new_tensor(scale_by)
+
+    def split(x: torch.Tensor, *, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.split(x, list(sizes), dim=-1))
 
     def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
@@ -165,7 +173,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention, "qlinear": qlinear, "qembed": qembed,
+        "attention": attention, "qlinear": qlinear, "qembed": qembed, "split": split,
         "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
         "gather_positions": gather_positions, "pool_last_token": pool_last_token,
     }
