@@ -28,7 +28,8 @@ ENGINES = ("transformers", "numpy", "torch", "torch-compile", "jax", "tensorflow
 # Opt-in engines: weight-only quantised torch (quantised on load; run them with --dtypes bfloat16,
 # the dtype torch's int8/int4 CPU kernels take), and llama.cpp (llama-cpp-python) on the GGUF
 # file itself (--model embedded or a .gguf), in the interpreter given by --llama-python.
-QUANT_ENGINES = ("torch-int8", "torch-int4", "torch-compile-int8", "torch-compile-int4")
+QUANT_ENGINES = tuple(f"{engine}-{scheme}" for engine in ("torch", "torch-compile", "jax", "tensorflow")
+                      for scheme in ("int8", "int4", "nf4"))
 LLAMA = "llama.cpp"
 
 
@@ -160,7 +161,7 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
         "prefill_tok_s": prompt_len / ttft, "decode_tok_s": 1.0 / per_token,
         "load_s": load_s, "first_call_s": warm_s,
         "compile_s": max(warm_s - ttft - per_token * (new_tokens - 1), 0.0)
-        if engine.startswith("torch-compile") or engine in ("jax", "tensorflow") else 0.0,
+        if engine.startswith("torch-compile") or engine.split("-")[0] in ("jax", "tensorflow") else 0.0,
         "peak_rss_mb": _peak_mb(),
     }
     if device.startswith("cuda"):

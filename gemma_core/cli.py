@@ -58,6 +58,8 @@ def _load_model(args: argparse.Namespace) -> Any:
     if not args.model and not os.path.exists(path):
         raise GemmaError(f"{path}: the embedded model file is missing")
     quantize = None
+    if args.group_size is not None and not args.quantize:
+        raise GemmaError("--group-size applies with --quantize int4|nf4")
     if args.quantize:
         from gemma_core.quant import parse_scheme
 

@@ -85,7 +85,8 @@ class Model:
             shapes = {name: shape for name, shape, _ in iter_params(config, task, num_labels)}
             self.graph, groups = fuse_projections(self.graph, shapes)
             weights = _stack(weights, groups, config)
-        self.weights = self.backend.prepare_weights(weights, dtype, device, quant=config.quantization)
+        quant = {"quant": config.quantization} if config.quantization is not None else {}
+        self.weights = self.backend.prepare_weights(weights, dtype, device, **quant)
         head = ("hidden", *(f"x{i}" for i in range(config.num_layers))) if task == "base" else ("logits",)
         outputs = (*head, *(cache_name(i) for i in range(config.num_layers)))
         self.ops = self.backend.op_table(dtype)  # binds the graph to the ops and weights

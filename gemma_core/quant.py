@@ -11,8 +11,9 @@ tensors with readable names:
 Dequantisation (what the NumPy reference computes, exactly, in float32):
 - int8: `W[o, i] = q[o, i] * s[o]`, q in [-127, 127], s = max|W[o]| / 127;
 - int4: `W[o, i] = c[o, i] * step + offset` of the group `(o, i // g)`, codes c in [0, 15]: an
-  asymmetric grid over the group's range, each end shrunk where that lowers the squared error
-  (on Gemma 3 270M this halves the perplexity cost of the symmetric absmax grid);
+  asymmetric grid over the group's range, its ends moved toward zero where that lowers the
+  squared error (on Gemma 3 270M this more than halves the perplexity cost of a symmetric
+  absmax grid);
 - nf4: `W[o, i] = NF4[c[o, i]] * s[o, i // g]`, s = max|W group| (the 4-bit NormalFloat codebook
   of QLoRA / bitsandbytes).
 
@@ -176,15 +177,16 @@ def quantize(w: np.ndarray, scheme: str, group_size: int | None = None,
     return pack_nibbles(codes), scale.astype(np.float32)
 
 
-# Range shrink factors tried per group for int4 (the low and the high end each): clipping a
-# group's outliers a little lowers its squared error; each group keeps its best pair.
+# Factors tried per group for int4, on the low and the high end of its range each: the grid
+# spans [lo * (1 - a), hi * (1 - b)] (ends scaled toward zero, which clips the outliers of a
+# mixed-sign group); each group keeps the pair of least squared error, (0, 0) among them.
 INT4_SHRINK = (0.0, 0.1, 0.2, 0.3)
 
 
 def _int4_codes(groups: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Asymmetric 4-bit codes `[O, I/g, g]` in [0, 15] and `[O, I/g, 2]` (step, offset) per group,
-    the range [lo, hi] of each group shrunk by the pair of INT4_SHRINK factors of least squared
-    error. Rows are done in chunks to bound memory."""
+    the grid's ends set by the pair of INT4_SHRINK factors of least squared error. Rows are done
+    in chunks to bound memory."""
     codes = np.empty(groups.shape, np.uint8)
     params = np.empty((*groups.shape[:2], 2), np.float32)
     for r in range(0, groups.shape[0], rows):

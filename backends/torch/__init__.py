@@ -56,7 +56,9 @@ class TorchBackend(Backend):
         """((fused, rows, row_scale), fused_scale). On the CPU with a bf16/fp16 compute dtype,
         `fused` is the weight in the layout of torch's weight-only kernels (`_weight_int8pack_mm`:
         int8 [O, I] with scales in the compute dtype; `_weight_int4pack_mm_for_cpu`: its own
-        nibble packing with [I/g, O, 2] scales and zero points); `rows` and `row_scale` keep the
+        nibble packing with [I/g, O, 2] scales and zero points, both rounded to the compute
+        dtype: a group whose range lies far from zero loses a little more than the bf16 rounding
+        of its dequantised weights); `rows` and `row_scale` keep the
         gemma-core layout where they are read (the embedding, or the dequantising fallback: nf4,
         float32 compute, other devices)."""
         dev, dt = self.device(device), DTYPES[dtype]
@@ -65,7 +67,7 @@ class TorchBackend(Backend):
         int4_fits = rows.shape[0] % 16 == 0  # the int4 kernel's packing tiles 16 output rows
         if (dev.type != "cpu" or dt not in (torch.bfloat16, torch.float16) or scheme == "nf4"
                 or (scheme == "int4" and not int4_fits)):
-            return (None, rows, row_scale), None
+            return (None, _static(rows), _static(row_scale)), None
         if scheme == "int8":
             fused, fused_scale = rows, row_scale.to(dt)
         else:  # the kernel computes (c - 8) * scale + zero: zero = offset + 8 * step

@@ -206,15 +206,17 @@ def _write_atomically(dst: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` to a temporary path beside `dst`, renamed to `dst` only on success."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.stem}.partial-{secrets.token_hex(4)}{dst.suffix}"
+    old: Path | None = None
     try:
         write(tmp)
         if dst.exists() or dst.is_symlink():
             old = dst.parent / f".{dst.stem}.old-{secrets.token_hex(4)}{dst.suffix}"
             dst.rename(old)
-            tmp.rename(dst)
-            _remove(old)
-        else:
-            tmp.rename(dst)
+        tmp.rename(dst)
     except BaseException:
         _remove(tmp)
+        if old is not None and not dst.exists():
+            old.rename(dst)  # the previous output comes back
         raise
+    if old is not None:
+        _remove(old)

@@ -24,6 +24,7 @@ import numpy as np
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import ConfigError, WeightError
 from gemma_core.layout import LM_HEAD, _symbols, expected_shapes, validate_weights
+from gemma_core.quant import SCALE_SUFFIX
 
 Progress = Callable[[int, int], None]
 
@@ -308,7 +309,9 @@ def cast(weights: Mapping[str, np.ndarray], dtype: str | None) -> dict[str, np.n
                "float16": np.dtype(np.float16)}
     if dtype not in targets:
         raise ConfigError(f"dtype: cannot convert to {dtype!r} (supported: {', '.join(targets)})")
-    return {k: np.asarray(v).astype(targets[dtype]) for k, v in weights.items()}
+    # quantised values (integers) and their scales (gemma_core.quant) keep their dtypes
+    return {k: v if np.asarray(v).dtype.kind in "iub" or k.endswith(SCALE_SUFFIX)
+            else np.asarray(v).astype(targets[dtype]) for k, v in weights.items()}
 
 
 def dtype_name(weights: Mapping[str, np.ndarray]) -> str:
@@ -318,8 +321,8 @@ def dtype_name(weights: Mapping[str, np.ndarray]) -> str:
     names = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
              np.dtype(np.float16): "float16"}
     counts: dict[str, int] = {}
-    for v in weights.values():
-        if np.asarray(v).dtype.kind != "f":  # quantised values say nothing of the float dtype
+    for k, v in weights.items():
+        if np.asarray(v).dtype.kind in "iub" or k.endswith(SCALE_SUFFIX):  # quantisation's own
             continue
         name = names.get(np.asarray(v).dtype, "float32")
         counts[name] = counts.get(name, 0) + 1
