@@ -143,6 +143,13 @@ def validate_weights(config: GemmaConfig, weights: Mapping[str, Any], task: str 
             if getattr(weights[name], "dtype", want) != want:
                 misshaped.append(f"{name}: expected {want} quantised values ({scheme}), "
                                  f"got {weights[name].dtype}")
+    problems = key_set_problems(missing, unexpected, misshaped)
+    if problems:
+        raise WeightError("weights do not match the config: " + " | ".join(problems))
+
+
+def key_set_problems(missing: list[str], unexpected: list[str], misshaped: list[str]) -> list[str]:
+    """One line per kind of mismatch between a tensor set and what was expected, naming each."""
     problems = []
     if missing:
         problems.append(f"missing {len(missing)}: {', '.join(missing)}")
@@ -150,8 +157,7 @@ def validate_weights(config: GemmaConfig, weights: Mapping[str, Any], task: str 
         problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
     if misshaped:
         problems.append(f"mis-shaped {len(misshaped)}: {'; '.join(misshaped)}")
-    if problems:
-        raise WeightError("weights do not match the config: " + " | ".join(problems))
+    return problems
 
 
 def format_layout(config: GemmaConfig, task: str = "causal-lm", num_labels: int = 0) -> str:

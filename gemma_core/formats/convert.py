@@ -170,11 +170,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, d
     allowed = (*DTYPES, "q8_0") if to == "gguf" else DTYPES
     if dtype is not None and dtype not in allowed:
         raise ConfigError(f"--dtype: {dtype!r} is not supported for {to} (supported: {', '.join(allowed)})")
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the destination is the source")
+    src, dst = _paths(src, dst, overwrite)
     ckpt = read(src, source_format, progress)
     gguf_type = GGUF_TYPES[dtype] if to == "gguf" and dtype is not None else None
     if dtype is not None and dtype != "q8_0":
@@ -189,17 +185,23 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: An
     values and scales in safetensors, the `quantization_config` in config.json (gemma_core.quant)."""
     from gemma_core.model import quantize_model
 
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the destination is the source")
+    src, dst = _paths(src, dst, overwrite)
     ckpt = read(src, None, progress)
     config, weights = quantize_model(ckpt.config, ckpt.weights, quant,
                                      progress=_stage(progress, "quantising"))
     ckpt = Checkpoint(config, weights, ckpt.tokenizer_model, ckpt.hf_files)
     _write_atomically(dst, lambda tmp: _write(tmp, "hf", ckpt, dst, None, _stage(progress, "writing")))
     return ckpt
+
+
+def _paths(src: str | os.PathLike[str], dst: str | os.PathLike[str], overwrite: bool) -> tuple[Path, Path]:
+    """(src, dst) as paths, once `dst` is known to be writable: new, or replaceable."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the destination is the source")
+    return src, dst
 
 
 def _write_atomically(dst: Path, write: Callable[[Path], None]) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import ConfigError, WeightError
-from gemma_core.layout import LM_HEAD, _symbols, expected_shapes, validate_weights
+from gemma_core.layout import LM_HEAD, _symbols, expected_shapes, key_set_problems, validate_weights
 from gemma_core.quant import SCALE_SUFFIX
 
 Progress = Callable[[int, int], None]
@@ -251,13 +251,7 @@ def check_tensors(table: Table, config: GemmaConfig, tensors: Mapping[str, Any],
     unexpected = sorted(set(tensors) - set(expected))
     misshaped = [f"{k}: expected {list(expected[k])}, got {list(tensors[k].shape)}"
                  for k in sorted(tensors) if k in expected and tuple(tensors[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped {len(misshaped)}: {'; '.join(misshaped)}")
+    problems = key_set_problems(missing, unexpected, misshaped)
     if problems:
         raise WeightError(f"{source}: {table.name} tensors do not match a {config.architecture.value} "
                           f"model of this config: " + " | ".join(problems))
