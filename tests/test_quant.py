@@ -212,3 +212,19 @@ def test_a_backend_with_the_old_prepare_weights_signature_still_loads_float_mode
 
     model = gemma_core.load("tiny-gemma", backend=Old())
     assert model.forward(np.array([[2, 3]])).logits.shape == (1, 2, 512)
+
+
+def test_a_quantised_checkpoint_converts_to_other_formats_dequantised(tmp_path: Path) -> None:
+    from gemma_core.formats.convert import convert, read
+    from gemma_core.quant import dequantize_weights
+
+    config = gemma_core.get_preset("tiny-gemma").replace(quantization=QuantConfig("int4"))
+    weights = random_weights(config, 6)
+    src = save_checkpoint(tmp_path / "q", config, weights)
+    convert(src, tmp_path / "m.gguf", "gguf")
+    back = read(tmp_path / "m.gguf")
+    assert back.config.quantization is None
+    want = dequantize_weights(weights, config.quantization)
+    assert sorted(back.weights) == sorted(want)
+    name = "model.layers.1.self_attn.k_proj.weight"
+    np.testing.assert_array_equal(back.weights[name], want[name])

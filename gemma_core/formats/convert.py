@@ -162,7 +162,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, d
     """Convert `src` (any supported format) to `dst` in format `to`.
 
     `dtype` casts floating tensors (float32, bfloat16, float16; `q8_0` for gguf); None keeps
-    them. The destination appears only once complete; an existing one is replaced only with
+    them. A quantised source (gemma_core.quant) stays quantised to `hf` and is dequantised
+    (float32) for the other formats. The destination appears only once complete; an existing one is replaced only with
     `overwrite=True`. Returns the checkpoint as written (canonical form).
     """
     if to not in FORMATS:
@@ -172,6 +173,13 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, d
         raise ConfigError(f"--dtype: {dtype!r} is not supported for {to} (supported: {', '.join(allowed)})")
     src, dst = _paths(src, dst, overwrite)
     ckpt = read(src, source_format, progress)
+    quant = ckpt.config.quantization
+    if quant is not None and to != "hf":  # other formats hold float weights: dequantise exactly
+        from gemma_core.quant import dequantize_weights
+
+        weights = dequantize_weights(ckpt.weights, quant)
+        ckpt = Checkpoint(ckpt.config.replace(quantization=None), weights, ckpt.tokenizer_model,
+                          ckpt.hf_files)
     gguf_type = GGUF_TYPES[dtype] if to == "gguf" and dtype is not None else None
     if dtype is not None and dtype != "q8_0":
         ckpt.weights = cast(ckpt.weights, dtype)

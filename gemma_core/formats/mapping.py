@@ -205,7 +205,7 @@ def _check_coverage(table: Table, config: GemmaConfig) -> None:
     """Every canonical tensor is consumed by exactly one row (a table bug otherwise)."""
     if getattr(config, "quantization", None) is not None:
         raise ConfigError(f"quantization: {table.name} conversion takes floating-point weights; "
-                          "dequantise the checkpoint first")
+                          "gemma convert dequantises a quantised checkpoint for it")
     wanted = set(expected_shapes(config))
     used: list[str] = [s for _, sources, _ in _instances(table, config) for s in sources]
     missing = sorted(wanted - set(used))
