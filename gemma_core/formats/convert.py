@@ -163,8 +163,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, d
 
     `dtype` casts floating tensors (float32, bfloat16, float16; `q8_0` for gguf); None keeps
     them. A quantised source (gemma_core.quant) stays quantised to `hf` and is dequantised
-    (float32) for the other formats. The destination appears only once complete; an existing one is replaced only with
-    `overwrite=True`. Returns the checkpoint as written (canonical form).
+    (float32) for the other formats. The destination appears only once complete; an existing
+    one is replaced only with `overwrite=True`. Returns the checkpoint as written (canonical form).
     """
     if to not in FORMATS:
         raise ConfigError(f"--to: unknown format {to!r} (known: {', '.join(FORMATS)})")
