@@ -148,6 +148,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{key:<17} {hf[key]}")
     local = sum(config.is_local(i) for i in range(config.num_layers))
     print(f"layers            {config.num_layers - local} global, {local} local")
+    quant = config.quantization
+    if quant is not None:
+        group = f", groups of {quant.group_size}" if quant.group_size else ""
+        print(f"quantization      {quant.scheme}{group}, embedding {quant.embedding}")
     return 0
 
 

@@ -178,6 +178,8 @@ def test_cli_quantize_then_generate(tmp_path: Path, spm_file: Path,
     assert main(["quantize", str(src), str(tmp_path / "bad"), "--bits", "4", "--group-size", "48"]) == 2
     assert "group_size: 48 is not supported" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+    assert main(["info", "--model", str(tmp_path / "q4")]) == 0
+    assert "quantization      int4, groups of 32, embedding int8" in capsys.readouterr().out
     args = ["generate", "--model", str(tmp_path / "q4"), "--max-new-tokens", "4", "--greedy", "hello"]
     assert main(args) == 0
     quantised = capsys.readouterr().out
