@@ -25,12 +25,23 @@ def compare_logits(ref: np.ndarray, cand: np.ndarray, real: np.ndarray,
         err = float(np.abs(r - c).max() / max(r.std(), 1e-30))
         return err <= tol.logits_scale, f"max|diff|/std {err:.2e} (bound {tol.logits_scale:.0e})"
     assert tol.top1_agreement is not None and tol.mean_kl is not None
-    top1 = float((r.argmax(-1) == c.argmax(-1)).mean())
-    p, q = _softmax(r), _softmax(c)
-    kl = float((p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1).mean())
+    top1, kl = logit_distance(r, c)
     ok = top1 >= tol.top1_agreement and kl <= tol.mean_kl
-    return ok, (f"top-1 agreement {top1:.3f} (bound >= {tol.top1_agreement}), "
+    return ok, (f"top-1 agreement {top1:.3f} (bound >= {tol.top1_agreement:.3g}), "
                 f"mean KL {kl:.2e} (bound {tol.mean_kl:.0e})")
+
+
+def logit_distance(ref: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(ref || cand)) of logits `[N, V]`."""
+    top1 = float((ref.argmax(-1) == cand.argmax(-1)).mean())
+    p, q = _softmax(ref.astype(np.float64)), _softmax(cand.astype(np.float64))
+    return top1, float((p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1).mean())
+
+
+def relative_l2(ref: np.ndarray, cand: np.ndarray) -> float:
+    """||cand - ref|| / ||ref||."""
+    r, c = ref.astype(np.float64), cand.astype(np.float64)
+    return float(np.linalg.norm(r - c)) / max(float(np.linalg.norm(r)), 1e-30)
 
 
 def compare_tensor(ref: np.ndarray, cand: np.ndarray, tol: Tolerance) -> tuple[bool, str]:
@@ -46,7 +57,7 @@ def compare_tensor(ref: np.ndarray, cand: np.ndarray, tol: Tolerance) -> tuple[b
         err = float(np.abs(r - c).max() / max(r.std(), 1e-30))
         return err <= tol.cache_scale, f"max|diff|/std {err:.2e} (bound {tol.cache_scale:.0e})"
     assert tol.cache_rel_l2 is not None
-    err = float(np.linalg.norm(r - c)) / max(float(np.linalg.norm(r)), 1e-30)
+    err = relative_l2(r, c)
     return err <= tol.cache_rel_l2, f"relative L2 {err:.2e} (bound {tol.cache_rel_l2:.0e})"
 
 

@@ -43,3 +43,29 @@ TOLERANCES: dict[str, Tolerance] = {
     "float16": Tolerance("float16", top1_agreement=0.98, mean_kl=2e-3, cache_rel_l2=4e-3,
                          op_rtol=2.0**-8, op_atol_scale=2.0**-10),
 }
+
+
+# bf16/fp16 on a deep model with real weights: the emulated reference itself sits some distance
+# from the exact (float64) answer, and a conformant backend that rounds elsewhere (fused kernels,
+# float32 intermediates) sits at a similar distance in another direction. Measured on the real
+# Gemma 3 270M, bf16, 17 prefill positions: numpy-bf16 vs float64 KL 1.0e-2, top-1 0.88;
+# torch/jax/tensorflow-bf16 vs numpy-bf16 KL 0.8-1.1e-2, top-1 0.82-0.94, and single decode steps
+# (two positions) up to 2.6e-2. A narrow-dtype bound is therefore the table's value or
+# ORACLE_SLACK times the reference's own largest error against the float64 oracle so far in the
+# run (top-1: its disagreement), whichever is looser. On the tiny catalogue models the
+# reference's own error is small (KL <= 4e-4), so the table's values govern there.
+ORACLE_SLACK = 3.0
+
+
+def widen_logits(tol: Tolerance, ref_top1: float, ref_kl: float) -> Tolerance:
+    """`tol` with its logit bounds loosened to the reference's own error (see ORACLE_SLACK)."""
+    assert tol.top1_agreement is not None and tol.mean_kl is not None
+    top1 = 1.0 - ORACLE_SLACK * (1.0 - ref_top1)
+    return dataclasses.replace(tol, top1_agreement=min(tol.top1_agreement, top1),
+                               mean_kl=max(tol.mean_kl, ORACLE_SLACK * ref_kl))
+
+
+def widen_cache(tol: Tolerance, ref_rel_l2: float) -> Tolerance:
+    """`tol` with its cache bound loosened to the reference's own error (see ORACLE_SLACK)."""
+    assert tol.cache_rel_l2 is not None
+    return dataclasses.replace(tol, cache_rel_l2=max(tol.cache_rel_l2, ORACLE_SLACK * ref_rel_l2))

@@ -102,3 +102,15 @@ def test_greedy_continuations_equal_transformers(ours: gemma_core.Model, hf) -> 
 def test_embedded_default_generates_coherent_text(ours: gemma_core.Model) -> None:
     text = ours.generate("The capital of France is", max_new_tokens=12).texts[0]
     assert "France" in text or "Paris" in text
+
+
+@pytest.mark.parametrize("backend", [b for b in gemma_core.installed_backends() if b != "numpy"])
+def test_bfloat16_conformance_on_the_real_model(gguf_path: str, backend: str) -> None:
+    """A left-padded batch and four decode steps in bf16 against the numpy-bf16 reference, the
+    bounds following the reference's own error against float64 (conformance/tolerances.py)."""
+    from conformance import run_conformance
+
+    results = run_conformance([backend], ("bfloat16",), model=gguf_path)
+    cells = {r.case: r for r in results}
+    model_case = next(r for name, r in cells.items() if name.startswith("model:"))
+    assert model_case.status == "pass", model_case.detail

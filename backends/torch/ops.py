@@ -46,6 +46,10 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, scheme: str, group_siz
     return (levels * scale[..., None]).view(o, i).to(dtype)
 
 
+# Query x key positions up to which narrow-dtype CPU attention runs as float32 matmuls.
+SMALL_SCORES = 1 << 18
+
+
 def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
     """The op table computing in `dtype`."""
     dt = DTYPES[dtype]
@@ -114,13 +118,19 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         # additive finite minimum (as transformers' eager path): a fully masked pad row stays finite
         bias = torch.where(mask, 0.0, fmin).to(q.dtype)
         groups = q.shape[1] // keys.shape[1]
-        if softcap is None and q.shape[2] > 1:  # decode (one query) is cheaper as plain matmuls
+        b, n, t, h = q.shape
+        cpu_narrow = q.device.type == "cpu" and upcast
+        # SDPA where no softcap applies, except where float32 matmuls are both cheaper and closer
+        # to the exact result: decode (one query), and narrow dtypes on the CPU while the score
+        # matrix is small (CPU bf16 SDPA put the real 270M's decode logits 10x further from the
+        # float64 oracle than the bf16 reference is: KL 3e-2 against 3e-3)
+        small = cpu_narrow and t * keys.shape[2] <= SMALL_SCORES
+        if softcap is None and t > 1 and not small:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
                                                   enable_gqa=groups > 1)
-        b, n, t, h = q.shape
         kv = keys.shape[1]
-        if q.device.type == "cpu" and upcast:  # CPU bf16/fp16 batched matmuls of this size are
-            q, keys, values = q.float(), keys.float(), values.float()  # ~3x slower than float32
+        if cpu_narrow:  # CPU bf16/fp16 batched matmuls of this size are ~3x slower than float32
+            q, keys, values = q.float(), keys.float(), values.float()
         # query head h reads kv head h // groups: the heads of one group share a matmul
         scores = (q.reshape(b, kv, groups * t, h) @ keys.transpose(-1, -2)) * scale  # [B,K,G*T,S]
         if softcap is not None:
