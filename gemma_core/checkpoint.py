@@ -19,7 +19,7 @@ import numpy as np
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import CheckpointError, ConfigError
 from gemma_core.layout import LM_HEAD, validate_weights
-from gemma_core.quant import SCALE_SUFFIX
+from gemma_core.quant import SCALE_SUFFIX, keeps_dtype
 from gemma_core.safetensors_io import read_safetensors, write_safetensors
 
 INDEX = "model.safetensors.index.json"
@@ -131,8 +131,8 @@ def save_checkpoint(folder: str | os.PathLike[str], config: GemmaConfig,
     tensors = {k: v for k, v in weights.items()
                if not (config.tie_word_embeddings and k in (LM_HEAD, LM_HEAD + SCALE_SUFFIX))}
     if dtype is not None:  # floating weights only: quantised values and their scales are kept
-        tensors = {k: v if np.asarray(v).dtype.kind in "iu" or k.endswith(SCALE_SUFFIX)
-                   else np.asarray(v).astype(_SAVE_DTYPES[dtype]) for k, v in tensors.items()}
+        tensors = {k: v if keeps_dtype(k, v) else np.asarray(v).astype(_SAVE_DTYPES[dtype])
+                   for k, v in tensors.items()}
     shards = _plan_shards(tensors, max_shard_bytes)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -233,7 +233,7 @@ def fuse_projections(ops: Sequence[Op], shapes: Mapping[str, tuple[int, ...]],
         name = f"{parent}.{{{kinds}}}_proj.weight"
         fused[name] = sources
         params = (name,) if op.kind == "linear" else (name, name + SCALE_SUFFIX)
-        tmp = f"{'+'.join(o for g in group for o in g.outputs)}"
+        tmp = "+".join(o for g in group for o in g.outputs)
         out.append(Op(op.kind, op.inputs, (tmp,), params, op.attrs, op.layer))
         sizes = tuple(shapes[src][0] for src in sources)
         out.append(Op("split", (tmp,), tuple(o for g in group for o in g.outputs), (),

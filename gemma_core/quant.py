@@ -129,9 +129,10 @@ def parse_scheme(text: str, group_size: int | None = None, embedding: str | bool
     return QuantConfig(scheme=scheme, group_size=group_size, embedding=embedding)
 
 
-def is_quantized_name(name: str, quant: QuantConfig) -> bool:
-    """Whether the canonical tensor `name` is stored quantised under `quant`."""
-    return quant.scheme_for(name) is not None
+def keeps_dtype(name: str, array: Any) -> bool:
+    """Whether a stored tensor keeps its dtype when the float weights are cast: quantised values
+    (integers) and their `_scale` tensors do."""
+    return np.asarray(array).dtype.kind in "iub" or name.endswith(SCALE_SUFFIX)
 
 
 def stored_shapes(name: str, shape: tuple[int, ...], scheme: str,
@@ -242,7 +243,7 @@ def quantize_weights(weights: Mapping[str, np.ndarray], quant: QuantConfig,
     A tensor shared by two names (a tied LM head) is quantised once."""
     out: dict[str, np.ndarray] = {}
     done: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    todo = [n for n in weights if is_quantized_name(n, quant)]
+    todo = [n for n in weights if quant.scheme_for(n) is not None]
     for name, w in weights.items():
         scheme = quant.scheme_for(name)
         if scheme is None:

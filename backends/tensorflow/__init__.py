@@ -21,7 +21,7 @@ import tensorflow as tf
 from backends.tensorflow.ops import DTYPES, make_op_table
 from gemma_core.backend import Backend, StepFn
 from gemma_core.errors import BackendError
-from gemma_core.quant import SCALE_SUFFIX
+from gemma_core.quant import keeps_dtype
 
 
 class TensorflowBackend(Backend):
@@ -54,11 +54,12 @@ class TensorflowBackend(Backend):
         with tf.device(self.device(device)):
             for name, w in weights.items():
                 if id(w) not in made:
-                    w = np.asarray(w)
-                    if w.dtype.kind in "iu" or (quant is not None and name.endswith(SCALE_SUFFIX)):
-                        made[id(w)] = keras.Variable(w, dtype=w.dtype.name, name=name, trainable=False)
+                    array = np.asarray(w)
+                    if keeps_dtype(name, array):
+                        made[id(w)] = keras.Variable(array, dtype=array.dtype.name, name=name,
+                                                     trainable=False)
                     else:
-                        made[id(w)] = keras.Variable(np.asarray(w, np.float32), dtype=dtype, name=name)
+                        made[id(w)] = keras.Variable(np.asarray(array, np.float32), dtype=dtype, name=name)
                 out[name] = made[id(w)]
         return out
 

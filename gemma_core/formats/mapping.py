@@ -24,7 +24,7 @@ import numpy as np
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import ConfigError, WeightError
 from gemma_core.layout import LM_HEAD, _symbols, expected_shapes, key_set_problems, validate_weights
-from gemma_core.quant import SCALE_SUFFIX
+from gemma_core.quant import keeps_dtype
 
 Progress = Callable[[int, int], None]
 
@@ -294,7 +294,8 @@ def from_format(table: Table, config: GemmaConfig, tensors: Mapping[str, Any], s
 
 
 def cast(weights: Mapping[str, np.ndarray], dtype: str | None) -> dict[str, np.ndarray]:
-    """Floating tensors cast to `dtype` (float32, bfloat16, float16); None keeps them."""
+    """Floating tensors cast to `dtype` (float32, bfloat16, float16); None keeps them. Quantised
+    values and their scales keep their dtypes (gemma_core.quant.keeps_dtype)."""
     if dtype is None:
         return dict(weights)
     import ml_dtypes
@@ -303,9 +304,8 @@ def cast(weights: Mapping[str, np.ndarray], dtype: str | None) -> dict[str, np.n
                "float16": np.dtype(np.float16)}
     if dtype not in targets:
         raise ConfigError(f"dtype: cannot convert to {dtype!r} (supported: {', '.join(targets)})")
-    # quantised values (integers) and their scales (gemma_core.quant) keep their dtypes
-    return {k: v if np.asarray(v).dtype.kind in "iub" or k.endswith(SCALE_SUFFIX)
-            else np.asarray(v).astype(targets[dtype]) for k, v in weights.items()}
+    return {k: v if keeps_dtype(k, v) else np.asarray(v).astype(targets[dtype])
+            for k, v in weights.items()}
 
 
 def dtype_name(weights: Mapping[str, np.ndarray]) -> str:
@@ -316,7 +316,7 @@ def dtype_name(weights: Mapping[str, np.ndarray]) -> str:
              np.dtype(np.float16): "float16"}
     counts: dict[str, int] = {}
     for k, v in weights.items():
-        if np.asarray(v).dtype.kind in "iub" or k.endswith(SCALE_SUFFIX):  # quantisation's own
+        if keeps_dtype(k, v):  # quantised values and scales say nothing of the float dtype
             continue
         name = names.get(np.asarray(v).dtype, "float32")
         counts[name] = counts.get(name, 0) + 1
