@@ -104,6 +104,7 @@ class _Oracle:
         narrow = tol.top1_agreement is not None
         self.model = Model(config, weights, backend="numpy", dtype="float64") if narrow else None
         self.out: Any = None
+        self.state: Any = None  # self.out's cache, exported
         self.top1, self.kl = 1.0, 0.0  # the reference's largest logit error so far
 
     def forward(self, ids: np.ndarray, mask: Any, max_length: int | None = None) -> None:
@@ -111,6 +112,7 @@ class _Oracle:
             return
         cache = self.model.new_cache(len(ids), max_length) if max_length else self.out.cache
         self.out = self.model.forward(ids, mask, cache, last_only=max_length is None)
+        self.state = self.model.export_cache(self.out.cache)
 
     def logits_tol(self, tol: Tolerance, ref_logits: np.ndarray, real: np.ndarray) -> Tolerance:
         """The bounds loosened to the reference's own error: the largest of this run so far, as
@@ -125,8 +127,7 @@ class _Oracle:
                   pad: np.ndarray) -> Tolerance:
         if self.model is None:
             return tol
-        state = self.model.export_cache(self.out.cache)
-        exact = (state.keys if kind == "keys" else state.values)[layer]
+        exact = (self.state.keys if kind == "keys" else self.state.values)[layer]
         return widen_cache(tol, relative_l2(np.where(pad, 0.0, exact), ref_tensor))
 
 

@@ -127,6 +127,19 @@ class Backend(abc.ABC):
         return step
 
 
+def per_weights(make: Callable[[Mapping[str, Any]], Any]) -> Callable[[Mapping[str, Any]], Any]:
+    """`make(weights)` once per weight set (a compiled step that captures its weights rather
+    than taking them as arguments), kept with the weights so their id stays theirs."""
+    made: dict[int, tuple[Mapping[str, Any], Any]] = {}
+
+    def get(weights: Mapping[str, Any]) -> Any:
+        if id(weights) not in made:
+            made[id(weights)] = (weights, make(weights))
+        return made[id(weights)][1]
+
+    return get
+
+
 def default_backend_name() -> str:
     """`GEMMA_BACKEND` if set, else numpy. An explicit argument always wins over this."""
     return os.environ.get("GEMMA_BACKEND") or DEFAULT_BACKEND

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from backends.tensorflow.ops import DTYPES, make_op_table
-from gemma_core.backend import Backend, StepFn
+from gemma_core.backend import Backend, StepFn, per_weights
 from gemma_core.errors import BackendError
 from gemma_core.quant import keeps_dtype
 
@@ -99,14 +99,8 @@ class TensorflowBackend(Backend):
         `run.traced(weights)` is the compiled function (for its tracing count)."""
         if options.get("compile") is False:
             return step
-        compiled: dict[int, tuple[Mapping[str, Any], Any]] = {}
-
-        def traced(weights: Mapping[str, Any]) -> Any:
-            if id(weights) not in compiled:  # the weights are kept, so their id stays theirs
-                fn = tf.function(lambda env: step(weights, dict(env)), jit_compile=True,
-                                 reduce_retracing=False)
-                compiled[id(weights)] = (weights, fn)
-            return compiled[id(weights)][1]
+        traced = per_weights(lambda weights: tf.function(
+            lambda env: step(weights, dict(env)), jit_compile=True, reduce_retracing=False))
 
         def run(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
             with tf.device(self.device(options.get("device"))):

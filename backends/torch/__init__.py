@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from backends.torch.ops import DTYPES, make_op_table
-from gemma_core.backend import Backend, StepFn
+from gemma_core.backend import Backend, StepFn, per_weights
 from gemma_core.errors import BackendError
 from gemma_core.layout import EMBED
 
@@ -110,18 +110,13 @@ class TorchBackend(Backend):
         run: StepFn = step
         if options.get("compile"):
             # one compiled function per weight set, the weights captured rather than passed:
-            # guarding ~300 weight arguments cost ~1.2 ms a decode step (Gemma 3 270M, CPU)
-            compiled: dict[int, tuple[Mapping[str, Any], Any]] = {}
-
-            def traced(weights: Mapping[str, Any]) -> Any:
-                if id(weights) not in compiled:  # the weights are kept, so their id stays theirs
-                    # on the CPU a C++ wrapper launches the kernels (~1 ms a step less than
-                    # Python's); on CUDA, graphs replay them
-                    fn = torch.compile(lambda env: step(weights, env), dynamic=False, fullgraph=True,
-                                       mode="reduce-overhead" if cuda else None,
-                                       options=None if cuda else {"cpp_wrapper": True})
-                    compiled[id(weights)] = (weights, fn)
-                return compiled[id(weights)][1]
+            # guarding ~300 weight arguments cost ~1.2 ms a decode step (Gemma 3 270M, CPU). On
+            # the CPU a C++ wrapper launches the kernels (~1 ms a step less than Python's); on
+            # CUDA, graphs replay them.
+            traced = per_weights(lambda weights: torch.compile(
+                lambda env: step(weights, env), dynamic=False, fullgraph=True,
+                mode="reduce-overhead" if cuda else None,
+                options=None if cuda else {"cpp_wrapper": True}))
 
             def replay(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
                 if not cuda:
