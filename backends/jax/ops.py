@@ -32,11 +32,15 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 
 
 def dequantize(values: jax.Array, scale: jax.Array, scheme: str, group_size: int | None) -> jax.Array:
-    """Float32 weight rows `[..., I]` of gemma-core quantised values (int8 `[..., I]`, or
-    nibble-packed uint8 `[..., I/2]`) and their float32 scales (gemma_core.quant)."""
+    """Float32 weight rows `[..., I]` of gemma-core quantised values (int8 `[..., I]`; 4-bit
+    codes nibble-packed, uint8 `[..., I/2]`, or one per byte, `[..., I]`, see
+    JaxBackend.prepare_quantized) and their float32 scales (gemma_core.quant)."""
     if scheme == "int8":
         return values.astype(jnp.float32) * scale[..., None]
-    codes = jnp.stack([values & 15, values >> 4], axis=-1).reshape(*values.shape[:-1], -1)
+    inputs = scale.shape[values.ndim - 1] * group_size
+    codes = values
+    if values.shape[-1] != inputs:
+        codes = jnp.stack([values & 15, values >> 4], axis=-1).reshape(*values.shape[:-1], -1)
     groups = codes.reshape(*codes.shape[:-1], -1, group_size)
     if scheme == "int4":  # codes * step + offset per group
         out = groups.astype(jnp.float32) * scale[..., 0:1] + scale[..., 1:2]
@@ -45,12 +49,14 @@ def dequantize(values: jax.Array, scale: jax.Array, scheme: str, group_size: int
     return out.reshape(codes.shape)
 
 
-def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
-    """The op table computing in `dtype`."""
+def make_op_table(dtype: str, cpu: bool | None = None) -> dict[str, Callable[..., Any]]:
+    """The op table computing in `dtype`, with the CPU's formulations of the products or (`cpu`
+    False) the accelerators' ones; by default those of JAX's default backend."""
     dt = DTYPES[dtype]
     f32 = jnp.float64 if dtype == "float64" else jnp.float32
     fmin = jnp.finfo(dt).min
-    cpu = jax.default_backend() == "cpu"
+    if cpu is None:
+        cpu = jax.default_backend() == "cpu"
 
     def embed(ids: jax.Array, table: jax.Array, *, scale: float) -> jax.Array:
         return jnp.take(table, ids, axis=0) * jnp.asarray(scale, dt)  # the scale rounded to the dtype
@@ -132,6 +138,13 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
 
     def qlinear(x: jax.Array, values: jax.Array, scale: jax.Array, *, scheme: str,
                 group_size: int | None) -> jax.Array:
+        if cpu:  # XLA CPU fuses the dequantisation into its float32 GEMM (see `dot`)
+            if scheme == "int8":  # the per-channel scale after the product
+                return ((x.astype(f32) @ values.astype(f32).T) * scale).astype(dt)
+            return (x.astype(f32) @ dequantize(values, scale, scheme, group_size).T).astype(dt)
+        if scheme == "int8":  # int8 values are exact in bf16/fp16: XLA fuses the convert into the dot
+            y = jnp.einsum("...i,oi->...o", x, values.astype(dt), preferred_element_type=f32)
+            return (y * scale).astype(dt)
         return linear(x, dequantize(values, scale, scheme, group_size).astype(dt))
 
     def qembed(ids: jax.Array, values: jax.Array, scale: jax.Array, *, scheme: str,

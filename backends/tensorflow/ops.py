@@ -61,12 +61,14 @@ def dequantize(values: tf.Tensor, scale: tf.Tensor, scheme: str, group_size: int
     return tf.reshape(out, tf.shape(codes))
 
 
-def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
-    """The op table computing in `dtype`."""
+def make_op_table(dtype: str, cpu: bool | None = None) -> dict[str, Callable[..., Any]]:
+    """The op table computing in `dtype`, with the CPU's formulations of the products or (`cpu`
+    False) the GPU's ones; by default the CPU's where TensorFlow sees no GPU."""
     dt = DTYPES[dtype]
     f32 = tf.float64 if dtype == "float64" else tf.float32
     fmin = dt.min
-    cpu = not tf.config.list_logical_devices("GPU")
+    if cpu is None:
+        cpu = not tf.config.list_logical_devices("GPU")
 
     def embed(ids: tf.Tensor, table: tf.Tensor, *, scale: float) -> tf.Tensor:
         return tf.gather(table, ids) * tf.constant(scale, dt)  # the scale rounded to the dtype
@@ -158,6 +160,15 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
 
     def qlinear(x: tf.Tensor, values: tf.Tensor, scale: tf.Tensor, *, scheme: str,
                 group_size: int | None) -> tf.Tensor:
+        if cpu:  # XLA CPU fuses the dequantisation into a float32 GEMM (see `linear`)
+            lead = tf.shape(x)[:-1]
+            x2 = tf.cast(tf.reshape(x, [-1, x.shape[-1]]), f32)
+            if scheme == "int8":  # the per-channel scale after the product
+                y = tf.matmul(x2, tf.cast(values, f32), transpose_b=True) * tf.cast(scale, f32)
+            else:
+                y = tf.matmul(x2, tf.cast(dequantize(values, scale, scheme, group_size), f32),
+                              transpose_b=True)
+            return tf.reshape(tf.cast(y, dt), tf.concat([lead, [values.shape[0]]], axis=0))
         return linear(x, tf.cast(dequantize(values, scale, scheme, group_size), dt))
 
     def qembed(ids: tf.Tensor, values: tf.Tensor, scale: tf.Tensor, *, scheme: str,
