@@ -28,8 +28,8 @@ ENGINES = ("transformers", "numpy", "torch", "torch-compile", "jax", "tensorflow
 # Opt-in engines: weight-only quantised torch (quantised on load; run them with --dtypes bfloat16,
 # the dtype torch's int8/int4 CPU kernels take), and llama.cpp (llama-cpp-python) on the GGUF
 # file itself (--model embedded or a .gguf), in the interpreter given by --llama-python.
-QUANT_ENGINES = tuple(f"{engine}-{scheme}" for engine in ("torch", "torch-compile", "jax", "tensorflow")
-                      for scheme in ("int8", "int4", "nf4"))
+QUANT_ENGINES = {f"{engine}-{scheme}": scheme for engine in ("torch", "torch-compile", "jax", "tensorflow")
+                 for scheme in ("int8", "int4", "int4-mixed", "nf4")}
 LLAMA = "llama.cpp"
 
 
@@ -115,7 +115,7 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
         import gemma_core
 
         backend = engine.split("-")[0]
-        quantize = engine.rsplit("-", 1)[1] if engine in QUANT_ENGINES else None
+        quantize = QUANT_ENGINES.get(engine)
         model = gemma_core.load(folder, backend=backend, dtype=dtype,
                                 device=device if backend == "torch" else None,
                                 compile=True if engine.startswith("torch-compile") else None,

@@ -13,17 +13,20 @@ import time
 from pathlib import Path
 
 TEXT = Path(__file__).parent.parent / "tests" / "data" / "quality.txt"
-SCHEMES = ("int8", "int4", "int4/64", "int4/128", "int4+int4-embedding", "nf4", "nf4+float-embedding")
+SCHEMES = ("int8", "int4", "int4-mixed", "int4+v_proj=int8", "int4+down_proj=int8", "int4/64", "int4/128",
+           "int4+int4-embedding", "nf4", "nf4+float-embedding")
 
 
 def parse(spec: str):  # type: ignore[no-untyped-def]
-    """`int4/64+int4-embedding` -> QuantConfig(int4, 64, embedding=int4)."""
-    from gemma_core.quant import QuantConfig
+    """`int4/64+int4-embedding+v_proj=int8` -> QuantConfig(int4, 64, embedding=int4,
+    modules={v_proj: int8}); a recipe name (int4-mixed) as the scheme."""
+    from gemma_core.quant import parse_scheme
 
-    head, _, embedding = spec.partition("+")
+    head, *extras = spec.split("+")
     scheme, _, group = head.partition("/")
-    return QuantConfig(scheme, int(group) if group else None,
-                       embedding=embedding.removesuffix("-embedding") or "int8")
+    embedding = next((e.removesuffix("-embedding") for e in extras if e.endswith("-embedding")), "int8")
+    modules = dict(e.split("=", 1) for e in extras if "=" in e)
+    return parse_scheme(scheme, int(group) if group else None, embedding=embedding, modules=modules)
 
 
 def main() -> int:

@@ -57,6 +57,11 @@ MODEL_CASES: tuple[ModelCase, ...] = (
     ModelCase("gemma2-int4-int8-embedding", ("quant: int4 projections, int8 tied embedding (the "
                                              "int4 default)",),
               "tiny-gemma2", lengths=(7, 4), decode_steps=2, changes={"quantization": QuantConfig("int4")}),
+    ModelCase("gemma2-int4-mixed-modules", ("quant: per-module schemes (v_proj int8, down_proj "
+                                            "float), projections fused only within a scheme",),
+              "tiny-gemma2", lengths=(8, 5), decode_steps=2, seed=4,
+              changes={"quantization": QuantConfig("int4", modules={"v_proj": "int8",
+                                                                     "down_proj": "float"})}),
     ModelCase("gemma1-int4-untied", ("quant: int4 groups of 32, an untied lm_head in int4 too",),
               "tiny-gemma", lengths=(9, 5), decode_steps=3, seed=2,
               changes={"quantization": QuantConfig("int4", 32, embedding="int4"),

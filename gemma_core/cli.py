@@ -58,12 +58,12 @@ def _load_model(args: argparse.Namespace) -> Any:
     if not args.model and not os.path.exists(path):
         raise GemmaError(f"{path}: the embedded model file is missing")
     quantize = None
-    if args.group_size is not None and not args.quantize:
-        raise GemmaError("--group-size applies with --quantize int4|nf4")
+    if (args.group_size is not None or args.quantize_modules) and not args.quantize:
+        raise GemmaError("--group-size and --quantize-modules apply with --quantize")
     if args.quantize:
         from gemma_core.quant import parse_scheme
 
-        quantize = parse_scheme(args.quantize, args.group_size)
+        quantize = parse_scheme(args.quantize, args.group_size, modules=args.quantize_modules or "")
     model = gemma_core.load(path, backend=args.backend, dtype=args.dtype, device=args.device,
                             progress=_Progress("loading"), quantize=quantize)
     if args.tokenizer:
@@ -150,8 +150,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"layers            {config.num_layers - local} global, {local} local")
     quant = config.quantization
     if quant is not None:
-        group = f", groups of {quant.group_size}" if quant.group_size else ""
-        print(f"quantization      {quant.scheme}{group}, embedding {quant.embedding}")
+        print(f"quantization      {quant.describe()}")
     return 0
 
 
@@ -315,7 +314,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     scheme = args.scheme or {8: "int8", 4: "int4"}[args.bits]
     if (args.bits == 8 and scheme != "int8") or (args.bits == 4 and scheme == "int8"):
         raise GemmaError(f"--scheme {scheme} does not store {args.bits} bits")
-    quant = parse_scheme(scheme, args.group_size, embedding=args.embedding)
+    quant = parse_scheme(scheme, args.group_size, embedding=args.embedding, modules=args.modules or "")
     bars: dict[str, _Progress] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -323,10 +322,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     ckpt = quantize(args.src, args.dst, quant, progress, overwrite=args.overwrite)
     stored = sum(v.nbytes for v in ckpt.weights.values())
-    print(f"{args.src} -> {args.dst}: {quant.scheme}"
-          f"{f' groups of {quant.group_size}' if quant.group_size else ''}, "
-          f"embedding {quant.embedding}, {stored / 2**20:.1f} MiB",
-          file=sys.stderr)
+    print(f"{args.src} -> {args.dst}: {quant.describe()}, {stored / 2**20:.1f} MiB", file=sys.stderr)
     return 0
 
 
@@ -338,9 +334,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help=f"backend (default: {default_backend_name()})")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64")
     p.add_argument("--device", default=None)
-    p.add_argument("--quantize", choices=("int8", "int4", "nf4"),
-                   help="quantise the weights on load (weight-only; fastest with --dtype bfloat16)")
+    p.add_argument("--quantize", choices=("int8", "int4", "int4-mixed", "nf4"),
+                   help="quantise the weights on load (weight-only; fastest with --dtype bfloat16); "
+                        "int4-mixed: int4 with v_proj and down_proj in int8, half int4's quality cost")
     p.add_argument("--group-size", type=int, help="int4/nf4 group size: 32 (default), 64 or 128")
+    p.add_argument("--quantize-modules", metavar="MODULE=SCHEME,...",
+                   help="projections stored otherwise in every layer, e.g. v_proj=int8,down_proj=int8 "
+                        "(more bits where 4 cost the most, as llama.cpp's Q4_K_M) or o_proj=float")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, help="sample at this temperature (0 = greedy)")
     p.add_argument("--top-k", type=int)
@@ -402,10 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output folder (written to a temporary path, renamed when complete)")
     p.add_argument("--bits", type=int, choices=(8, 4), required=True)
     p.add_argument("--group-size", type=int, help="4-bit group size: 32 (default), 64 or 128")
-    p.add_argument("--scheme", choices=("int8", "int4", "nf4"), help="4 bits: int4 (default) or nf4")
+    p.add_argument("--scheme", choices=("int8", "int4", "int4-mixed", "nf4"),
+                   help="4 bits: int4 (default), int4-mixed (v_proj and down_proj in int8) or nf4")
     p.add_argument("--embedding", choices=("int8", "int4", "nf4", "float"), default="int8",
                    help="the embedding and (tied) LM head: int8 (default, as llama.cpp's Q4_K_M), "
                         "4 bits, or float")
+    p.add_argument("--modules", metavar="MODULE=SCHEME,...",
+                   help="projections stored otherwise in every layer, e.g. v_proj=int8,down_proj=int8 "
+                        "(more bits where 4 cost the most, as llama.cpp's Q4_K_M) or o_proj=float")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_quantize)
 

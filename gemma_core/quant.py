@@ -45,6 +45,13 @@ NF4 = np.array([
 
 
 FLOAT = "float"
+# Named recipes: a scheme with module overrides. int4-mixed keeps the two projections where
+# 4 bits cost Gemma 3 270M the most at int8 (the perplexity cost on tests/data/quality.txt:
+# +71% for int4, +34% for int4-mixed, see benchmarks/results-quality.md).
+RECIPES: dict[str, tuple[str, dict[str, str]]] = {
+    "int4-mixed": ("int4", {"v_proj": "int8", "down_proj": "int8"}),
+}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +60,15 @@ class QuantConfig:
     scheme of the embedding (with the tied LM head, or an untied `lm_head.weight`): int8 by
     default, as llama.cpp's Q4_K_M files keep it at 8 bits (a 4-bit embedding and LM head cost a
     small model most of its quality), or "float" to keep it unquantised. `embedding=True` means
-    the projections' scheme, False "float"."""
+    the projections' scheme, False "float". `modules` overrides the scheme of some projections
+    in every layer, e.g. {"v_proj": "int8", "down_proj": "int8"} (llama.cpp's Q4_K_M likewise
+    gives attn_v and ffn_down more bits) or {"o_proj": "float"} (transformers'
+    `modules_to_not_convert`); held as sorted (module, scheme) pairs."""
 
     scheme: str = "int8"
     group_size: int | None = None
     embedding: str | bool = "int8"
+    modules: Mapping[str, str] | tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -68,7 +79,17 @@ class QuantConfig:
         if self.embedding not in (*SCHEMES, FLOAT):
             raise ConfigError(f"quantization embedding: unsupported value {self.embedding!r} "
                               f"(supported: {', '.join((*SCHEMES, FLOAT))})")
-        four_bit = self.scheme != "int8" or self.embedding in ("int4", "nf4")
+        modules = dict(self.modules.items() if isinstance(self.modules, Mapping) else self.modules)
+        for module, scheme in modules.items():
+            if module not in PROJECTIONS:
+                raise ConfigError(f"quantization modules: unknown projection {module!r} "
+                                  f"(known: {', '.join(PROJECTIONS)})")
+            if scheme not in (*SCHEMES, FLOAT):
+                raise ConfigError(f"quantization modules: {module}: unsupported scheme {scheme!r} "
+                                  f"(supported: {', '.join((*SCHEMES, FLOAT))})")
+        object.__setattr__(self, "modules", tuple(sorted(modules.items())))
+        used = {self.scheme, str(self.embedding), *modules.values()}
+        four_bit = bool(used & {"int4", "nf4"})
         if self.scheme == "int8" and self.group_size is not None and not four_bit:
             raise ConfigError("quantization group_size: int8 uses one scale per output channel; "
                               f"got group_size={self.group_size}")
@@ -79,15 +100,30 @@ class QuantConfig:
                 raise ConfigError(f"quantization group_size: {self.group_size!r} is not supported "
                                   f"(supported: {', '.join(map(str, GROUP_SIZES))})")
 
+    def describe(self) -> str:
+        """One line for people: `int4, groups of 32, embedding int8, v_proj int8`."""
+        group = f", groups of {self.group_size}" if self.group_size else ""
+        modules = "".join(f", {module} {scheme}" for module, scheme in self.modules)
+        return f"{self.scheme}{group}, embedding {self.embedding}{modules}"
+
     @property
     def bits(self) -> int:
         """Bits per stored weight of the projections."""
         return bits_of(self.scheme)
 
     def scheme_for(self, name: str) -> str | None:
-        """The scheme the canonical tensor `name` is stored in; None for float tensors."""
+        """The scheme the canonical tensor `name` is stored in; None for float tensors. A fused
+        projection (`...{q,k,v}_proj.weight`, gemma_core.graph.fuse_projections) has its parts'
+        scheme, which fusion requires to be one."""
         if name.endswith("_proj.weight") and name.startswith("model.layers."):
-            return self.scheme
+            module = name.rsplit(".", 2)[-2]  # q_proj, or {q,k,v}_proj
+            parts = module[1:-len("}_proj")].split(",") if module.startswith("{") else [module[:-5]]
+            overrides = dict(self.modules)
+            schemes = {overrides.get(part + "_proj", self.scheme) for part in parts}
+            if len(schemes) != 1:
+                raise ConfigError(f"{name}: fused projections in different schemes {sorted(schemes)}")
+            scheme = schemes.pop()
+            return None if scheme == FLOAT else scheme
         if name in ("model.embed_tokens.weight", "lm_head.weight") and self.embedding != FLOAT:
             return str(self.embedding)
         return None
@@ -98,8 +134,11 @@ class QuantConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The `quantization_config` entry of config.json."""
-        return {"quant_method": QUANT_METHOD, "scheme": self.scheme, "bits": self.bits,
-                "group_size": self.group_size, "embedding": self.embedding}
+        out = {"quant_method": QUANT_METHOD, "scheme": self.scheme, "bits": self.bits,
+               "group_size": self.group_size, "embedding": self.embedding}
+        if self.modules:
+            out["modules"] = dict(self.modules)
+        return out
 
     @classmethod
     def from_hf(cls, entry: Mapping[str, Any]) -> QuantConfig:
@@ -114,8 +153,11 @@ class QuantConfig:
         bits = entry.get("bits")
         if bits is not None and scheme in SCHEMES and bits != bits_of(scheme):
             raise ConfigError(f"quantization_config: bits {bits!r} do not match scheme {scheme!r}")
+        modules = entry.get("modules", {})
+        if not isinstance(modules, Mapping):
+            raise ConfigError(f"quantization_config: modules: expected an object, got {modules!r}")
         return cls(scheme=scheme, group_size=entry.get("group_size"),
-                   embedding=entry.get("embedding", "int8"))
+                   embedding=entry.get("embedding", "int8"), modules=modules)
 
 
 def bits_of(scheme: str) -> int:
@@ -123,10 +165,27 @@ def bits_of(scheme: str) -> int:
     return 8 if scheme == "int8" else 4
 
 
-def parse_scheme(text: str, group_size: int | None = None, embedding: str | bool = "int8") -> QuantConfig:
-    """A QuantConfig from a user's `int8` / `int4` / `nf4` (or `8` / `4`)."""
+def parse_scheme(text: str, group_size: int | None = None, embedding: str | bool = "int8",
+                 modules: str | Mapping[str, str] = ()) -> QuantConfig:
+    """A QuantConfig from a user's `int8` / `int4` / `nf4` (or `8` / `4`) or a recipe name
+    (RECIPES), and module overrides (added to a recipe's) as a mapping or as the command line's
+    `v_proj=int8,down_proj=int8`."""
     scheme = {"8": "int8", "4": "int4"}.get(str(text), str(text))
-    return QuantConfig(scheme=scheme, group_size=group_size, embedding=embedding)
+    scheme, base = RECIPES.get(scheme, (scheme, {}))
+    extra = parse_modules(modules) if isinstance(modules, str) else dict(modules)
+    return QuantConfig(scheme=scheme, group_size=group_size, embedding=embedding,
+                       modules={**base, **extra})
+
+
+def parse_modules(text: str) -> dict[str, str]:
+    """`v_proj=int8,down_proj=float` -> {"v_proj": "int8", "down_proj": "float"}."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        module, sep, scheme = item.partition("=")
+        if not sep or not module.strip() or not scheme.strip():
+            raise ConfigError(f"quantization modules: expected module=scheme, got {item!r}")
+        out[module.strip()] = {"8": "int8", "4": "int4"}.get(scheme.strip(), scheme.strip())
+    return out
 
 
 def keeps_dtype(name: str, array: Any) -> bool:

@@ -171,7 +171,7 @@ def test_cli_quantize_then_generate(tmp_path: Path, spm_file: Path,
     src = save_checkpoint(tmp_path / "f", config, random_weights(config, 1))
     (src / "tokenizer.model").write_bytes(spm_file.read_bytes())
     assert main(["quantize", str(src), str(tmp_path / "q4"), "--bits", "4", "--group-size", "32"]) == 0
-    assert "int4 groups of 32, embedding int8" in capsys.readouterr().err
+    assert "int4, groups of 32, embedding int8" in capsys.readouterr().err
     assert (tmp_path / "q4" / "tokenizer.model").is_file()
     assert main(["quantize", str(src), str(tmp_path / "q4"), "--bits", "8"]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
@@ -230,3 +230,66 @@ def test_a_quantised_checkpoint_converts_to_other_formats_dequantised(tmp_path: 
     assert sorted(back.weights) == sorted(want)
     name = "model.layers.1.self_attn.k_proj.weight"
     np.testing.assert_array_equal(back.weights[name], want[name])
+
+
+def test_module_overrides_store_some_projections_otherwise(tmp_path: Path) -> None:
+    quant = parse_scheme("int4", modules="v_proj=int8, down_proj=float")
+    assert quant.modules == (("down_proj", "float"), ("v_proj", "int8"))
+    assert quant.describe() == "int4, groups of 32, embedding int8, down_proj float, v_proj int8"
+    assert QuantConfig.from_hf(quant.to_hf()) == quant
+    model = gemma_core.load("tiny-gemma2", seed=3, quantize=quant)
+    stored = {op.params[0].split(".")[-2]: (op.kind, op.attrs.get("scheme"))
+              for op in model.graph if op.params and op.params[0].startswith("model.layers.0.")
+              and op.kind in ("linear", "qlinear")}
+    assert stored == {"q_proj": ("qlinear", "int4"), "k_proj": ("qlinear", "int4"),
+                      "v_proj": ("qlinear", "int8"), "o_proj": ("qlinear", "int4"),
+                      "gate_proj": ("qlinear", "int4"), "up_proj": ("qlinear", "int4"),
+                      "down_proj": ("linear", None)}
+    assert model.weights["model.layers.0.mlp.down_proj.weight"].dtype == np.float32
+    assert model.weights["model.layers.0.self_attn.v_proj.weight"].dtype == np.int8
+    folder = save_checkpoint(tmp_path / "q", model.config, model.weights)
+    hf = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert hf["modules"] == {"down_proj": "float", "v_proj": "int8"}
+    ids = np.array([[2, 9, 8, 7, 6]])
+    np.testing.assert_array_equal(gemma_core.load(str(folder)).forward(ids).logits,
+                                  model.forward(ids).logits)
+    mixed = parse_scheme("int4-mixed", modules="o_proj=float")  # a recipe, plus an override
+    assert mixed.modules == (("down_proj", "int8"), ("o_proj", "float"), ("v_proj", "int8"))
+    # an int8 model with a 4-bit override takes a group size
+    assert parse_scheme("int8", modules={"down_proj": "int4"}).group_size == 32
+
+
+def test_bad_module_overrides_are_named() -> None:
+    with pytest.raises(ConfigError, match="unknown projection 'w_proj'"):
+        parse_scheme("int4", modules="w_proj=int8")
+    with pytest.raises(ConfigError, match="v_proj: unsupported scheme 'int2'"):
+        parse_scheme("int4", modules="v_proj=int2")
+    with pytest.raises(ConfigError, match="expected module=scheme, got 'v_proj'"):
+        parse_scheme("int4", modules="v_proj")
+    with pytest.raises(ConfigError, match="modules: expected an object"):
+        QuantConfig.from_hf({"quant_method": "gemma-core", "scheme": "int4", "modules": ["v_proj"]})
+    with pytest.raises(ConfigError, match="fused projections in different schemes"):
+        parse_scheme("int4", modules="v_proj=int8").scheme_for(
+            "model.layers.0.self_attn.{q,k,v}_proj.weight")
+
+
+def test_cli_module_overrides(tmp_path: Path, spm_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = gemma_core.get_preset("tiny-gemma")
+    src = save_checkpoint(tmp_path / "f", config, random_weights(config, 1))
+    (src / "tokenizer.model").write_bytes(spm_file.read_bytes())
+    assert main(["quantize", str(src), str(tmp_path / "m"), "--bits", "4", "--scheme", "int4-mixed",
+                 "--modules", "o_proj=float"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--model", str(tmp_path / "m")]) == 0
+    assert ("quantization      int4, groups of 32, embedding int8, down_proj int8, o_proj float, "
+            "v_proj int8") in capsys.readouterr().out
+    args = ["generate", "--max-new-tokens", "3", "--greedy", "hello"]
+    assert main([*args, "--model", str(tmp_path / "m")]) == 0
+    saved = capsys.readouterr().out
+    assert main([*args, "--model", str(src), "--quantize", "int4-mixed",
+                 "--quantize-modules", "o_proj=float"]) == 0
+    assert capsys.readouterr().out == saved
+    assert main([*args, "--model", str(src), "--quantize-modules", "v_proj=int8"]) == 2
+    assert "apply with --quantize" in capsys.readouterr().err
+    assert main([*args, "--model", str(src), "--quantize", "int4", "--quantize-modules", "x=int8"]) == 2
+    assert "unknown projection 'x'" in capsys.readouterr().err
