@@ -98,8 +98,11 @@ def llama_worker(gguf: str, prompt_len: int, new_tokens: int, threads: int) -> d
             "first_call_s": warm_s, "compile_s": 0.0, "peak_rss_mb": _peak_mb()}
 
 
-def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, new_tokens: int) -> dict:
-    """Measure one engine in this process."""
+def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, new_tokens: int,
+           gguf: str | None = None) -> dict:
+    """Measure one engine in this process. Quantised engines read `gguf` (when the benchmark
+    model is one) and quantise it as it is read, as `gemma generate --quantize` does; their
+    weights equal those of quantising the float32 folder (tests/test_gguf.py)."""
     import numpy as np
     import torch
 
@@ -116,7 +119,7 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
 
         backend = engine.split("-")[0]
         quantize = QUANT_ENGINES.get(engine)
-        model = gemma_core.load(folder, backend=backend, dtype=dtype,
+        model = gemma_core.load(gguf if quantize and gguf else folder, backend=backend, dtype=dtype,
                                 device=device if backend == "torch" else None,
                                 compile=True if engine.startswith("torch-compile") else None,
                                 quantize=quantize)
@@ -213,16 +216,16 @@ def main() -> int:
             print(json.dumps(llama_worker(args.gguf, args.prompt_len, args.new_tokens, args.threads)))
         else:
             print(json.dumps(worker(*args.worker, args.folder, args.device, args.prompt_len,
-                                    args.new_tokens)))
+                                    args.new_tokens, args.gguf if args.gguf != "None" else None)))
         return 0
     engines = args.engines.split(",")
     gguf = None
-    if LLAMA in engines:
+    if args.model == "embedded" or args.model.endswith(".gguf"):
         from gemma_core.embedded import default_model_path
 
         gguf = default_model_path() if args.model == "embedded" else args.model
-        if not gguf.endswith(".gguf"):
-            parser.error("the llama.cpp engine needs --model embedded or a .gguf file")
+    if LLAMA in engines and gguf is None:
+        parser.error("the llama.cpp engine needs --model embedded or a .gguf file")
     with tempfile.TemporaryDirectory() as tmp:
         folder = _weights_folder(args.model, Path(tmp))
         rows = []

@@ -16,7 +16,7 @@ from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError, InputError, WeightError
 from gemma_core.graph import TASKS, bind, build_graph, cache_name, fuse_projections, run_bound
 from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, iter_params, validate_weights
-from gemma_core.quant import SCALE_SUFFIX
+from gemma_core.quant import SCALE_SUFFIX, QuantConfig, parse_scheme
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -301,7 +301,12 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
         if key.endswith(".gguf"):
             from gemma_core.formats.gguf import load_gguf
 
-            config, weights, tokenizer = load_gguf(key, progress=progress, **config_changes)
+            if quantize is not None and not isinstance(quantize, QuantConfig):
+                quantize = parse_scheme(quantize)
+            # quantised tensor by tensor as the file is read (the float32 model is never whole)
+            config, weights, tokenizer = load_gguf(key, progress=progress, quant=quantize,
+                                                   **config_changes)
+            quantize = None
         else:
             if config_changes:
                 raise ConfigError(f"config overrides apply to presets only, got {sorted(config_changes)}")
@@ -323,7 +328,7 @@ def quantize_model(config: GemmaConfig, weights: Mapping[str, np.ndarray], quant
                    task: str = "causal-lm",
                    progress: Any = None) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     """(config, weights) quantised with `quantize` (a scheme name or a `QuantConfig`)."""
-    from gemma_core.quant import QuantConfig, parse_scheme, quantize_weights
+    from gemma_core.quant import quantize_weights
 
     if config.quantization is not None:
         raise ConfigError(f"quantize: the weights are already quantised ({config.quantization.scheme})")

@@ -124,3 +124,22 @@ def test_bad_files(tmp_path: Path) -> None:
     q4 = write_gguf(tmp_path / "q4.gguf", config, weights, qtype="Q4_0")
     with pytest.raises(CheckpointError, match="quantisation type Q4_0, not supported"):
         load_gguf(q4)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-mixed"])
+def test_quantising_on_load_streams_rows_and_equals_quantising_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str) -> None:
+    from gemma_core.formats import gguf as gguf_format
+    from gemma_core.model import quantize_model
+
+    config = get_preset("tiny-gemma")
+    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config, 4), qtype="Q8_0")
+    monkeypatch.setattr(gguf_format, "QUANTIZE_ROWS", 7)  # several row blocks per tensor
+    streamed = gemma_core.load(str(path), quantize=scheme)
+    float_config, weights, _ = load_gguf(path)
+    want_config, want = quantize_model(float_config, weights, scheme)
+    assert streamed.config.quantization == want_config.quantization
+    got = dict(streamed.weights)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

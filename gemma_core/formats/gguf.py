@@ -20,6 +20,7 @@ from gemma_core.config import Architecture, AttentionKind, GemmaConfig, default_
 from gemma_core.errors import CheckpointError, ConfigError
 from gemma_core.formats.gguf_file import TensorInfo, read_gguf
 from gemma_core.layout import validate_weights
+from gemma_core.quant import SCALE_SUFFIX, QuantConfig, quantize
 
 _ARCHS = {"gemma": Architecture.GEMMA, "gemma2": Architecture.GEMMA2, "gemma3": Architecture.GEMMA3}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_K", "Q6_K")
@@ -159,9 +160,16 @@ def read_config(reader: _Reader, path: str = "", query_pre_attn_scalar: float | 
     )
 
 
+QUANTIZE_ROWS = 8192  # rows dequantised at a time when quantising on load
+
+
 def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
-    """Every tensor dequantised to float32 under its canonical name, norms shifted back by 1."""
+                 progress: Callable[[int, int], None] | None = None,
+                 quant: QuantConfig | None = None) -> dict[str, np.ndarray]:
+    """Every tensor dequantised to float32 under its canonical name, norms shifted back by 1.
+    With `quant`, the tensors it stores quantised are requantised as they are read, a block of
+    rows at a time (each scale covers part of one row), so the float32 model is never held
+    whole: the embedding alone is 671 MB in float32 for Gemma 3 270M."""
     import gguf
 
     out: dict[str, np.ndarray] = {}
@@ -174,16 +182,30 @@ def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
         if qtype.name not in SUPPORTED_TYPES:
             raise CheckpointError(f"{path}: tensor {t.name} has quantisation type {qtype.name}, not "
                                   f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
-        try:
-            w = np.asarray(gguf.quants.dequantize(t.data, qtype), np.float32).reshape(t.shape)
-        except Exception as e:
-            raise CheckpointError(f"{path}: tensor {t.name} could not be dequantised ({e})") from None
-        if name.endswith("norm.weight"):
-            w = w - np.float32(1.0)  # GGUF stores 1 + w
-        out[name] = w
+
+        def dequantized(data: np.ndarray, shape: tuple[int, ...], t: Any = t,
+                        qtype: Any = qtype) -> np.ndarray:
+            try:
+                return np.asarray(gguf.quants.dequantize(data, qtype), np.float32).reshape(shape)
+            except Exception as e:
+                raise CheckpointError(f"{path}: tensor {t.name} could not be dequantised ({e})") from None
+
+        scheme = quant.scheme_for(name) if quant is not None else None
+        if scheme is not None and len(t.shape) == 2:
+            rows = t.shape[0]
+            parts = [quantize(dequantized(t.data[r:r + QUANTIZE_ROWS], (-1, t.shape[1])), scheme,
+                              quant.group_for(scheme), name)  # type: ignore[union-attr]
+                     for r in range(0, rows, QUANTIZE_ROWS)]
+            out[name] = np.concatenate([v for v, _ in parts])
+            out[name + SCALE_SUFFIX] = np.concatenate([sc for _, sc in parts])
+        else:
+            w = dequantized(t.data, t.shape)
+            if name.endswith("norm.weight"):
+                w = w - np.float32(1.0)  # GGUF stores 1 + w
+            out[name] = w
         if progress is not None:
             progress(i + 1, len(tensors))
-    validate_weights(config, out)
+    validate_weights(config if quant is None else config.replace(quantization=quant), out)
     return out
 
 
@@ -233,14 +255,17 @@ def build_tokenizer_proto(reader: _Reader) -> bytes:
 
 def load_gguf(
     path: str | os.PathLike[str], *, query_pre_attn_scalar: float | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, quant: QuantConfig | None = None,
 ) -> tuple[GemmaConfig, dict[str, np.ndarray], Any]:
-    """(config, float32 weights, GemmaTokenizer or None) of a GGUF file."""
+    """(config, float32 weights, GemmaTokenizer or None) of a GGUF file; with `quant`, the
+    weights quantised as they are read and the config recording it (see `read_weights`)."""
     from gemma_core.tokenizer import GemmaTokenizer
 
     reader = open_gguf(path)
     config = read_config(reader, os.fspath(path), query_pre_attn_scalar)
-    weights = read_weights(reader, config, os.fspath(path), progress)
+    weights = read_weights(reader, config, os.fspath(path), progress, quant)
+    if quant is not None:
+        config = config.replace(quantization=quant)
     tokenizer = None
     if _field(reader, "tokenizer.ggml.tokens") is not None:
         fmt = "gemma3" if config.architecture is Architecture.GEMMA3 else "gemma"
