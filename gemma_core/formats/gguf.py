@@ -164,12 +164,11 @@ QUANTIZE_ROWS = 8192  # rows dequantised at a time when quantising on load
 
 
 def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
-                 progress: Callable[[int, int], None] | None = None,
-                 quant: QuantConfig | None = None) -> dict[str, np.ndarray]:
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Every tensor dequantised to float32 under its canonical name, norms shifted back by 1.
-    With `quant`, the tensors it stores quantised are requantised as they are read, a block of
-    rows at a time (each scale covers part of one row), so the float32 model is never held
-    whole: the embedding alone is 671 MB in float32 for Gemma 3 270M."""
+    Where `config.quantization` is set, the tensors it stores quantised are requantised as they
+    are read, a block of rows at a time (each scale covers part of one row), so the float32
+    model is never held whole: the embedding alone is 671 MB in float32 for Gemma 3 270M."""
     import gguf
 
     out: dict[str, np.ndarray] = {}
@@ -190,11 +189,12 @@ def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
             except Exception as e:
                 raise CheckpointError(f"{path}: tensor {t.name} could not be dequantised ({e})") from None
 
+        quant = config.quantization
         scheme = quant.scheme_for(name) if quant is not None else None
         if scheme is not None and len(t.shape) == 2:
             rows = t.shape[0]
             parts = [quantize(dequantized(t.data[r:r + QUANTIZE_ROWS], (-1, t.shape[1])), scheme,
-                              quant.group_for(scheme), name)  # type: ignore[union-attr]
+                              quant.group_for(scheme), name)
                      for r in range(0, rows, QUANTIZE_ROWS)]
             out[name] = np.concatenate([v for v, _ in parts])
             out[name + SCALE_SUFFIX] = np.concatenate([sc for _, sc in parts])
@@ -205,7 +205,7 @@ def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
             out[name] = w
         if progress is not None:
             progress(i + 1, len(tensors))
-    validate_weights(config if quant is None else config.replace(quantization=quant), out)
+    validate_weights(config, out)
     return out
 
 
@@ -263,9 +263,9 @@ def load_gguf(
 
     reader = open_gguf(path)
     config = read_config(reader, os.fspath(path), query_pre_attn_scalar)
-    weights = read_weights(reader, config, os.fspath(path), progress, quant)
     if quant is not None:
         config = config.replace(quantization=quant)
+    weights = read_weights(reader, config, os.fspath(path), progress)
     tokenizer = None
     if _field(reader, "tokenizer.ggml.tokens") is not None:
         fmt = "gemma3" if config.architecture is Architecture.GEMMA3 else "gemma"
