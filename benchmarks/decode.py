@@ -4,11 +4,18 @@ same weights, in the same run, with the ratio to transformers and each engine's 
     python benchmarks/decode.py                                  # Gemma 3 270M shape, random weights, CPU
     python benchmarks/decode.py --model embedded                 # the real Gemma 3 270M (GGUF, dequantised)
     python benchmarks/decode.py --model gemma-2b --device cuda --dtypes bfloat16 --out gpu.md
+    bash benchmarks/gpu.sh OUT_DIR                               # the GPU figures, one command
     python benchmarks/decode.py --model embedded --dtypes bfloat16 \
         --engines transformers,torch,torch-int8,torch-int4,llama.cpp --llama-python /path/to/python
 
 Each engine runs in its own process (so peak memory is its own); weights are written once as a
 Hugging Face folder that every engine loads. Compile time is reported apart from speed.
+
+Batch-1 decode reads every weight once a token, so memory bandwidth caps it: the table gives
+each engine's decode speed as a share of that cap, the bytes of weights it reads a token (the
+tied embedding once, as the LM head; quantised values and scales as stored) times its tokens/s
+over the device's copy bandwidth (bytes read and written a second by a device-to-device copy of
+1 GiB, measured in the same run).
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ ENGINES = ("transformers", "numpy", "torch", "torch-compile", "jax", "tensorflow
 QUANT_ENGINES = {f"{engine}-{scheme}": scheme for engine in ("torch", "torch-compile", "jax", "tensorflow")
                  for scheme in ("int8", "int4", "int4-mixed", "nf4")}
 LLAMA = "llama.cpp"
+# transformers with its static cache (`cache_implementation="static"`), as its docs advise for speed
+HF_STATIC = "transformers-static"
 
 
-def _weights_folder(model: str, work: Path) -> Path:
-    """A Hugging Face folder holding the benchmark weights (float32)."""
+def _weights_folder(model: str, work: Path, dtype: str = "float32") -> Path:
+    """A Hugging Face folder holding the benchmark weights (random ones in `dtype`)."""
     import gemma_core
     from gemma_core.checkpoint import save_checkpoint
     from gemma_core.embedded import default_model_path
@@ -49,8 +58,53 @@ def _weights_folder(model: str, work: Path) -> Path:
     else:
         config = gemma_core.get_preset(model)
         weights = random_weights(config, 0)
-    save_checkpoint(folder, config, weights)
+    save_checkpoint(folder, config, weights, dtype=dtype)
     return folder
+
+
+def weight_bytes(config: Any, dtype: str) -> int:
+    """Bytes of weights that one decode step of a gemma-core model reads (see the docstring)."""
+    import numpy as np
+
+    from gemma_core.layout import iter_params
+    from gemma_core.quant import stored_dtype, stored_shapes
+
+    quant = config.quantization
+    total = 0
+    for name, shape, _ in iter_params(config):
+        scheme = quant.scheme_for(name) if quant is not None else None
+        if scheme is None:
+            total += int(np.prod(shape)) * _ITEMSIZE[dtype]
+            continue
+        for stored, stored_shape in stored_shapes(name, shape, scheme, quant.group_size).items():
+            size = 4 if stored.endswith("_scale") else stored_dtype(scheme).itemsize
+            total += int(np.prod(stored_shape)) * size
+    return total
+
+
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def bandwidth_worker(device: str) -> dict:
+    """Copy bandwidth of `device`: bytes read and written a second by copying 1 GiB (best of 5)."""
+    import torch
+
+    src = torch.ones(2**28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = float("inf")
+    for _ in range(6):  # the first copy is a warm-up (page faults, clocks)
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t0) if _ else best
+    import platform
+
+    name = (torch.cuda.get_device_name(src.device) if src.is_cuda
+            else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    return {"engine": "bandwidth", "device": device, "name": name,
+            "copy_gb_s": 2 * src.nbytes / best / 1e9}
 
 
 def _peak_mb() -> float:
@@ -95,7 +149,8 @@ def llama_worker(gguf: str, prompt_len: int, new_tokens: int, threads: int) -> d
     return {"engine": LLAMA, "dtype": "Q4_K_M", "device": "cpu",
             "prefill_tok_s": prompt_len / _median([r[0] for r in runs]),
             "decode_tok_s": 1.0 / _median([r[1] for r in runs]), "load_s": load_s,
-            "first_call_s": warm_s, "compile_s": 0.0, "peak_rss_mb": _peak_mb()}
+            "first_call_s": warm_s, "compile_s": 0.0, "peak_rss_mb": _peak_mb(),
+            "weight_bytes": os.path.getsize(gguf)}  # the file: its weights and a small header
 
 
 def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, new_tokens: int,
@@ -108,12 +163,13 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
 
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    if engine == "transformers":
+    if engine in ("transformers", HF_STATIC):
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
         vocab = model.config.vocab_size
+        read_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
     else:
         import gemma_core
 
@@ -124,6 +180,7 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
                                 compile=True if engine.startswith("torch-compile") else None,
                                 quantize=quantize)
         vocab = model.config.vocab_size
+        read_bytes = weight_bytes(model.config, dtype)
     load_s = time.perf_counter() - t0
     ids = rng.integers(3, vocab, (1, prompt_len))
     ids[0, 0] = 2
@@ -141,11 +198,12 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
         """(time to the first new token, seconds per later token) of one greedy generation."""
         stamps.clear()
         t0 = time.perf_counter()
-        if engine == "transformers":
+        if engine in ("transformers", HF_STATIC):
+            static = {"cache_implementation": "static"} if engine == HF_STATIC else {}
             with torch.inference_mode():
                 model.generate(torch.from_numpy(ids).to(device), max_new_tokens=new_tokens,
                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                               streamer=_Stamps())
+                               streamer=_Stamps(), **static)
             first, last = stamps[1], stamps[-1]  # stamps[0] is the prompt
         else:
             model.generate([ids[0].tolist()], max_new_tokens=new_tokens, eos_token_ids=[],
@@ -165,31 +223,43 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
         "load_s": load_s, "first_call_s": warm_s,
         "compile_s": max(warm_s - ttft - per_token * (new_tokens - 1), 0.0)
         if engine.startswith("torch-compile") or engine.split("-")[0] in ("jax", "tensorflow") else 0.0,
-        "peak_rss_mb": _peak_mb(),
+        "peak_rss_mb": _peak_mb(), "weight_bytes": read_bytes,
     }
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and engine.startswith("jax"):  # jax holds the GPU by itself
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            out["peak_gpu_mb"] = stats["peak_bytes_in_use"] / 2**20
+    elif device.startswith("cuda"):
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
-def table(rows: list[dict], title: str) -> str:
+def table(rows: list[dict], title: str, copy_gb_s: float | None = None) -> str:
+    """The markdown table of `rows`, with ratios to transformers (and llama.cpp) and each
+    decode speed as a share of the bandwidth cap (`copy_gb_s`, when measured)."""
     base = {r["dtype"]: r for r in rows if r["engine"] == "transformers" and "error" not in r}
     llama = next((r for r in rows if r["engine"] == LLAMA and "error" not in r), None)
     extra = " decode vs llama.cpp |" if llama else ""
     lines = [f"### {title}", "",
              "| engine | dtype | prefill tok/s | decode tok/s | decode vs transformers |" + extra
-             + " compile s | peak RSS MB | peak GPU MB |",
-             "|---|---|---|---|---|" + ("---|" if llama else "") + "---|---|---|"]
+             + " weights MB/token | of bandwidth cap | compile s | peak RSS MB | peak GPU MB |",
+             "|---|---|---|---|---|" + ("---|" if llama else "") + "---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['engine']} | {r['dtype']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['engine']} | {r['dtype']} | error: {r['error']} |" + " |" * (7 + bool(llama)))
             continue
         ref = base.get(r["dtype"])
         ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
         vs_llama = f" {r['decode_tok_s'] / llama['decode_tok_s']:.2f}x |" if llama else ""
         gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
+        read = r.get("weight_bytes")
+        share = f"{r['decode_tok_s'] * read / (copy_gb_s * 1e9):.0%}" if read and copy_gb_s else "-"
+        mb = "-" if not read else f"{read / 2**20:.0f}" if read >= 10 * 2**20 else f"{read / 2**20:.2f}"
         lines.append(f"| {r['engine']} | {r['dtype']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | "
-                     f"{ratio} |{vs_llama} {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {gpu} |")
+                     f"{ratio} |{vs_llama} {mb} | {share} | {r['compile_s']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {gpu} |")
     return "\n".join(lines)
 
 
@@ -203,6 +273,9 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per engine")
+    parser.add_argument("--weights-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="dtype of the random weights' folder (bfloat16 halves its writing "
+                             "and reading, for large shapes)")
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--llama-python", default=sys.executable,
                         help="python with llama-cpp-python installed, for the llama.cpp engine")
@@ -212,7 +285,9 @@ def main() -> int:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        if args.worker[0] == LLAMA:
+        if args.worker[0] == "bandwidth":
+            print(json.dumps(bandwidth_worker(args.device)))
+        elif args.worker[0] == LLAMA:
             print(json.dumps(llama_worker(args.gguf, args.prompt_len, args.new_tokens, args.threads)))
         else:
             print(json.dumps(worker(*args.worker, args.folder, args.device, args.prompt_len,
@@ -226,31 +301,39 @@ def main() -> int:
         gguf = default_model_path() if args.model == "embedded" else args.model
     if LLAMA in engines and gguf is None:
         parser.error("the llama.cpp engine needs --model embedded or a .gguf file")
+
+    def run_worker(engine: str, dtype: str, folder: Path | str) -> dict:
+        python = args.llama_python if engine == LLAMA else sys.executable
+        cmd = [python, __file__, "--worker", engine, dtype, "--folder", str(folder),
+               "--device", args.device, "--prompt-len", str(args.prompt_len),
+               "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+               "--gguf", str(gguf)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            if proc.returncode:
+                raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            row = {"engine": engine, "dtype": dtype, "error": str(e)[:200]}
+        print(json.dumps(row), file=sys.stderr)
+        return row
+
+    copy = run_worker("bandwidth", "-", "-")
+    copy_gb_s = copy.get("copy_gb_s")
+    where = f"{args.device} ({copy.get('name', '?')})"
+    title = (f"{args.model}, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, {where}"
+             + (f", copy bandwidth {copy_gb_s:.0f} GB/s" if copy_gb_s else ""))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _weights_folder(args.model, Path(tmp))
+        folder = _weights_folder(args.model, Path(tmp), args.weights_dtype)
         rows = []
         for dtype in args.dtypes.split(","):
             for engine in engines:
                 if engine == LLAMA and dtype != args.dtypes.split(",")[0]:
                     continue  # one row: llama.cpp runs the file's own types
-                python = args.llama_python if engine == LLAMA else sys.executable
-                cmd = [python, __file__, "--worker", engine, dtype, "--folder", str(folder),
-                       "--device", args.device, "--prompt-len", str(args.prompt_len),
-                       "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-                       "--gguf", str(gguf)]
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    if proc.returncode:
-                        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
-                    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                except (RuntimeError, subprocess.TimeoutExpired) as e:
-                    rows.append({"engine": engine, "dtype": dtype, "error": str(e)[:200]})
-                print(json.dumps(rows[-1]), file=sys.stderr)
-    import platform
-
-    where = f"{args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    title = f"{args.model}, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, {where}"
-    text = table(rows, title)
+                rows.append(run_worker(engine, dtype, folder))
+                if args.out:  # so far: a run stopped early keeps what it measured
+                    Path(args.out).write_text(table(rows, title, copy_gb_s) + "\n")
+    text = table(rows, title, copy_gb_s)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

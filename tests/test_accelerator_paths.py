@@ -1,7 +1,9 @@
-"""The jax and tensorflow op tables' accelerator formulations (the products as a GPU runs them:
-narrow operands with float32 accumulation, int8 weights converted inside the product, packed
-4-bit codes), run on the CPU against the NumPy reference. No GPU is needed to prove their
-numerics; only their speed waits for one."""
+"""The torch, jax and tensorflow op tables' accelerator formulations (the products as a GPU runs
+them: narrow operands with float32 accumulation, narrow attention, int8 weights converted inside
+the product and scaled after it, packed 4-bit codes), run on the CPU against the NumPy
+reference. No GPU is needed to prove their numerics; only their speed waits for one. (torch's
+CUDA int4 kernel is the exception: it runs on CUDA alone, and checks itself against the
+dequantised weight when a weight is loaded, `backends.torch._int4_kernel_agrees`.)"""
 
 from __future__ import annotations
 
@@ -16,6 +18,21 @@ from gemma_core.backend import Backend
 
 OPS = ("op-linear", "op-attention", "op-quantized")
 MODELS = ("gemma2-int8", "gemma1-int4-untied", "gemma3-nf4-float-embedding")
+
+
+def _torch() -> Backend:
+    pytest.importorskip("torch")
+    from backends.torch import TorchBackend
+    from backends.torch.ops import make_op_table
+
+    class TorchAccelerator(TorchBackend):
+        def make_op_table(self, dtype: str) -> Any:
+            return make_op_table(dtype, cpu=False)
+
+        def quant_kernel(self, *args: Any) -> None:  # CUDA's int4 kernel needs CUDA
+            return None
+
+    return TorchAccelerator()
 
 
 def _jax() -> Backend:
@@ -45,7 +62,7 @@ def _tensorflow() -> Backend:
     return TensorflowAccelerator()
 
 
-BACKENDS = {"jax": _jax, "tensorflow": _tensorflow}
+BACKENDS = {"torch": _torch, "jax": _jax, "tensorflow": _tensorflow}
 
 
 @pytest.fixture(scope="module", params=sorted(BACKENDS))

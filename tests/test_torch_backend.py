@@ -66,3 +66,43 @@ def test_compiled_step_matches_eager_without_recompiling() -> None:
         if step == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs  # decode steps 2..8 reused step 1's graph
+
+
+def _tinygemm(x: torch.Tensor, packed: torch.Tensor, group_size: int,
+              scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """CUDA's int4 kernel as its source states it, for a `packed` left unpacked: bytes with the
+    even input in the high nibble, value (c - 8) * scale + zero per [input group, output]."""
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1).float()
+    scale, zero = (scales_and_zeros[..., i].float().t().repeat_interleave(group_size, 1) for i in (0, 1))
+    return (x.float() @ ((codes - 8) * scale + zero).t()).to(x.dtype)
+
+
+@pytest.mark.parametrize("kernel_is_right", [True, False])
+def test_cuda_int4_packing_checks_itself_on_load(monkeypatch: pytest.MonkeyPatch,
+                                                 kernel_is_right: bool) -> None:
+    """The CUDA int4 layout (nibble order, zero points) against the kernel's stated semantics,
+    and the load-time check: a kernel that disagrees leaves the weight dequantised, with a
+    warning. (CUDA itself is absent here: the packing step is left out, the kernel emulated.)"""
+    from backends.torch import TorchBackend
+    from gemma_core.quant import dequantize, quantize
+
+    backend = TorchBackend()
+    monkeypatch.setattr(backend, "quant_kernel", lambda *args: "int4-cuda")
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack", lambda rows, tiles: rows)
+    wrong = lambda x, w, g, sz: _tinygemm(x, ((w & 15) << 4) | (w >> 4), g, sz)  # noqa: E731
+    monkeypatch.setattr(torch, "_weight_int4pack_mm", _tinygemm if kernel_is_right else wrong)
+    w = np.random.default_rng(0).normal(size=(64, 256)).astype(np.float32)
+    values, scale = quantize(w, "int4", 32)
+    if kernel_is_right:
+        (fused, rows, _), fused_scale = backend.prepare_quantized(values, scale, "int4", 32,
+                                                                  "bfloat16", "cpu", "q")
+        assert rows is None and fused is not None
+        x = torch.randn(3, 256, dtype=torch.bfloat16)
+        got = _tinygemm(x, fused, 32, fused_scale).float()
+        want = x.float() @ torch.from_numpy(dequantize(values, scale, "int4", 32)).t()
+        assert float((got - want).norm() / want.norm()) < 0.01  # bf16 scales and output only
+    else:
+        with pytest.warns(UserWarning, match="disagrees"):
+            (fused, rows, row_scale), _ = backend.prepare_quantized(values, scale, "int4", 32,
+                                                                    "bfloat16", "cpu", "q")
+        assert fused is None and rows is not None and row_scale is not None

@@ -4,13 +4,15 @@ SDPA attention where no softcap applies; static caches updated in place; an opti
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from backends.torch.ops import DTYPES, make_op_table
+from backends.torch.ops import DTYPES, dequantize, make_op_table
 from gemma_core.backend import Backend, StepFn, per_weights
 from gemma_core.errors import BackendError
 from gemma_core.layout import EMBED
@@ -50,33 +52,50 @@ class TorchBackend(Backend):
             out = out.t().contiguous().t()
         return _static(out)
 
+    def quant_kernel(self, dev: torch.device, dt: torch.dtype, scheme: str, shape: tuple[int, ...],
+                     group_size: int | None) -> str | None:
+        """The weight-only kernel that runs a quantised [O, I] weight: "int8-cpu"
+        (`_weight_int8pack_mm`), "int4-cpu" (`_weight_int4pack_mm_for_cpu`), "int4-cuda"
+        (tinygemm, `_weight_int4pack_mm`, bf16 on sm80+), or None: the op converts int8 values
+        inside the product (scaled after it) or dequantises 4-bit codes (nf4, float32 compute,
+        shapes or devices no kernel takes)."""
+        out, inner = shape[0], shape[1] * 2  # 4-bit codes are packed two per byte
+        if dev.type == "cpu" and dt in (torch.bfloat16, torch.float16):
+            if scheme == "int8":
+                return "int8-cpu"
+            if scheme == "int4" and out % 16 == 0:  # the CPU packing tiles 16 output rows
+                return "int4-cpu"
+        if (dev.type == "cuda" and dt == torch.bfloat16 and scheme == "int4" and out % 8 == 0
+                and inner % 32 == 0 and group_size in (32, 64, 128, 256)):
+            return "int4-cuda"
+        return None
+
     def prepare_quantized(self, values: np.ndarray, scale: np.ndarray, scheme: str,
                           group_size: int | None, dtype: str, device: str | None,
                           name: str = "") -> tuple[Any, Any]:
-        """((fused, rows, row_scale), fused_scale). On the CPU with a bf16/fp16 compute dtype,
-        `fused` is the weight in the layout of torch's weight-only kernels (`_weight_int8pack_mm`:
-        int8 [O, I] with scales in the compute dtype; `_weight_int4pack_mm_for_cpu`: its own
-        nibble packing with [I/g, O, 2] scales and zero points, both rounded to the compute
-        dtype: a group whose range lies far from zero loses a little more than the bf16 rounding
-        of its dequantised weights); `rows` and `row_scale` keep the
-        gemma-core layout where they are read (the embedding, or the dequantising fallback: nf4,
-        float32 compute, other devices)."""
+        """((fused, rows, row_scale), fused_scale). `fused` is the weight in the layout of the
+        kernel `quant_kernel` picks (int8 [O, I] with scales in the compute dtype; the int4
+        kernels' own nibble packing with [I/g, O, 2] scales and zero points, both rounded to the
+        compute dtype: a group whose range lies far from zero loses a little more than the bf16
+        rounding of its dequantised weights), or None; `rows` and `row_scale` keep the
+        gemma-core layout where they are read (the embedding, gathered by rows, or no kernel)."""
         dev, dt = self.device(device), DTYPES[dtype]
         rows = torch.from_numpy(np.array(values)).to(dev)
         row_scale = torch.from_numpy(np.array(scale, np.float32)).to(dev)
-        int4_fits = rows.shape[0] % 16 == 0  # the int4 kernel's packing tiles 16 output rows
-        if (dev.type != "cpu" or dt not in (torch.bfloat16, torch.float16) or scheme == "nf4"
-                or (scheme == "int4" and not int4_fits)):
+        kernel = self.quant_kernel(dev, dt, scheme, tuple(rows.shape), group_size)
+        if kernel is None:
             return (None, _static(rows), _static(row_scale)), None
-        if scheme == "int8":
+        if kernel == "int8-cpu":
             fused, fused_scale = rows, row_scale.to(dt)
-        else:  # the kernel computes (c - 8) * scale + zero: zero = offset + 8 * step
-            codes = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
-            fused = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            step, offset = row_scale[..., 0], row_scale[..., 1]  # [O, I/g] each
-            fused_scale = torch.stack([step, offset + 8 * step], -1).transpose(0, 1).to(dt).contiguous()
+        else:
+            fused_scale = int4_scales_and_zeros(row_scale, dt)
+            fused = int4_pack(rows, kernel)
+            if kernel == "int4-cuda" and not _int4_kernel_agrees(fused, fused_scale, rows, row_scale,
+                                                                 group_size or 0, name):
+                return (None, _static(rows), _static(row_scale)), None
         keep_rows = name == EMBED  # the embedding is gathered by rows as well
-        return (fused, rows if keep_rows else None, row_scale if keep_rows else None), fused_scale
+        return ((_static(fused), _static(rows) if keep_rows else None,
+                 _static(row_scale) if keep_rows else None), _static(fused_scale))
 
     def asarray(self, x: np.ndarray, device: str | None) -> Any:
         return torch.as_tensor(np.ascontiguousarray(x), device=self.device(device))
@@ -127,6 +146,42 @@ class TorchBackend(Backend):
 
             run = replay
         return torch.inference_mode()(run)
+
+
+def int4_scales_and_zeros(row_scale: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """gemma-core's int4 [O, I/g, 2] (step, offset) as the int4 kernels' [I/g, O, 2] (scale,
+    zero) in `dt`: they compute (c - 8) * scale + zero, so zero = offset + 8 * step."""
+    step, offset = row_scale[..., 0], row_scale[..., 1]
+    return torch.stack([step, offset + 8 * step], -1).transpose(0, 1).to(dt).contiguous()
+
+
+def int4_pack(rows: torch.Tensor, kernel: str) -> torch.Tensor:
+    """gemma-core's nibble-packed int4 rows (the even input in the low nibble) in the layout of
+    the CPU kernel (from one int32 code per input) or of CUDA's tinygemm (from bytes holding
+    the even input in the high nibble, tiled for m16n8k16 tensor cores)."""
+    if kernel == "int4-cpu":
+        codes = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
+        return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    inner = rows.shape[1] * 2
+    inner_k_tiles = next(n for n in (8, 4, 2) if inner % (16 * n) == 0)
+    swapped = ((rows & 15) << 4) | (rows >> 4)
+    return torch._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
+
+
+def _int4_kernel_agrees(fused: torch.Tensor, fused_scale: torch.Tensor, rows: torch.Tensor,
+                        row_scale: torch.Tensor, group_size: int, name: str) -> bool:
+    """Whether tinygemm on the packed weight gives the dequantised weight's product (within
+    bf16 rounding), checked once per weight on load: its packing is an internal layout that has
+    changed between torch releases. On a mismatch the weight runs dequantised, with a warning."""
+    x = torch.randn(4, rows.shape[1] * 2, device=rows.device, generator=torch.Generator(
+        rows.device).manual_seed(0)).to(torch.bfloat16)
+    got = torch._weight_int4pack_mm(x, fused, group_size, fused_scale).float()
+    want = F.linear(x.float(), dequantize(rows, row_scale, "int4", group_size, torch.float32))
+    err = float((got - want).norm() / want.norm().clamp(min=1e-30))
+    if err > 0.02:
+        warnings.warn(f"torch's CUDA int4 kernel disagrees with the dequantised weight {name!r} "
+                      f"(relative error {err:.2g}); it runs dequantised instead", stacklevel=2)
+    return err <= 0.02
 
 
 def _static(x: torch.Tensor) -> torch.Tensor:

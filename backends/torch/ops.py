@@ -50,9 +50,15 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, scheme: str, group_siz
 SMALL_SCORES = 1 << 18
 
 
-def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
-    """The op table computing in `dtype`."""
+def make_op_table(dtype: str, cpu: bool | None = None) -> dict[str, Callable[..., Any]]:
+    """The op table computing in `dtype`, with each op's formulation for the device its tensors
+    are on, or (`cpu=False`) the accelerators' formulations wherever they are (tests prove their
+    numerics on the CPU this way)."""
     dt = DTYPES[dtype]
+
+    def on_cpu(x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" if cpu is None else cpu
+
     fmin = torch.finfo(dt).min
     upcast = dt in (torch.bfloat16, torch.float16)
 
@@ -119,7 +125,7 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         bias = torch.where(mask, 0.0, fmin).to(q.dtype)
         groups = q.shape[1] // keys.shape[1]
         b, n, t, h = q.shape
-        cpu_narrow = q.device.type == "cpu" and upcast
+        cpu_narrow = on_cpu(q) and upcast
         # SDPA where no softcap applies, except where float32 matmuls are both cheaper and closer
         # to the exact result: decode (one query), and narrow dtypes on the CPU while the score
         # matrix is small (CPU bf16 SDPA put the real 270M's decode logits 10x further from the
@@ -144,9 +150,11 @@ def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
         flat = x.reshape(-1, x.shape[-1])
         if fused is not None and scheme == "int8":  # CPU int8 weight-only GEMM
             return torch._weight_int8pack_mm(flat, fused, scale).view(*x.shape[:-1], -1)
-        if fused is not None and scheme == "int4":  # CPU int4 GEMM (its own packed layout)
-            return torch._weight_int4pack_mm_for_cpu(flat, fused, group_size or 0, scale).view(
-                *x.shape[:-1], -1)
+        if fused is not None:  # int4 GEMM in the kernel's own packed layout (CUDA's is 4-D)
+            mm = torch._weight_int4pack_mm if fused.dim() == 4 else torch._weight_int4pack_mm_for_cpu
+            return mm(flat.contiguous(), fused, group_size or 0, scale).view(*x.shape[:-1], -1)
+        if scheme == "int8" and not on_cpu(x):  # int8 converted inside the product, scaled after
+            return (F.linear(x, rows.to(x.dtype)).float() * row_scale).to(x.dtype)
         return F.linear(x, dequantize(rows, row_scale, scheme, group_size, x.dtype))
 
     def qembed(ids: torch.Tensor, values: Any, scale: Any, *, scheme: str,
