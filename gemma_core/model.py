@@ -98,7 +98,7 @@ class Model:
             run_bound(plan, env)
             return {k: env[k] for k in outputs}
 
-        options = {"compile": compile, "device": device}
+        options = {"compile": compile, "device": device, "dtype": dtype}
         self.raw_step = step  # the uncompiled step, for backends that trace it into larger loops
         self._step = self.backend.compile_step(step, options)
         self.static_shapes = self.backend.static_shapes(options)
