@@ -59,7 +59,9 @@ class TorchBackend(Backend):
         (`_weight_int8pack_mm`), "int4-cpu" (`_weight_int4pack_mm_for_cpu`), "int4-cuda"
         (tinygemm, `_weight_int4pack_mm`, bf16 on sm80+), or None: the op converts int8 values
         inside the product (scaled after it) or dequantises 4-bit codes (nf4, float32 compute,
-        shapes or devices no kernel takes)."""
+        shapes or devices no kernel takes). The CPU kernels take float32 activations too, but
+        ran the real 270M slower overall: int8 decode 10.5 tok/s against 4.6 dequantising,
+        prefill 27 tok/s against 200."""
         out, inner = shape[0], shape[1] * 2  # 4-bit codes are packed two per byte
         if dev.type == "cpu" and dt in (torch.bfloat16, torch.float16):
             if scheme == "int8":
