@@ -72,6 +72,7 @@ def test_compiled_step_without_recompiling(dtype: str) -> None:
     assert counters["stats"]["unique_graphs"] == graphs  # decode steps 2..8 reused step 1's graph
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gemma3-local-global-rope", "gemma2-int8", "gemma2-int4-int8-embedding"])
 def test_compiled_bfloat16_conforms(case: str) -> None:
     """The compiled CPU step in bf16 (weights frozen into the graph, oneDNN's pre-packed GEMMs,
@@ -98,32 +99,37 @@ def _tinygemm(x: torch.Tensor, packed: torch.Tensor, group_size: int,
     return (x.float() @ ((codes - 8) * scale + zero).t()).to(x.dtype)
 
 
-@pytest.mark.parametrize("kernel_is_right", [True, False])
-def test_cuda_int4_packing_checks_itself_on_load(monkeypatch: pytest.MonkeyPatch,
-                                                 kernel_is_right: bool) -> None:
-    """The CUDA int4 layout (nibble order, zero points) against the kernel's stated semantics,
-    and the load-time check: a kernel that disagrees leaves the weight dequantised, with a
-    warning. (CUDA itself is absent here: the packing step is left out, the kernel emulated.)"""
+@pytest.mark.parametrize("kernel", ["right", "wrong", "missing"])
+def test_cuda_int4_packing_checks_itself_on_load(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    """The CUDA int4 layout (nibble order, zero points, inner k-tiles) against the kernel's
+    stated semantics, and the load-time check: a kernel that disagrees, or that this build or
+    card lacks, leaves the weight dequantised, with a warning. (CUDA itself is absent here: the
+    packing step is left out, the kernel emulated.)"""
     from backends.torch import TorchBackend
     from gemma_core.quant import dequantize, quantize
 
+    def missing(*args: object) -> None:
+        raise RuntimeError("_weight_int4pack_mm_cuda is not available for build.")
+
     backend = TorchBackend()
+    tiles: list[int] = []
     monkeypatch.setattr(backend, "quant_kernel", lambda *args: "int4-cuda")
-    monkeypatch.setattr(torch, "_convert_weight_to_int4pack", lambda rows, tiles: rows)
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack", lambda rows, t: tiles.append(t) or rows)
     wrong = lambda x, w, g, sz: _tinygemm(x, ((w & 15) << 4) | (w >> 4), g, sz)  # noqa: E731
-    monkeypatch.setattr(torch, "_weight_int4pack_mm", _tinygemm if kernel_is_right else wrong)
-    w = np.random.default_rng(0).normal(size=(64, 256)).astype(np.float32)
+    monkeypatch.setattr(torch, "_weight_int4pack_mm", {"right": _tinygemm, "wrong": wrong,
+                                                       "missing": missing}[kernel])
+    w = np.random.default_rng(0).normal(size=(1024, 256)).astype(np.float32)  # checked on 512 rows
     values, scale = quantize(w, "int4", 32)
-    if kernel_is_right:
+    if kernel == "right":
         (fused, rows, _), fused_scale = backend.prepare_quantized(values, scale, "int4", 32,
                                                                   "bfloat16", "cpu", "q")
-        assert rows is None and fused is not None
+        assert rows is None and fused is not None and tiles == [8]  # K = 256: 8 tiles of 16 x 2
         x = torch.randn(3, 256, dtype=torch.bfloat16)
         got = _tinygemm(x, fused, 32, fused_scale).float()
         want = x.float() @ torch.from_numpy(dequantize(values, scale, "int4", 32)).t()
         assert float((got - want).norm() / want.norm()) < 0.01  # bf16 scales and output only
     else:
-        with pytest.warns(UserWarning, match="disagrees"):
+        with pytest.warns(UserWarning, match="disagrees" if kernel == "wrong" else "failed"):
             (fused, rows, row_scale), _ = backend.prepare_quantized(values, scale, "int4", 32,
                                                                     "bfloat16", "cpu", "q")
         assert fused is None and rows is not None and row_scale is not None

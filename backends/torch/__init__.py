@@ -4,7 +4,7 @@ SDPA attention where no softcap applies; static caches updated in place; an opti
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -69,7 +69,9 @@ class TorchBackend(Backend):
             if scheme == "int4" and out % 16 == 0:  # the CPU packing tiles 16 output rows
                 return "int4-cpu"
         if (dev.type == "cuda" and dt == torch.bfloat16 and scheme == "int4" and out % 8 == 0
-                and inner % 32 == 0 and group_size in (32, 64, 128, 256)):
+                and inner % 32 == 0 and group_size in (32, 64, 128, 256)
+                and torch.version.hip is None  # ROCm tiles 16 output rows, on CDNA2+ only
+                and torch.cuda.get_device_capability(dev) >= (8, 0)):  # built for sm80+ only
             return "int4-cuda"
         return None
 
@@ -92,10 +94,12 @@ class TorchBackend(Backend):
             fused, fused_scale = rows, row_scale.to(dt)
         else:
             fused_scale = int4_scales_and_zeros(row_scale, dt)
-            fused = int4_pack(rows, kernel)
-            if kernel == "int4-cuda" and not _int4_kernel_agrees(fused, fused_scale, rows, row_scale,
-                                                                 group_size or 0, name):
-                return (None, _static(rows), _static(row_scale)), None
+            if kernel == "int4-cpu":
+                fused = int4_pack(rows, kernel)
+            else:
+                fused = _cuda_int4_or_none(rows, row_scale, fused_scale, group_size or 0, name)
+                if fused is None:
+                    return (None, _static(rows), _static(row_scale)), None
         keep_rows = name == EMBED  # the embedding is gathered by rows as well
         return ((_static(fused), _static(rows) if keep_rows else None,
                  _static(row_scale) if keep_rows else None), _static(fused_scale))
@@ -128,32 +132,35 @@ class TorchBackend(Backend):
         ("reduce-overhead"); weights and cache buffers are marked static (see `_static`) so a
         replay does not copy them, and outputs are cloned because the next replay reuses them.
         On the CPU a C++ wrapper launches the kernels (~1 ms a step less than Python's), and
-        bf16/fp16 weights are frozen into the graph (see `FrozenWeights`)."""
-        device = options.get("device") or "cpu"
-        cuda = torch.device(device).type == "cuda"
-        freeze = not cuda and options.get("dtype") in ("bfloat16", "float16")
+        bf16/fp16 weights are frozen into the graph (see `FrozenWeights`, `_freezable`)."""
+        kind = torch.device(options.get("device") or "cpu").type
+        cuda = kind == "cuda"
         run: StepFn = step
         if options.get("compile"):
             # one compiled function per weight set, the weights captured rather than passed:
             # guarding ~300 weight arguments cost ~1.2 ms a decode step (Gemma 3 270M, CPU)
             def make(weights: Mapping[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
                 if cuda:
-                    return torch.compile(lambda env: step(weights, env), dynamic=False,
-                                         fullgraph=True, mode="reduce-overhead")
-                fn = FrozenWeights(weights, step) if freeze else (lambda env: step(weights, env))
-                return torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+                    return _compile(lambda env: step(weights, env), mode="reduce-overhead")
+                if frozen(weights):
+                    return _compile(FrozenWeights(weights, step), options={"cpp_wrapper": True})
+                return _compile(lambda env: step(weights, env), options={"cpp_wrapper": True})
 
             traced = per_weights(make)
+            frozen = per_weights(lambda weights: kind == "cpu" and _freezable(weights, options.get("dtype")))
             seen: set[tuple[Any, ...]] = set()
 
             def replay(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
                 fn = traced(weights)
                 key = (id(weights), *(_shape(v) for v in env.values()))
-                if key in seen:  # compiled already (the patches cost ~0.9 ms: not every step)
+                if key in seen or not frozen(weights):
                     return call(fn, env)
+                # a new shape compiles, and inductor reads `freezing` while dynamo traces (before
+                # a compile's own options apply); the patch costs ~0.9 ms, so not every step
+                with torch._inductor.config.patch(freezing=True):
+                    out = call(fn, env)
                 seen.add(key)
-                with _compiling(freeze):  # a new shape compiles, under the settings it needs
-                    return call(fn, env)
+                return out
 
             def call(fn: Callable[[dict[str, Any]], dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
                 if not cuda:
@@ -166,19 +173,27 @@ class TorchBackend(Backend):
         return torch.inference_mode()(run)
 
 
-# Compiled graphs a process may hold for one step function: models x prompt buckets x phases.
+# Compiled graphs a process may hold for one step function: models x prompt buckets x phases
+# (dynamo's default, 8 per code object, is a hard error under fullgraph=True).
 RECOMPILE_LIMIT = 256
 
 
-def _compiling(freeze: bool) -> contextlib.ExitStack:
-    """The settings a compile of the step needs: inductor reads `freezing` while dynamo traces,
-    before a compile's own options apply; dynamo's recompile limit (8 per code object) would
-    count every model and prompt bucket of a process."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._inductor.config.patch(freezing=freeze))
-    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit))
-    return stack
+def _compile(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+    """`torch.compile` of a whole step: one graph, static shapes, RECOMPILE_LIMIT."""
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        kwargs["recompile_limit"] = RECOMPILE_LIMIT
+    else:  # older torch: one process-wide limit
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(RECOMPILE_LIMIT, getattr(config, name)))
+    return torch.compile(fn, dynamic=False, fullgraph=True, **kwargs)
+
+
+def _freezable(weights: Mapping[str, Any], dtype: str | None) -> bool:
+    """Whether a CPU weight set gains from freezing: bf16/fp16, and no quantised weight that
+    the step dequantises (freezing would fold its dequantised copy into the graph)."""
+    return dtype in ("bfloat16", "float16") and not any(
+        isinstance(v, tuple) and v[0] is None for v in weights.values())
 
 
 def _shape(value: Any) -> Any:
@@ -238,20 +253,31 @@ def int4_pack(rows: torch.Tensor, kernel: str) -> torch.Tensor:
     return torch._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
 
 
-def _int4_kernel_agrees(fused: torch.Tensor, fused_scale: torch.Tensor, rows: torch.Tensor,
-                        row_scale: torch.Tensor, group_size: int, name: str) -> bool:
-    """Whether tinygemm on the packed weight gives the dequantised weight's product (within
-    bf16 rounding), checked once per weight on load: its packing is an internal layout that has
-    changed between torch releases. On a mismatch the weight runs dequantised, with a warning."""
-    x = torch.randn(4, rows.shape[1] * 2, device=rows.device, generator=torch.Generator(
-        rows.device).manual_seed(0)).to(torch.bfloat16)
-    got = torch._weight_int4pack_mm(x, fused, group_size, fused_scale).float()
-    want = F.linear(x.float(), dequantize(rows, row_scale, "int4", group_size, torch.float32))
-    err = float((got - want).norm() / want.norm().clamp(min=1e-30))
+def _cuda_int4_or_none(rows: torch.Tensor, row_scale: torch.Tensor, fused_scale: torch.Tensor,
+                       group_size: int, name: str) -> torch.Tensor | None:
+    """The weight packed for tinygemm, if the kernel's product on it equals the dequantised
+    weight's (within bf16 rounding; checked once per weight on load, on at most 512 output rows:
+    the packing is an internal layout that has changed between torch releases); else None, with
+    a warning, and the weight runs dequantised."""
+    try:
+        fused = int4_pack(rows, "int4-cuda")
+        x = torch.randn(4, rows.shape[1] * 2, device=rows.device, generator=torch.Generator(
+            rows.device).manual_seed(0)).to(torch.bfloat16)
+        got = torch._weight_int4pack_mm(x, fused, group_size, fused_scale).float()
+    except RuntimeError as e:  # a build or card without the kernel
+        warnings.warn(f"torch's CUDA int4 kernel failed on {name!r} ({str(e).splitlines()[0]}); "
+                      "it runs dequantised instead", stacklevel=3)
+        return None
+    out = rows.shape[0]
+    sel = torch.arange(out) if out <= 512 else torch.cat([torch.arange(256), torch.arange(out - 256, out)])
+    sel = sel.to(rows.device)
+    want = F.linear(x.float(), dequantize(rows[sel], row_scale[sel], "int4", group_size, torch.float32))
+    err = float((got[:, sel] - want).norm() / max(float(want.norm()), 1e-6))
     if err > 0.02:
         warnings.warn(f"torch's CUDA int4 kernel disagrees with the dequantised weight {name!r} "
-                      f"(relative error {err:.2g}); it runs dequantised instead", stacklevel=2)
-    return err <= 0.02
+                      f"(relative error {err:.2g}); it runs dequantised instead", stacklevel=3)
+        return None
+    return fused
 
 
 def _static(x: torch.Tensor) -> torch.Tensor:

@@ -153,7 +153,9 @@ def make_op_table(dtype: str, cpu: bool | None = None) -> dict[str, Callable[...
         if fused is not None:  # int4 GEMM in the kernel's own packed layout (CUDA's is 4-D)
             mm = torch._weight_int4pack_mm if fused.dim() == 4 else torch._weight_int4pack_mm_for_cpu
             return mm(flat.contiguous(), fused, group_size or 0, scale).view(*x.shape[:-1], -1)
-        if scheme == "int8" and not on_cpu(x):  # int8 converted inside the product, scaled after
+        if scheme == "int8" and not on_cpu(x) and x.dtype != torch.float16:
+            # int8 values converted to the compute dtype, the product scaled after it (not in
+            # fp16: the unscaled sums, ~127 / max|w| times the outputs, can pass its 65504)
             return (F.linear(x, rows.to(x.dtype)).float() * row_scale).to(x.dtype)
         return F.linear(x, dequantize(rows, row_scale, scheme, group_size, x.dtype))
 
