@@ -106,13 +106,31 @@ class _Rows:
         self.reasons: list[str | None] = [None] * n
         self.emitted = [0] * n
         self.tokenizer, self.stops = tokenizer, stops
+        self._text = [""] * n  # the text of ids[:_read], extended a few tokens at a time
+        self._window = [0] * n  # ids from here on are decoded to extend it
+        self._read = [0] * n
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        assert self.tokenizer is not None
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def text(self, row: int) -> str:
-        assert self.tokenizer is not None
-        return self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+        """The row's text so far, without a trailing partial UTF-8 character. Decoding the whole
+        row every step costs O(n^2) over a generation (0.7 ms a step at 2000 tokens), so the
+        last step's tokens and the new ones are decoded together, and what the new ones add to
+        the old ones' text is appended (a window's first token decodes alike either way)."""
+        ids, start, read = self.ids[row], self._window[row], self._read[row]
+        if read < len(ids):
+            before, after = self._decode(ids[start:read]), self._decode(ids[start:])
+            text = (self._text[row] + after[len(before):] if after.startswith(before)
+                    else self._decode(ids))  # (not seen with Gemma's tokenizers) decoded whole
+            if not text.endswith("\ufffd"):  # else wait for the character's other bytes
+                self._text[row] = text
+                self._window[row], self._read[row] = read, len(ids)
+        return self._text[row]
 
     def final_text(self, row: int) -> str:
-        text = self.text(row)
+        text = self._decode(self.ids[row])  # once, whole: a trailing partial character shows
         cut = _stop_cut(text, self.stops)
         return text if cut is None else text[:cut]
 

@@ -117,3 +117,36 @@ def test_bad_inputs(tok: GemmaTokenizer, tmp_path: Path) -> None:
         tok.encode(5)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="no such file"):
         GemmaTokenizer(tmp_path / "missing.model")
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_streamed_text_is_the_whole_decode(tok: GemmaTokenizer, text: str) -> None:
+    """generate's incremental detokenisation (a window of the last tokens, not the whole row
+    each step) gives, at every step, a prefix of the whole decode, and at the end all of it
+    (byte-fallback tokens of one character arriving apart, control tokens skipped)."""
+    from gemma_core.generation import _Rows
+
+    ids = tok.encode(text, add_special_tokens=False)
+    ids = ids[:5] + [tok.bos_id] + ids[5:]  # a control token mid-stream: skipped
+    rows = _Rows(1, tok, ())
+    for token in ids:
+        rows.ids[0].append(token)
+        assert tok.decode(rows.ids[0], skip_special_tokens=True).startswith(rows.text(0))
+    assert rows.text(0) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_streamed_text_of_random_ids(tok: GemmaTokenizer) -> None:
+    """Random ids (stray UTF-8 continuation bytes among them) stream to the whole decode too."""
+    from gemma_core.generation import _Rows
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = rng.integers(0, tok.vocab_size, 40).tolist()
+        rows = _Rows(1, tok, ())
+        for token in ids:
+            rows.ids[0].append(token)
+            rows.text(0)
+        whole = tok.decode(ids, skip_special_tokens=True)
+        assert whole.startswith(rows.text(0)) and rows.final_text(0) == whole
+        if not whole.endswith("\ufffd"):  # else the last character may still be arriving
+            assert rows.text(0) == whole
