@@ -127,7 +127,7 @@ def test_streamed_text_is_the_whole_decode(tok: GemmaTokenizer, text: str) -> No
     from gemma_core.generation import _Rows
 
     ids = tok.encode(text, add_special_tokens=False)
-    ids = ids[:5] + [tok.bos_id] + ids[5:]  # a control token mid-stream: skipped
+    ids = [*ids[:5], tok.bos_id, *ids[5:]]  # a control token mid-stream: skipped
     rows = _Rows(1, tok, ())
     for token in ids:
         rows.ids[0].append(token)
