@@ -16,7 +16,7 @@ from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError, InputError, WeightError
 from gemma_core.graph import TASKS, bind, build_graph, cache_name, fuse_projections, run_bound
 from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, iter_params, validate_weights
-from gemma_core.quant import SCALE_SUFFIX, QuantConfig, parse_scheme
+from gemma_core.quant import SCALE_SUFFIX, as_quant_config
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -301,11 +301,9 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
         if key.endswith(".gguf"):
             from gemma_core.formats.gguf import load_gguf
 
-            if quantize is not None and not isinstance(quantize, QuantConfig):
-                quantize = parse_scheme(quantize)
             # quantised tensor by tensor as the file is read (the float32 model is never whole)
-            config, weights, tokenizer = load_gguf(key, progress=progress, quant=quantize,
-                                                   **config_changes)
+            quant = as_quant_config(quantize) if quantize is not None else None
+            config, weights, tokenizer = load_gguf(key, progress=progress, quant=quant, **config_changes)
             quantize = None
         else:
             if config_changes:
@@ -332,7 +330,7 @@ def quantize_model(config: GemmaConfig, weights: Mapping[str, np.ndarray], quant
 
     if config.quantization is not None:
         raise ConfigError(f"quantize: the weights are already quantised ({config.quantization.scheme})")
-    quant = quantize if isinstance(quantize, QuantConfig) else parse_scheme(quantize)
+    quant = as_quant_config(quantize)
     config = config.replace(quantization=quant)
     weights = _tie(config, weights, task)
     validate_weights(config.replace(quantization=None), weights, task,

@@ -177,6 +177,12 @@ def parse_scheme(text: str, group_size: int | None = None, embedding: str | bool
                        modules={**base, **extra})
 
 
+def as_quant_config(quantize: str | QuantConfig) -> QuantConfig:
+    """`quantize` as given to `load` or `quantize_model`: a QuantConfig, or a scheme or recipe
+    name (`parse_scheme`)."""
+    return quantize if isinstance(quantize, QuantConfig) else parse_scheme(quantize)
+
+
 def parse_modules(text: str) -> dict[str, str]:
     """`v_proj=int8,down_proj=float` -> {"v_proj": "int8", "down_proj": "float"}."""
     out = {}

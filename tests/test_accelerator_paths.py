@@ -3,10 +3,12 @@ them: narrow operands with float32 accumulation, narrow attention, int8 weights 
 the product and scaled after it, packed 4-bit codes), run on the CPU against the NumPy
 reference. No GPU is needed to prove their numerics; only their speed waits for one. (torch's
 CUDA int4 kernel is the exception: it runs on CUDA alone, and checks itself against the
-dequantised weight when a weight is loaded, `backends.torch._int4_kernel_agrees`.)"""
+dequantised weight when a weight is loaded, `backends.torch._cuda_int4_or_none`.)"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,49 +22,24 @@ OPS = ("op-linear", "op-attention", "op-quantized")
 MODELS = ("gemma2-int8", "gemma1-int4-untied", "gemma3-nf4-float-embedding")
 
 
-def _torch() -> Backend:
-    pytest.importorskip("torch")
-    from backends.torch import TorchBackend
-    from backends.torch.ops import make_op_table
-
-    class TorchAccelerator(TorchBackend):
-        def make_op_table(self, dtype: str) -> Any:
-            return make_op_table(dtype, cpu=False)
-
-        def quant_kernel(self, *args: Any) -> None:  # CUDA's int4 kernel needs CUDA
-            return None
-
-    return TorchAccelerator()
+def _accelerator(framework: str, **overrides: Any) -> Backend:
+    """`framework`'s backend with the op table of its accelerator formulations (`make_op_table(
+    dtype, cpu=False)`) and `overrides` of its methods."""
+    pytest.importorskip(framework)
+    module = importlib.import_module(f"backends.{framework}")
+    ops = importlib.import_module(f"backends.{framework}.ops")
+    base = type(module.backend)
+    methods = {"make_op_table": lambda self, dtype: ops.make_op_table(dtype, cpu=False), **overrides}
+    return type(f"{base.__name__}Accelerator", (base,), methods)()
 
 
-def _jax() -> Backend:
-    pytest.importorskip("jax")
-    from backends.jax import JaxBackend
-    from backends.jax.ops import make_op_table
-
-    class JaxAccelerator(JaxBackend):
-        def make_op_table(self, dtype: str) -> Any:
-            return make_op_table(dtype, cpu=False)
-
-        def prepare_quantized(self, *args: Any, **kwargs: Any) -> Any:  # codes stay packed
-            return Backend.prepare_quantized(self, *args, **kwargs)
-
-    return JaxAccelerator()
-
-
-def _tensorflow() -> Backend:
-    pytest.importorskip("tensorflow")
-    from backends.tensorflow import TensorflowBackend
-    from backends.tensorflow.ops import make_op_table
-
-    class TensorflowAccelerator(TensorflowBackend):
-        def make_op_table(self, dtype: str) -> Any:
-            return make_op_table(dtype, cpu=False)
-
-    return TensorflowAccelerator()
-
-
-BACKENDS = {"torch": _torch, "jax": _jax, "tensorflow": _tensorflow}
+BACKENDS: dict[str, Callable[[], Backend]] = {
+    # CUDA's int4 kernel needs CUDA: the weights take the dequantising formulation
+    "torch": lambda: _accelerator("torch", quant_kernel=lambda self, *args: None),
+    # 4-bit codes stay nibble-packed, as on accelerators (the CPU holds them one per byte)
+    "jax": lambda: _accelerator("jax", prepare_quantized=Backend.prepare_quantized),
+    "tensorflow": lambda: _accelerator("tensorflow"),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(BACKENDS))

@@ -139,26 +139,28 @@ class TorchBackend(Backend):
         if options.get("compile"):
             # one compiled function per weight set, the weights captured rather than passed:
             # guarding ~300 weight arguments cost ~1.2 ms a decode step (Gemma 3 270M, CPU)
-            def make(weights: Mapping[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+            def make(weights: Mapping[str, Any]) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], bool]:
+                """The compiled step of a weight set, and whether its weights are frozen."""
                 if cuda:
-                    return _compile(lambda env: step(weights, env), mode="reduce-overhead")
-                if frozen(weights):
-                    return _compile(FrozenWeights(weights, step), options={"cpp_wrapper": True})
-                return _compile(lambda env: step(weights, env), options={"cpp_wrapper": True})
+                    return _compile(lambda env: step(weights, env), mode="reduce-overhead"), False
+                if kind == "cpu" and _freezable(weights, options.get("dtype")):
+                    return _compile(FrozenWeights(weights, step), options={"cpp_wrapper": True}), True
+                return _compile(lambda env: step(weights, env), options={"cpp_wrapper": True}), False
 
             traced = per_weights(make)
-            frozen = per_weights(lambda weights: kind == "cpu" and _freezable(weights, options.get("dtype")))
             seen: set[tuple[Any, ...]] = set()
 
             def replay(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-                fn = traced(weights)
-                key = (id(weights), *(_shape(v) for v in env.values()))
-                if key in seen or not frozen(weights):
+                fn, frozen = traced(weights)
+                if not frozen:
                     return call(fn, env)
+                key = (id(weights), *(_shape(v) for v in env.values()))
+                if key in seen:
+                    return fn(env)
                 # a new shape compiles, and inductor reads `freezing` while dynamo traces (before
                 # a compile's own options apply); the patch costs ~0.9 ms, so not every step
                 with torch._inductor.config.patch(freezing=True):
-                    out = call(fn, env)
+                    out = fn(env)
                 seen.add(key)
                 return out
 
