@@ -1,8 +1,9 @@
 """The case catalogue: each numerics rule of DESIGN.md is exercised by a model case and/or an op case.
 
 Model cases run prefill on a left-padded batch and then greedy decode steps, comparing logits
-and exported cache states after every step. Op cases run one op kind on crafted inputs (a
-binding softcap, a window shorter than the keys, positions near 32k, a ring buffer that wraps).
+and exported cache states after every step; fork cases continue one prefix cache several ways.
+Op cases run one op kind on crafted inputs (a binding softcap, a window shorter than the keys,
+positions near 32k, a ring buffer that wraps).
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from gemma_core.quant import SCALE_SUFFIX, QuantConfig, quantize
 
 @dataclasses.dataclass(frozen=True)
 class ModelCase:
-    """A model-level comparison: prefill rows of `lengths` real tokens (left-padded), then decode."""
+    """A model-level comparison: prefill rows of `lengths` real tokens (left-padded), then decode.
+
+    With `forks`, the prefill's cache is instead continued once per fork from the same cache
+    object, each fork a run of chunk sizes (1: a decode step) of random tokens, and compared
+    with the reference's full forward over the prefix and that fork (`decode_steps` unused).
+    """
 
     name: str
     rules: tuple[str, ...]
@@ -31,6 +37,8 @@ class ModelCase:
     changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     task: str = "causal-lm"  # heads run prefill only (decode_steps 0)
+    forks: tuple[tuple[int, ...], ...] = ()
+    dtypes: tuple[str, ...] = ()  # the compute dtypes it runs in (empty: every one)
 
 
 MODEL_CASES: tuple[ModelCase, ...] = (
@@ -52,6 +60,11 @@ MODEL_CASES: tuple[ModelCase, ...] = (
               "tiny-gemma3", lengths=(18, 11), decode_steps=6),
     ModelCase("gemma3-decode-past-ring", ("cache: sliding ring buffer wraps during decode",),
               "tiny-gemma3", lengths=(3,), decode_steps=19),
+    ModelCase("fork-prefix-cache", ("cache: forward(cache=c) leaves c unchanged; two continuations "
+                                    "of one prefix, rings wrapping",),
+              "tiny-gemma3", lengths=(7, 4), decode_steps=0, changes={"sliding_window": 4},
+              forks=((1, 1, 1, 1, 1), (3, 1)),
+              dtypes=("float32",)),  # what it checks (the cache passed stays as it was) has no dtype
     ModelCase("gemma2-int8", ("quant: int8 per-channel projections and tied embedding",),
               "tiny-gemma2", lengths=(10, 6), decode_steps=3, changes={"quantization": QuantConfig("int8")}),
     ModelCase("gemma2-int4-int8-embedding", ("quant: int4 projections, int8 tied embedding (the "

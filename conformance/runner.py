@@ -179,12 +179,14 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
     ref = Model(config, weights, backend="numpy", dtype=tol.reference_dtype)
     cand = Model(config, weights, backend=backend, dtype=dtype)
     oracle = _Oracle(config, weights, tol)
+    if case.forks:
+        return _run_fork_case(case, ref, cand, oracle, tol)
     ids, mask = _prompt(case, config.vocab_size)
     max_length = ids.shape[1] + case.decode_steps
     first: list[str] = []
     r = ref.forward(ids, mask, ref.new_cache(len(ids), max_length))
     oracle.forward(ids, mask, max_length)
-    c = cand.forward(ids, mask, cand.new_cache(len(ids), max_length))
+    c = cand.forward(ids, mask, cand.new_cache(len(ids), max_length), donate_cache=True)
     c_logits = cand.to_numpy(c.logits)
     real = mask.astype(bool)
     prefill_tol = oracle.logits_tol(tol, np.asarray(r.logits), real)
@@ -198,7 +200,8 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
         tokens.append(nxt)
         r = ref.forward(nxt, None, r.cache, last_only=True)
         oracle.forward(nxt, None)
-        c = cand.forward(nxt, None, c.cache, last_only=True)
+        # handed over, as generation does: the in-place decode path (fork cases check the copy)
+        c = cand.forward(nxt, None, c.cache, last_only=True, donate_cache=True)
         c_logits = cand.to_numpy(c.logits)
         steps.append(c_logits)
         real = np.ones(nxt.shape, bool)
@@ -212,6 +215,42 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
     _check(*compare_logits(full, np.concatenate(steps, axis=1), full_mask.astype(bool), prefill_tol),
            what="incremental vs full forward", first=first)
     return f"{case.decode_steps} decode steps; first check: {first[0]}"
+
+
+def _run_fork_case(case: ModelCase, ref: Model, cand: Model, oracle: _Oracle, tol: Tolerance) -> str:
+    """One prefix cache continued once per fork, each fork from the same cache object: its
+    logits and final cache against the reference's full forward over prefix + fork; then the
+    prefix cache's exported state must be exactly what it was."""
+    ids, mask = _prompt(case, ref.config.vocab_size)
+    rows, prefix = ids.shape
+    max_length = prefix + max(sum(fork) for fork in case.forks)
+    shared = cand.forward(ids, mask, cand.new_cache(rows, max_length)).cache
+    before = cand.export_cache(shared)
+    rng = np.random.default_rng(case.seed + 2)
+    first: list[str] = []
+    for n, fork in enumerate(case.forks):
+        tokens = rng.integers(3, ref.config.vocab_size, (rows, sum(fork)))
+        full_ids = np.concatenate([ids, tokens], axis=1)
+        full_mask = np.concatenate([mask, np.ones(tokens.shape, mask.dtype)], axis=1)
+        r = ref.forward(full_ids, full_mask, max_length=max_length)
+        oracle.forward(full_ids, full_mask, max_length)
+        ref_logits = np.asarray(r.logits)
+        fork_tol = oracle.logits_tol(tol, ref_logits, full_mask.astype(bool))
+        cache, logits, at = shared, [], 0
+        for size in fork:
+            out = cand.forward(tokens[:, at:at + size], None, cache)
+            cache, at = out.cache, at + size
+            logits.append(cand.to_numpy(out.logits))
+        _check(*compare_logits(ref_logits[:, prefix:], np.concatenate(logits, axis=1),
+                               np.ones(tokens.shape, bool), fork_tol),
+               what=f"fork {n} logits", first=first)
+        _compare_caches(ref, cand, r.cache, cache, f"fork {n}", tol, first, oracle)
+    after = cand.export_cache(shared)
+    for layer, (k0, k1, v0, v1) in enumerate(zip(before.keys, after.keys, before.values, after.values,
+                                                 strict=True)):
+        if not (np.array_equal(k0, k1, equal_nan=True) and np.array_equal(v0, v1, equal_nan=True)):
+            raise _Failure(f"the prefix cache passed to forward changed (layer {layer})")
+    return f"{len(case.forks)} forks of one prefix cache; first check: {first[0]}"
 
 
 def run_golden_case(case: GoldenCase, backend: Backend, dtype: str, tol: Tolerance) -> str:
@@ -295,15 +334,34 @@ def _cell(fn: Any, case: str, name: str, dtype: str, *args: Any) -> Result:
         return Result(case, name, dtype, "fail", f"{type(e).__name__}: {e}")
 
 
+ALWAYS_RUN = ("float16-policy", "op-table")  # cells of every backend (and dtype), whatever `cases` says
+
+
+def case_names(model: str | None = None) -> list[str]:
+    """The names `run_conformance(cases=...)` accepts: the catalogue's cases, or with `model`
+    (a checkpoint) its model-level comparisons."""
+    if model is not None:
+        return [*ALWAYS_RUN, *(c.name for c in checkpoint_cases(model))]
+    return [*ALWAYS_RUN, *(c.name for c in OP_CASES), *(c.name for c in GOLDEN_CASES),
+            *(c.name for c in MODEL_CASES)]
+
+
 def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str] = DEFAULT_DTYPES,
                     cases: Iterable[str] | None = None, model: str | None = None) -> list[Result]:
     """The full matrix. Backends named explicitly must load; by default every known backend is
     tried and one that is not installed is reported as skipped. With `model` (a checkpoint in
     any supported format), the model-level comparisons run on its weights instead of the
-    catalogue's random ones. Cases listed in a backend's known gaps are skipped with the reason."""
+    catalogue's random ones. Cases listed in a backend's known gaps are skipped with the reason.
+    A name in `cases` that is not in `case_names(model)` raises `ConfigError` before anything runs."""
     explicit = backends is not None
     names = list(backends) if backends is not None else known_backends()
     wanted = set(cases) if cases is not None else None
+    if wanted is not None:
+        known = case_names(model)
+        unknown = sorted(wanted - set(known))
+        if unknown:
+            raise ConfigError(f"cases: unknown case{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(map(repr, unknown))} (known: {', '.join(known)})")
     results: list[Result] = []
     model_cases = MODEL_CASES if model is None else checkpoint_cases(model)
     for name in names:
@@ -336,7 +394,8 @@ def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str]
                 results.append(_cell(run_golden_case, golden.name, name, dtype, golden, backend, dtype,
                                      tol))
             for case in model_cases:
-                if wanted is not None and case.name not in wanted:
+                if (wanted is not None and case.name not in wanted) or (
+                        case.dtypes and dtype not in case.dtypes):
                     continue
                 reason = _gap(gaps, case.name, case_config(case).architecture, dtype)
                 if reason is not None:

@@ -9,6 +9,7 @@ backend is asked for, and several backends can be used in one process.
 from __future__ import annotations
 
 import abc
+import copy
 import importlib
 import os
 from collections.abc import Callable, Mapping
@@ -50,6 +51,10 @@ class Backend(abc.ABC):
     # Run projections that share an input (q/k/v, gate/up) as one product over stacked weights
     # (gemma_core.graph.fuse_projections): fewer kernel launches for eager and compiled steps.
     fuse_projections: bool = False
+    # Whether the step writes the cache buffers it is given in place, or donates them (so the
+    # caller's cache changes or dies): `Model.forward` then runs on `copy_cache_layer` copies
+    # unless the caller hands its cache over. False for a functional step (new arrays out).
+    cache_in_place: bool = True
 
     @abc.abstractmethod
     def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
@@ -111,6 +116,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def export_cache_layer(self, state: Any) -> tuple[np.ndarray, np.ndarray]:
         """The layer's (keys, values) slot buffers `[B, K, capacity, H]` as numpy."""
+
+    def copy_cache_layer(self, state: Any) -> Any:
+        """An independent copy of a cache layer (new buffers, same contents and placement);
+        by default `copy.deepcopy`."""
+        return copy.deepcopy(state)
+
+    def mutates_cache(self, options: Mapping[str, Any]) -> bool:
+        """Whether the step under `options` changes or frees the cache layers passed to it (by
+        default `cache_in_place`); if so, `Model.forward` copies a caller's cache first."""
+        return self.cache_in_place
 
     def static_shapes(self, options: Mapping[str, Any]) -> bool:
         """Whether the step is compiled per input shape (generation then buckets prompts)."""

@@ -8,6 +8,11 @@ lives in slot `t % capacity`. The exported (numpy) form of a layer is its last
 
 Slots count every token fed, left padding included, as in transformers; `valid` records which
 slots are real tokens and `seen` how many real tokens each row has had (its next RoPE position).
+
+A cache is a value: `Model.forward(ids, cache=c)` never changes `c` (a backend whose step updates
+buffers in place, or donates them, runs on a copy), so `c` can be continued twice (a forked
+prefix). `forward(..., donate_cache=True)` skips the copy for speed and leaves `c` spent: any
+later use of it is refused with an `InputError` rather than computing on clobbered buffers.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from gemma_core.config import GemmaConfig
+from gemma_core.errors import InputError
 
 
 def layer_capacity(config: GemmaConfig, layer: int, max_length: int) -> int:
@@ -36,8 +42,11 @@ def ring_order(length: int, capacity: int) -> np.ndarray:
 class KVCache:
     """A static cache: backend layer states plus host-side bookkeeping (small numpy arrays).
 
-    A forward pass returns a new `KVCache` that may share (and update in place) the buffers of
-    the one passed in: keep using the returned cache, not the old one.
+    A value: a forward pass returns a new `KVCache` and leaves the one passed in as it was, so
+    one prefix cache can feed several continuations. Only `forward(..., donate_cache=True)` (the
+    decode loops of `gemma_core.generation` and `chat`, which own their caches) lets the step
+    reuse the buffers in place; it marks the cache passed `spent`, and a spent cache is refused
+    everywhere after (`Model.copy_cache` first to keep a fork).
     """
 
     layers: list[Any]
@@ -45,11 +54,19 @@ class KVCache:
     max_length: int
     valid: np.ndarray  # [B, max_length] bool: slot holds a real (non-pad) token
     seen: np.ndarray  # [B] int: real tokens per row so far
+    spent: bool = dataclasses.field(default=False, compare=False)  # handed to a step to reuse
 
     @property
     def batch_size(self) -> int:
         """Rows in the cache."""
         return int(self.valid.shape[0])
+
+    def check_usable(self) -> None:
+        """Raise `InputError` if this cache was handed over (`donate_cache=True`) already."""
+        if self.spent:
+            raise InputError("cache: this cache was handed to forward(donate_cache=True), which may "
+                             "have overwritten or freed its buffers; continue from the cache that call "
+                             "returned, or pass a copy (Model.copy_cache) to fork it")
 
 
 @dataclasses.dataclass(frozen=True)

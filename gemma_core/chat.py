@@ -29,7 +29,9 @@ class ChatSession:
 
     def send(self, text: str, *, max_new_tokens: int = 256,
              streamer: Callable[[StepEvent], Any] | None = None, **sampling: Any) -> str:
-        """Add a user turn, generate the model's reply, and return its text."""
+        """Add a user turn, generate the model's reply, and return its text. A turn that fails
+        after its prompt reached the model (a streamer that raises) forgets the conversation:
+        the cache was updated in place."""
         if not text.strip():
             raise InputError("message: empty")
         tok = self.model.tokenizer
@@ -45,8 +47,14 @@ class ChatSession:
             carry = [] if self._unfed is None or self._unfed in stops else [self._unfed]
             turn = f"<end_of_turn>\n<start_of_turn>user\n{text.strip()}<end_of_turn>\n<start_of_turn>model\n"
             ids = carry + tok.encode(turn, add_special_tokens=False)
-        result = self.model.generate([ids], max_new_tokens=max_new_tokens, cache=self.cache,
-                                     streamer=streamer, **sampling)
+        # the session owns its cache: hand it over (updated in place), keep the one returned
+        try:
+            result = self.model.generate([ids], max_new_tokens=max_new_tokens, cache=self.cache,
+                                         donate_cache=True, streamer=streamer, **sampling)
+        except BaseException:
+            if self.cache.spent or not self.messages:  # (a failed first turn: start afresh)
+                self.reset()
+            raise
         self.cache = result.cache
         generated = result.token_ids[0]
         self._unfed = generated[-1] if generated else None

@@ -14,23 +14,37 @@ from gemma_core.errors import GemmaError
 
 
 def _config_arg(value: str) -> GemmaConfig:
-    """A preset name, a model folder, a config.json path or a .gguf file."""
+    """A preset name, "embedded", a config.json path, or a checkpoint in any format `load` reads
+    (read without its weights where the format allows)."""
     from gemma_core.checkpoint import read_config
+    from gemma_core.model import resolve_source, source_format
     from gemma_core.presets import PRESETS, get_preset
 
     if value in PRESETS and not os.path.exists(value):
         return get_preset(value)
+    value = resolve_source(value)
     path = Path(value)
-    if path.suffix == ".gguf":
+    if path.is_file() and path.suffix == ".json":  # a config.json: the folder it describes
+        path = path.parent
+    elif not path.exists() and path.suffix != ".gguf":
+        if os.sep in value or value.endswith(".json"):
+            raise GemmaError(f"{value}: no such file or folder")
+        return get_preset(value)
+    fmt = source_format(path)
+    if fmt == "gguf":
         from gemma_core.formats.gguf import open_gguf
         from gemma_core.formats.gguf import read_config as gguf_config
 
         return gguf_config(open_gguf(path), str(path))
-    if path.exists():
+    if fmt == "hf":
         return read_config(path if path.is_dir() else path.parent)
-    if os.sep in value or value.endswith(".json"):
-        raise GemmaError(f"{value}: no such file or folder")
-    return get_preset(value)
+    if fmt == "keras-hub":
+        from gemma_core.formats import keras_hub
+
+        return keras_hub.read_config(path)
+    from gemma_core.formats.convert import read
+
+    return read(path, fmt).config  # flax, gemma-pytorch: the config may come from the weights
 
 
 class _Progress:
@@ -127,13 +141,40 @@ def _storage(value: str) -> tuple[str, str]:
     return fmt, ", ".join(f"{k} x{n}" for k, n in dtypes.most_common())
 
 
+def _converted_format(value: str) -> tuple[str, Path] | None:
+    """(format, path) of a keras-hub, flax or gemma-pytorch checkpoint at `value` (or of the
+    folder of a config.json), else None."""
+    from gemma_core.model import source_format
+
+    path = Path(value)
+    if not path.exists():  # a preset, or a missing path that _config_arg reports
+        return None
+    if path.is_file() and path.suffix == ".json":
+        path = path.parent
+    fmt = source_format(path)
+    return (fmt, path) if fmt in ("keras-hub", "flax", "gemma-pytorch") else None
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    from collections import Counter
+
     from gemma_core.embedded import default_model_path
     from gemma_core.layout import param_count
+    from gemma_core.model import resolve_source
 
-    source = args.model or default_model_path()
-    config = _config_arg(source)
-    fmt, dtypes = _storage(source)
+    source = resolve_source(args.model) if args.model else default_model_path()
+    converted = _converted_format(source)
+    if converted is not None:  # read once: the config may come from the weights
+        from gemma_core.formats.convert import read
+
+        fmt, path = converted
+        ckpt = read(path, fmt)
+        config = ckpt.config
+        counts = Counter(str(v.dtype) for v in ckpt.weights.values())
+        dtypes = ", ".join(f"{k} x{n}" for k, n in counts.most_common())
+    else:
+        config = _config_arg(source)
+        fmt, dtypes = _storage(source)
     hf = config.to_hf()
     print(f"source            {source}")
     print(f"format            {fmt}")
@@ -160,8 +201,9 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
     backends = args.backends.split(",") if args.backends else None
     dtypes = args.dtypes.split(",")
-    cases = args.cases.split(",") if args.cases else None
-    results = run_conformance(backends, dtypes, cases, model=args.model)
+    # an unknown case name is a ConfigError from run_conformance: one `gemma: error:` line, exit 2
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    results = run_conformance(backends, dtypes, cases or None, model=args.model)
     print(reports.as_json(results) if args.json else reports.as_text(results))
     for path, render in ((args.junit, reports.as_junit), (args.markdown, reports.as_markdown)):
         if path:
@@ -174,7 +216,19 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if prompt is None:
         if sys.stdin.isatty():
             raise GemmaError("no prompt: pass it as an argument or on stdin")
-        prompt = sys.stdin.read()
+        data = sys.stdin.buffer.read()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GemmaError(f"prompt: stdin is not valid UTF-8 (byte {data[e.start]:#04x} at "
+                             f"offset {e.start})") from None
+        # a piped prompt ends with the line end `echo` adds: strip it, as transformers' CLI does
+        prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt.removesuffix("\n")
+    else:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise GemmaError(f"prompt: the argument is not valid UTF-8 (at character {e.start})") from None
     if not prompt.strip():
         raise GemmaError("prompt: empty")
     return prompt
@@ -329,7 +383,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from gemma_core.backend import default_backend_name
 
-    p.add_argument("--model", help="model folder, .gguf file or preset (default: the embedded Gemma 3 270M)")
+    p.add_argument("--model", help="checkpoint in any format convert reads (hf, keras-hub, flax, "
+                                   "gemma-pytorch, gguf), 'embedded' or a preset (default: embedded)")
     p.add_argument("--tokenizer", help="a tokenizer.model file (for models that lack one)")
     p.add_argument("--backend", default=None, help=f"backend (default: {default_backend_name()})")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64")
@@ -341,14 +396,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-modules", metavar="MODULE=SCHEME,...",
                    help="projections stored otherwise in every layer, e.g. v_proj=int8,down_proj=int8 "
                         "(more bits where 4 cost the most, as llama.cpp's Q4_K_M) or o_proj=float")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--temperature", type=float, help="sample at this temperature (0 = greedy)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-p", type=float)
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_nonnegative_int, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat; the KV cache is kept between turns")
     _add_model_args(p)
     p.add_argument("--system", help="system prompt (Gemma 3 folds it into the first turn)")
-    p.add_argument("--context", type=int, default=4096, help="tokens the conversation may use")
+    p.add_argument("--context", type=_positive_int, default=4096, help="tokens the conversation may use")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("classify", help="label a text with a sequence-classification checkpoint")
@@ -380,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("mask", help="show which tokens each token attends to, per layer kind")
-    p.add_argument("--config", required=True, help="preset name, model folder, config.json or .gguf")
+    p.add_argument("--config", required=True, help="preset name, checkpoint (any format) or config.json")
     p.add_argument("--tokenizer", help="a tokenizer.model file (default: split on whitespace)")
     p.add_argument("--sliding-window", type=int, help="override the config's window")
     p.add_argument("texts", nargs="+", help="one text, or several to see left padding")
@@ -414,12 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("graph", help="print a config's op list")
-    p.add_argument("--config", required=True, help="preset name, model folder or config.json")
+    p.add_argument("--config", required=True, help="preset name, checkpoint (any format) or config.json")
     p.add_argument("--weights", action="store_true", help="also print the weight layout table")
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("info", help="format, dtypes, config and parameter count of a model")
-    p.add_argument("--model", help="preset, model folder or .gguf (default: the embedded model)")
+    p.add_argument("--model", help="preset, checkpoint (any format) or 'embedded' (the default)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("conformance", help="compare backends with the NumPy reference")
@@ -435,9 +490,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _nonnegative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return n
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+    import threading
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     file: Any = None, line: str | None = None) -> None:
+        print(f"gemma: warning: {_one_line(message)}", file=sys.stderr)
+
+    hooks = (warnings.showwarning, sys.unraisablehook, threading.excepthook)
+    if not args.debug:  # third-party noise (absl/orbax logs, errors of their threads) stays out
+        warnings.showwarning = show_warning
+        logging.disable(logging.CRITICAL)
+        sys.unraisablehook = lambda unraisable: None
+        threading.excepthook = lambda exc: None
+    try:
+        return _run(args)
+    finally:
+        if argv is not None:  # called in-process: leave the caller's process as it was; as the
+            # program itself (argv from sys.argv) the quiet hooks stay until exit, since
+            # third-party threads (orbax's) may still fail after a failed write has returned
+            warnings.showwarning, sys.unraisablehook, threading.excepthook = hooks
+            logging.disable(logging.NOTSET)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """`args.func(args)`, its errors as one line on stderr and an exit status."""
+    from gemma_core.transaction import Interrupted
+
     try:
         return int(args.func(args))
     except BrokenPipeError:  # e.g. `gemma graph ... | head`: stop quietly
@@ -446,10 +548,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GemmaError, OSError) as e:
         if args.debug:
             raise
-        print(f"gemma: error: {e}", file=sys.stderr)
+        print(f"gemma: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"gemma: {e}; the partial output was removed", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         return 130
+    except (ValueError, RecursionError, RuntimeError, KeyError, IndexError, TypeError, MemoryError,
+            EOFError) as e:  # raised by a third-party reader on a malformed file
+        if args.debug:
+            raise
+        print(f"gemma: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

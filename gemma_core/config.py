@@ -43,6 +43,9 @@ _TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 _LEGACY_GELU_NAMES = ("gelu",)
 
 
+MAX_LAYERS = 4096
+
+
 def default_layer_types(arch: Architecture, num_layers: int) -> tuple[AttentionKind, ...]:
     """The layer pattern each generation ships with: all global; local/global; five local, one global."""
     if arch is Architecture.GEMMA:
@@ -91,6 +94,9 @@ class GemmaConfig:
         n = self.num_layers
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ConfigError(f"num_layers: must be a positive integer, got {n!r}")
+        if n > MAX_LAYERS:  # checked before anything per layer is built
+            raise ConfigError(f"num_layers: {n} is past any Gemma (the largest has 62; this "
+                              f"package accepts up to {MAX_LAYERS})")
         if not self.layer_types:
             set_(self, "layer_types", default_layer_types(self.architecture, n))
         if isinstance(self.layer_types, (str, bytes)) or not hasattr(self.layer_types, "__iter__"):
@@ -129,6 +135,8 @@ class GemmaConfig:
             raise ConfigError(
                 f"layer_types: {len(self.layer_types)} entries for num_layers {self.num_layers}"
             )
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings: must be true or false, got {self.tie_word_embeddings!r}")
         if self.quantization is not None and not isinstance(self.quantization, QuantConfig):
             raise ConfigError(f"quantization: expected a QuantConfig or None, got {self.quantization!r}")
         has_local = AttentionKind.LOCAL in self.layer_types
@@ -142,6 +150,10 @@ class GemmaConfig:
             raise ConfigError(f"sliding_window: must be a positive integer, got {self.sliding_window!r}")
         if self.architecture is Architecture.GEMMA and has_local:
             raise ConfigError("layer_types: Gemma 1 has no sliding_attention layers")
+        if self.architecture is Architecture.GEMMA and (
+                self.attn_logit_softcap is not None or self.final_logit_softcap is not None):
+            raise ConfigError("attn_logit_softcap/final_logit_softcap: Gemma 1 does not soft-cap "
+                              f"(got {self.attn_logit_softcap!r}, {self.final_logit_softcap!r}); use None")
         if self.architecture is Architecture.GEMMA3 and self.attn_logit_softcap is not None:
             raise ConfigError(
                 "attn_logit_softcap: Gemma 3 does not soft-cap attention scores "
@@ -299,16 +311,24 @@ def config_from_hf(hf: Mapping[str, Any]) -> GemmaConfig:
         )
     arch = _HF_MODEL_TYPES[model_type]
     _activation(hf)
+    for key in ("attention_bias", "use_bidirectional_attention", "tie_word_embeddings"):
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            raise ConfigError(f"{key}: must be true or false, got {hf[key]!r}")
     if hf.get("attention_bias"):
         raise ConfigError("attention_bias: Gemma has no attention biases, got true")
     if hf.get("use_bidirectional_attention"):
         raise ConfigError("use_bidirectional_attention: bidirectional (embedding) Gemma is not supported")
+    if model_type == "gemma":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if hf.get(key) is not None:
+                raise ConfigError(f"{key}: Gemma 1 (model_type gemma) does not soft-cap, got {hf[key]!r}; "
+                                  "is this a Gemma 2 config with the wrong model_type?")
 
     get = _getter(hf, model_type)
     defaults = _HF_DEFAULTS[model_type]
     # transformers 5.x writes rope_theta: null beside rope_parameters; null means "see there".
-    rope_theta = get("rope_theta") or defaults["rope_theta"]
-    local_theta = get("rope_local_base_freq") or 10_000.0
+    rope_theta = get("rope_theta") if get("rope_theta") is not None else defaults["rope_theta"]
+    local_theta = get("rope_local_base_freq") if get("rope_local_base_freq") is not None else 10_000.0
     _, factor = _rope_entry(hf.get("rope_scaling"), "rope_scaling")
     params = hf.get("rope_parameters")
     if isinstance(params, Mapping):
@@ -366,7 +386,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> GemmaConfig:
         rope_theta=rope_theta,
         rope_local_theta=local_theta,
         rope_scaling_factor=factor,
-        tie_word_embeddings=bool(get("tie_word_embeddings")),
+        tie_word_embeddings=get("tie_word_embeddings"),
         pad_token_id=get("pad_token_id"),
         bos_token_id=get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else eos,
@@ -415,9 +435,9 @@ def config_to_hf(config: GemmaConfig) -> dict[str, Any]:
     if arch is Architecture.GEMMA:
         out["rope_parameters"] = _hf_rope(config.rope_theta, config.rope_scaling_factor)
         return out
-    out["query_pre_attn_scalar"] = (
-        config.query_pre_attn_scalar if config.query_pre_attn_scalar is not None else config.head_dim
-    )
+    scalar = config.query_pre_attn_scalar if config.query_pre_attn_scalar is not None else config.head_dim
+    # transformers types it int (a GGUF stores it as float32: 256.0 must be written 256)
+    out["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
     out["attn_logit_softcapping"] = config.attn_logit_softcap
     out["final_logit_softcapping"] = config.final_logit_softcap
     out["sliding_window"] = config.sliding_window

@@ -150,16 +150,27 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new
                     sampling: SamplingConfig | None = None, seed: int | None = None,
                     eos_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
                     result: list[GenerationResult] | None = None,
-                    cache: Any = None) -> Iterator[StepEvent]:
+                    cache: Any = None, donate_cache: bool = False) -> Iterator[StepEvent]:
     """Yield a `StepEvent` per decode step; append the `GenerationResult` to `result` at the end.
 
-    With `cache` (one row), the prompt continues what the cache holds (multi-turn chat)."""
+    With `cache`, the prompt continues what the cache holds (multi-turn chat); the cache is left
+    as it was (the prefill runs on a copy) unless `donate_cache` hands it over. The caches of
+    the decode steps are this loop's own, updated in place."""
+    if cache is not None:
+        cache.check_usable()
     sampling = sampling or SamplingConfig()
     tokenizer = model.tokenizer
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
+    if isinstance(stop_strings, str):
+        raise InputError("stop_strings: expected a list of strings, got one string")
+    if any(not isinstance(s, str) or not s for s in stop_strings):
+        raise InputError(f"stop_strings: each must be a non-empty string (an empty one would stop "
+                         f"at once), got {list(stop_strings)!r}")
     if stop_strings and tokenizer is None:
         raise InputError("stop_strings: need a tokenizer to decode text")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise InputError(f"seed: must be a non-negative integer, got {seed!r}")
     rows_ids = _encode_prompts(prompts, tokenizer)
     from gemma_core.model import batch_ids
 
@@ -184,9 +195,10 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new
     rng = np.random.default_rng(seed)
     rows = _Rows(len(rows_ids), tokenizer, tuple(stop_strings))
     history = [list(r) for r in rows_ids]
+    owned = cache is None or donate_cache
     if cache is None:
         cache = model.new_cache(len(rows_ids), total)
-    out = model.forward(ids, mask, cache, last_only=True)
+    out = model.forward(ids, mask, cache, last_only=True, donate_cache=owned)
     for step in range(max_new_tokens):
         scores = model.to_numpy(out.logits)[:, -1].astype(np.float32)  # [B,V]
         nxt = choose(process(scores, sampling, history), sampling, rng)
@@ -209,7 +221,7 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new
         if all(r is not None for r in rows.reasons):
             break
         feed = np.array([[t if t is not None else model.config.pad_token_id] for t in tokens])
-        out = model.forward(feed, None, out.cache, last_only=True)
+        out = model.forward(feed, None, out.cache, last_only=True, donate_cache=True)
     if result is not None:
         texts = [rows.final_text(r) for r in range(len(rows_ids))] if tokenizer is not None else None
         result.append(GenerationResult(rows_ids, rows.ids, texts,
@@ -219,12 +231,14 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new
 def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 32,
              sampling: SamplingConfig | None = None, seed: int | None = None,
              eos_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
-             streamer: Callable[[StepEvent], Any] | None = None, cache: Any = None) -> GenerationResult:
-    """Generate for one prompt or a batch (left-padded); `streamer` is called after every step."""
+             streamer: Callable[[StepEvent], Any] | None = None, cache: Any = None,
+             donate_cache: bool = False) -> GenerationResult:
+    """Generate for one prompt or a batch (left-padded); `streamer` is called after every step.
+    `cache` and `donate_cache` as for `generate_stream`."""
     result: list[GenerationResult] = []
     for event in generate_stream(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                  seed=seed, eos_token_ids=eos_token_ids, stop_strings=stop_strings,
-                                 result=result, cache=cache):
+                                 result=result, cache=cache, donate_cache=donate_cache):
         if streamer is not None:
             streamer(event)
     return result[0]

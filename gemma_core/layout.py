@@ -12,6 +12,9 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import WeightError
 from gemma_core.quant import SCALE_SUFFIX, stored_dtype, stored_shapes
@@ -120,6 +123,7 @@ def validate_weights(config: GemmaConfig, weights: Mapping[str, Any], task: str 
     `weights` maps names to anything with a `.shape`. A tied model may also carry
     `lm_head.weight` (some exporters write it); it must then have the embedding's shape.
     """
+    check_tensor_count(config, weights, task)
     expected = expected_shapes(config, task, num_labels)
     allowed = dict(expected)
     if config.tie_word_embeddings and task == "causal-lm":
@@ -143,20 +147,69 @@ def validate_weights(config: GemmaConfig, weights: Mapping[str, Any], task: str 
             if getattr(weights[name], "dtype", want) != want:
                 misshaped.append(f"{name}: expected {want} quantised values ({scheme}), "
                                  f"got {weights[name].dtype}")
+    misshaped += dtype_problems(config, {k: v for k, v in weights.items() if k in allowed})
     problems = key_set_problems(missing, unexpected, misshaped)
     if problems:
         raise WeightError("weights do not match the config: " + " | ".join(problems))
 
 
+def is_float_dtype(dtype: Any) -> bool:
+    """Whether `dtype` is a floating-point numpy dtype (bfloat16 included)."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def dtype_problems(config: GemmaConfig, weights: Mapping[str, Any]) -> list[str]:
+    """One line per tensor stored in a dtype the layout does not allow for it: every tensor is
+    floating point except the integer values of a quantised weight (`config.quantization`,
+    whose dtypes `validate_weights` checks); a quantisation scale is floating point too.
+    Tensors without a numpy dtype (another framework's arrays) are not judged here."""
+    quant = config.quantization
+    out = []
+    for name, w in weights.items():
+        if quant is not None and quant.scheme_for(name) is not None:
+            continue
+        dtype = getattr(w, "dtype", None)
+        try:
+            dtype = np.dtype(dtype) if dtype is not None else None
+        except TypeError:
+            continue
+        if dtype is not None and not is_float_dtype(dtype):
+            out.append(f"{name}: expected a floating-point dtype, got {dtype}")
+    return out
+
+
+def check_tensor_count(config: GemmaConfig, weights: Mapping[str, Any], task: str = "causal-lm") -> None:
+    """Refuse at once a config that implies more tensors than the weights hold (a config.json or
+    GGUF header claiming millions of layers), before anything of that size is listed or made."""
+    per_layer = sum(1 for row in LAYOUT if "{layer}" in row.name and _applies(row, config, task))
+    other = sum(1 for row in LAYOUT if "{layer}" not in row.name and _applies(row, config, task))
+    needed = per_layer * config.num_layers + other
+    if needed <= 2 * len(weights) + 64:  # a small gap is listed tensor by tensor by the caller
+        return
+    layers = {name.split(".")[2] for name in weights if name.startswith("model.layers.")}
+    raise WeightError(f"num_hidden_layers: the config's {config.num_layers} layers need at least "
+                      f"{needed} tensors, the weights hold {len(weights)} (for {len(layers)} layers)")
+
+
+_LISTED = 24  # names shown per kind of mismatch; the rest are counted
+
+
+def _listing(names: list[str], sep: str) -> str:
+    shown = sep.join(names[:_LISTED])
+    return shown + (f"{sep}... ({len(names) - _LISTED} more)" if len(names) > _LISTED else "")
+
+
 def key_set_problems(missing: list[str], unexpected: list[str], misshaped: list[str]) -> list[str]:
-    """One line per kind of mismatch between a tensor set and what was expected, naming each."""
+    """One line per kind of mismatch between a tensor set and what was expected, naming each
+    (the first 24 of each kind)."""
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)}: {', '.join(missing)}")
+        problems.append(f"missing {len(missing)}: {_listing(missing, ', ')}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
+        problems.append(f"unexpected {len(unexpected)}: {_listing(unexpected, ', ')}")
     if misshaped:
-        problems.append(f"mis-shaped {len(misshaped)}: {'; '.join(misshaped)}")
+        problems.append(f"mis-shaped {len(misshaped)}: {_listing(misshaped, '; ')}")
     return problems
 
 

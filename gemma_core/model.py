@@ -13,7 +13,7 @@ import numpy as np
 from gemma_core.backend import Backend, get_backend
 from gemma_core.cache import CacheState, KVCache, layer_capacity, ring_order
 from gemma_core.config import Architecture, GemmaConfig
-from gemma_core.errors import ConfigError, InputError, WeightError
+from gemma_core.errors import CheckpointError, ConfigError, InputError, WeightError
 from gemma_core.graph import TASKS, bind, build_graph, cache_name, fuse_projections, run_bound
 from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, iter_params, validate_weights
 from gemma_core.quant import SCALE_SUFFIX, as_quant_config
@@ -102,6 +102,7 @@ class Model:
         self.raw_step = step  # the uncompiled step, for backends that trace it into larger loops
         self._step = self.backend.compile_step(step, options)
         self.static_shapes = self.backend.static_shapes(options)
+        self.mutates_cache = self.backend.mutates_cache(options)  # forward copies a caller's cache
 
     @property
     def ops(self) -> Mapping[str, Any]:
@@ -119,6 +120,7 @@ class Model:
             raise InputError(f"max_length: {max_length} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         c = self.config
+        _check_cache_fits(c, batch_size, max_length, self.dtype, self.device)
         layers = [
             self.backend.new_cache_layer(batch_size, c.num_kv_heads, layer_capacity(c, i, max_length),
                                          c.head_dim, self.dtype, self.device)
@@ -129,19 +131,27 @@ class Model:
                        seen=np.zeros(batch_size, np.int64))
 
     def forward(self, input_ids: Any, attention_mask: Any = None, cache: KVCache | None = None,
-                *, last_only: bool = False, max_length: int | None = None) -> ForwardOutput:
+                *, last_only: bool = False, max_length: int | None = None,
+                donate_cache: bool = False) -> ForwardOutput:
         """Run `input_ids [B, T]` after whatever `cache` holds.
 
         `attention_mask [B, T]` marks real tokens (1) and left padding (0); RoPE positions are
         the running count of real tokens, as transformers' generate computes them. Without a
         cache, one of `max_length` (default T) slots is made. `last_only` computes logits for the
         last position only (decode).
+
+        `cache` is left as it was (the step runs on a copy where the backend updates or donates
+        buffers in place), so it can be continued again. `donate_cache=True` hands it over
+        instead: no copy, and `cache` is spent (refused by every later use); decode loops that
+        own their cache pass it to update it in place.
         """
         ids = self._check_ids(input_ids)
         b, t = ids.shape
         mask = _check_mask(attention_mask, ids.shape, self.to_numpy)
+        owned = cache is None or donate_cache
         if cache is None:
             cache = self.new_cache(b, max_length or t)
+        cache.check_usable()
         if cache.batch_size != b:
             raise InputError(f"input_ids: batch of {b} rows for a cache of {cache.batch_size}")
         start = cache.length
@@ -160,7 +170,12 @@ class Model:
             "valid": be.asarray(valid, dev),  # [B, max_length]: a fixed shape for compiled steps
             "logit_index": be.asarray(np.arange(t - 1 if last_only else 0, t), dev),
         }
-        env.update({cache_name(i): layer for i, layer in enumerate(cache.layers)})
+        layers = cache.layers
+        if not owned and self.mutates_cache:
+            layers = [be.copy_cache_layer(layer) for layer in layers]
+        env.update({cache_name(i): layer for i, layer in enumerate(layers)})
+        if donate_cache:
+            cache.spent = True  # from here on its buffers may be overwritten or freed
         env = self._step(self.weights, env)
         new_cache = KVCache(
             layers=[env[cache_name(i)] for i in range(self.config.num_layers)],
@@ -169,9 +184,9 @@ class Model:
         )
         if self.task != "base":
             return ForwardOutput(logits=env["logits"], cache=new_cache)
-        layers = tuple(env[f"x{i}"] for i in range(self.config.num_layers))
+        hidden = tuple(env[f"x{i}"] for i in range(self.config.num_layers))
         return ForwardOutput(logits=None, cache=new_cache, last_hidden_state=env["hidden"],
-                             hidden_states=(*layers, env["hidden"]))
+                             hidden_states=(*hidden, env["hidden"]))
 
     def __call__(self, input_ids: Any, attention_mask: Any = None,
                  cache: KVCache | None = None) -> ForwardOutput:
@@ -181,11 +196,14 @@ class Model:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, eos_token_ids: Sequence[int] | None = None,
-                 stop_strings: Sequence[str] = (), streamer: Any = None, cache: KVCache | None = None) -> Any:
+                 stop_strings: Sequence[str] = (), streamer: Any = None, cache: KVCache | None = None,
+                 donate_cache: bool = False) -> Any:
         """Generate for a prompt or a batch of prompts (text, or token id lists).
 
         Greedy unless sampling is asked for: `do_sample=True`, or any of temperature (> 0),
         top_k, top_p, min_p given; `temperature=0` means greedy. Returns a `GenerationResult`.
+        A `cache` to continue is left as it was unless `donate_cache=True` hands it over (see
+        `forward`); the result's cache holds the continuation.
         """
         from gemma_core.generation import generate
         from gemma_core.sampling import sampling_config
@@ -194,14 +212,23 @@ class Model:
                                    min_p=min_p, repetition_penalty=repetition_penalty)
         return generate(self, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                         eos_token_ids=eos_token_ids, stop_strings=stop_strings, streamer=streamer,
-                        cache=cache)
+                        cache=cache, donate_cache=donate_cache)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """Any backend array as numpy (float32 for float dtypes narrower than float32)."""
         return self.backend.to_numpy(x)
 
+    def copy_cache(self, cache: KVCache) -> KVCache:
+        """An independent copy of `cache` (new buffers): a fork that can be handed over
+        (`forward(..., donate_cache=True)`) while `cache` stays usable."""
+        cache.check_usable()
+        return KVCache(layers=[self.backend.copy_cache_layer(layer) for layer in cache.layers],
+                       length=cache.length, max_length=cache.max_length, valid=cache.valid.copy(),
+                       seen=cache.seen.copy())
+
     def export_cache(self, cache: KVCache) -> CacheState:
         """The cache in the contract layout: per layer the last tokens it holds, oldest first."""
+        cache.check_usable()
         keys, values, real = [], [], []
         for state in cache.layers:
             k, v = self.backend.export_cache_layer(state)
@@ -225,6 +252,36 @@ class Model:
             raise InputError(f"input_ids: token id {int(ids[bad][0])} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
         return ids.astype(np.int64)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the OS says are available (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_cache_fits(config: GemmaConfig, batch: int, max_length: int, dtype: str,
+                      device: str | None) -> None:
+    """Refuse a host cache larger than the memory available, before allocating any of it."""
+    if device not in (None, "cpu"):
+        return
+    width = np.dtype(np.float64 if dtype == "float64" else np.float32 if dtype == "float32" else np.float16)
+    slots = sum(layer_capacity(config, i, max_length) for i in range(config.num_layers))
+    need = 2 * batch * config.num_kv_heads * config.head_dim * slots * width.itemsize
+    free = _available_memory()
+    if free is not None and need > free:
+        raise InputError(f"max_length: a KV cache of {batch} x {max_length} tokens needs "
+                         f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory "
+                         "available; ask for fewer new tokens or a smaller batch")
 
 
 def _check_mask(mask: Any, shape: tuple[int, ...], to_numpy: Any) -> np.ndarray:
@@ -276,9 +333,11 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
          dtype: str = "float32", device: str | None = None, *, seed: int = 0,
          allow_float16: bool = False, progress: Any = None, compile: bool | None = None,
          task: str = "causal-lm", num_labels: int = 2, quantize: Any = None,
-         **config_changes: Any) -> Model:
-    """A model from a Hugging Face folder, a safetensors file beside its config.json, a `.gguf`
-    file, or a preset name (random weights from `seed`). `config_changes` override preset fields
+         allow_nonfinite: bool = False, **config_changes: Any) -> Model:
+    """A model from any checkpoint `gemma convert` reads (a Hugging Face folder or a safetensors
+    file beside its config.json, a keras-hub preset folder, a Flax orbax folder or flat
+    `.safetensors` tree, a gemma_pytorch checkpoint, a `.gguf` file), "embedded" (the embedded
+    Gemma 3 270M), or a preset name (random weights from `seed`). `config_changes` override preset fields
     (tests); for GGUF they are passed to the reader (e.g. `query_pre_attn_scalar`).
     `progress(done, total)` is called while a GGUF file is dequantised. `compile` chooses
     whether the step goes through the backend's compiler (torch.compile, jax.jit); None takes
@@ -286,31 +345,38 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
     causal-lm, base, sequence-classification or token-classification (`num_labels` sizes a
     preset's random head; a checkpoint's comes from its `score.weight` and id2label).
     `quantize` ("int8", "int4", "nf4" or a `QuantConfig`) quantises the weights on load
-    (gemma_core.quant); a checkpoint saved quantised loads quantised without it."""
+    (gemma_core.quant); a checkpoint saved quantised loads quantised without it.
+    Weights holding NaN or infinity are refused unless `allow_nonfinite=True` (quantising them
+    is refused regardless)."""
     from gemma_core.checkpoint import load_checkpoint, read_labels
     from gemma_core.presets import PRESETS
     from gemma_core.weights import random_weights
 
-    key = os.fspath(path_or_preset)
+    key = resolve_source(path_or_preset)
     tokenizer, labels = None, None
     if key in PRESETS and not os.path.exists(key):
         config = PRESETS[key].replace(**config_changes) if config_changes else PRESETS[key]
         classifier = task in ("sequence-classification", "token-classification")
         weights = random_weights(config, seed, task=task, num_labels=num_labels if classifier else 0)
     else:
-        if key.endswith(".gguf"):
+        fmt = source_format(key)
+        if fmt == "gguf":
             from gemma_core.formats.gguf import load_gguf
 
             # quantised tensor by tensor as the file is read (the float32 model is never whole)
             quant = as_quant_config(quantize) if quantize is not None else None
-            config, weights, tokenizer = load_gguf(key, progress=progress, quant=quant, **config_changes)
+            config, weights, tokenizer = load_gguf(key, progress=progress, quant=quant,
+                                                   allow_nonfinite=allow_nonfinite, **config_changes)
             quantize = None
         else:
             if config_changes:
                 raise ConfigError(f"config overrides apply to presets only, got {sorted(config_changes)}")
-            config, weights = load_checkpoint(key, validate=False)
-            tokenizer = find_tokenizer(key, config)
-            labels = read_labels(key)
+            if fmt == "hf":
+                config, weights = load_checkpoint(key, validate=False, allow_nonfinite=allow_nonfinite)
+                tokenizer = find_tokenizer(key, config)
+                labels = read_labels(key)
+            else:
+                config, weights, tokenizer = _read_converted(key, fmt, progress, allow_nonfinite)
     if quantize is not None:
         config, weights = quantize_model(config, weights, quantize, task)
     rows = int(weights[SCORE].shape[0]) if SCORE in weights else 0
@@ -340,14 +406,67 @@ def quantize_model(config: GemmaConfig, weights: Mapping[str, np.ndarray], quant
 
 def find_tokenizer(path: str | os.PathLike[str], config: GemmaConfig) -> Any:
     """The `tokenizer.model` beside a checkpoint, as a `GemmaTokenizer`, or None."""
-    from gemma_core.tokenizer import GemmaTokenizer
-
     folder = path if os.path.isdir(path) else os.path.dirname(os.fspath(path))
     spm_file = os.path.join(folder, "tokenizer.model")
     if not os.path.isfile(spm_file):
         return None
+    return _tokenizer(spm_file, config)
+
+
+def _tokenizer(spm: str | bytes, config: GemmaConfig) -> Any:
+    """A `GemmaTokenizer` of a SentencePiece file or its bytes, chatting as `config`'s generation."""
+    from gemma_core.tokenizer import GemmaTokenizer
+
     fmt = "gemma3" if config.architecture is Architecture.GEMMA3 else "gemma"
-    return GemmaTokenizer(spm_file, chat_format=fmt)
+    return GemmaTokenizer(spm, chat_format=fmt)
+
+
+EMBEDDED = "embedded"  # `load("embedded")`: the embedded Gemma 3 270M (gemma_core.embedded)
+
+
+def resolve_source(path_or_preset: str | os.PathLike[str]) -> str:
+    """The path or preset name a `load` argument stands for: "embedded" (when no file of that
+    name exists) is the embedded model's GGUF file."""
+    key = os.fspath(path_or_preset)
+    if key == EMBEDDED and not os.path.exists(key):
+        from gemma_core.embedded import default_model_path
+
+        return default_model_path()
+    return key
+
+
+def source_format(path: str | os.PathLike[str]) -> str:
+    """The checkpoint format of `path` (a `gemma convert` name: hf, keras-hub, flax,
+    gemma-pytorch, gguf). A `.gguf` name is gguf without looking (its reader reports a missing
+    or damaged file); a folder with a config.json that no reader recognises is taken as a
+    Hugging Face folder, so that its reader names what is missing."""
+    from gemma_core.formats.convert import detect
+
+    if os.fspath(path).endswith(".gguf"):
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device?)")
+        return "gguf"
+    try:
+        return detect(path)
+    except CheckpointError:
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return "hf"
+        raise
+
+
+def _read_converted(path: str, fmt: str, progress: Any,
+                    allow_nonfinite: bool = False) -> tuple[GemmaConfig, dict[str, np.ndarray], Any]:
+    """(config, weights, tokenizer or None) of a keras-hub, flax or gemma-pytorch checkpoint,
+    read as `gemma convert` reads it; the tokenizer travels with the checkpoint or lies beside it."""
+    from gemma_core.formats.convert import read
+
+    stage = None if progress is None else (lambda _label, done, total: progress(done, total))
+    ckpt = read(path, fmt, stage, allow_nonfinite=allow_nonfinite)
+    if ckpt.tokenizer_model is not None:
+        tokenizer = _tokenizer(ckpt.tokenizer_model, ckpt.config)
+    else:
+        tokenizer = find_tokenizer(path, ckpt.config)
+    return ckpt.config, ckpt.weights, tokenizer
 
 
 def batch_ids(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -223,6 +223,12 @@ def quantize(w: np.ndarray, scheme: str, group_size: int | None = None,
     w = np.asarray(w, np.float32)
     if w.ndim != 2:
         raise WeightError(f"{name}: only 2-D weights are quantised, got shape {list(w.shape)}")
+    finite = np.isfinite(w)
+    if not finite.all():  # a NaN or inf would spread to its whole row's (or group's) scale
+        row, col = np.unravel_index(int(np.argmin(finite)), w.shape)
+        raise WeightError(f"{name}: cannot quantise a non-finite value ({w[row, col]} at index "
+                          f"[{row}, {col}])")
+    del finite
     if scheme == "int8":
         scale = np.abs(w).max(axis=1) / np.float32(127)
         safe = np.where(scale > 0, scale, np.float32(1))

@@ -1,4 +1,5 @@
-"""A small safetensors reader/writer on numpy: memory-mapped reads, bfloat16 through ml_dtypes.
+"""A small safetensors reader/writer on numpy: strict reads into private memory, bfloat16
+through ml_dtypes.
 
 The format: an 8-byte little-endian header length, a JSON header mapping names to
 `{dtype, shape, data_offsets}` (plus an optional `__metadata__` of strings), then the raw data.
@@ -7,15 +8,18 @@ The format: an 8-byte little-endian header length, a JSON header mapping names t
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from gemma_core.errors import CheckpointError
+from gemma_core.jsonfile import parse_json
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -26,8 +30,19 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0  # not bool, not float, not a numeric string
+
+
 def read_header(path: str | os.PathLike[str]) -> tuple[dict, int]:
-    """(header dict, byte offset of the data) of a safetensors file, checked against its size."""
+    """(header dict, byte offset of the data) of a safetensors file, checked as the reference
+    reader (the Rust `safetensors` crate) checks it, and stricter where it is silent.
+
+    The header must be a JSON object of tensor entries `{dtype, shape, data_offsets}` (plus a
+    `__metadata__` object of strings), with no name twice; each entry's byte length must match
+    its shape and dtype; and the entries must cover the data exactly: sorted by offset, each
+    begins where the previous one ends, the first at 0 and the last at the end of the file.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -37,47 +52,80 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, _MAX_HEADER):
             raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: malformed safetensors header ({e})") from None
+        header = parse_json(f.read(n), f"{path}: malformed safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: malformed safetensors header (not an object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: malformed safetensors header (__metadata__ must map names to "
+                              f"strings, got {meta!r:.200})")
     data_size = size - 8 - n
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
+            if not isinstance(info, dict):
+                raise TypeError(info)
             dtype = _DTYPES[info["dtype"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-            shape = info["shape"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
-                raise ValueError(shape)
-            count = int(np.prod(shape, dtype=np.int64))
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not (isinstance(shape, list) and all(_is_count(d) for d in shape)
+                    and isinstance(offsets, list) and len(offsets) == 2
+                    and all(_is_count(x) for x in offsets) and offsets[0] <= offsets[1]):
+                raise ValueError(info)
+            begin, end = offsets
+            count = math.prod(shape)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed or unsupported entry "
-                                  f"{info!r}") from None
+                                  f"{info!r:.200}") from None
         if end > data_size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end} of "
                                   f"{data_size} data bytes")
         if end - begin != count * dtype.itemsize:
             raise CheckpointError(f"{path}: tensor {name!r} holds {end - begin} bytes for shape "
                                   f"{info['shape']} {info['dtype']}")
+        spans.append((begin, end, name))
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            what = "overlaps the previous tensor" if begin < covered else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {name!r} at bytes [{begin}, {end}) {what} "
+                                  f"(expected it to begin at byte {covered})")
+        covered = end
+    if covered != data_size:
+        raise CheckpointError(f"{path}: {data_size - covered} trailing bytes after the last tensor "
+                              f"(the data is {data_size} bytes, the tensors cover {covered})")
     return header, 8 + n
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Every tensor of the file as a read-only memory-mapped numpy array."""
+    """Every tensor of the file as a read-only numpy array in private memory (read, not mapped:
+    a later change to the file, or its truncation, cannot reach the arrays)."""
     header, offset = read_header(path)
     tensors = {}
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        dtype = _DTYPES[info["dtype"]]
-        tensors[name] = raw[offset + begin:offset + end].view(dtype).reshape(info["shape"])
+    with open(path, "rb", buffering=0) as f:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            buf = np.empty(end - begin, np.uint8)
+            f.seek(offset + begin)
+            _read_into(f, buf.data, path, name)
+            array = buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+            array.flags.writeable = False
+            tensors[name] = array
     return tensors
+
+
+def _read_into(f: Any, view: memoryview, path: str | os.PathLike[str], name: str) -> None:
+    """Fill `view` from `f` (reads may return less than asked), or raise if the file ends first."""
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise CheckpointError(f"{path}: truncated while reading tensor {name!r} (the file "
+                                  "changed after its header was read)")
+        done += got
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray],

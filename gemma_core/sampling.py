@@ -35,8 +35,10 @@ class SamplingConfig:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p!r}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise ConfigError(f"min_p: must be in [0, 1], got {self.min_p!r}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ConfigError(f"repetition_penalty: must be positive, got {self.repetition_penalty!r}")
+        if self.repetition_penalty is not None and not (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ConfigError(f"repetition_penalty: must be a positive finite number, got "
+                              f"{self.repetition_penalty!r}")
         if not self.do_sample and (self.top_k is not None or self.top_p is not None
                                    or self.min_p is not None or self.temperature != 1.0):
             raise ConfigError("do_sample: temperature/top_k/top_p/min_p need sampling; "
@@ -65,6 +67,18 @@ def repetition_penalty(scores: np.ndarray, history: list[list[int]], penalty: fl
         s = out[row, idx]
         out[row, idx] = np.where(s < 0, s * penalty, s / penalty)
     return out
+
+
+def temperature(scores: np.ndarray, t: float) -> np.ndarray:
+    """Scores divided by `t`. Where 1/t overflows float32 (t about 1e-38 and below) the division
+    would give inf - inf = NaN probabilities; its limit is kept instead: the best score of each
+    row (ties included) at 0, every other at -inf, so sampling becomes greedy."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        out = scores / np.float32(t)
+    if np.isfinite(out[np.isfinite(scores)]).all():
+        return out
+    best = scores.max(axis=-1, keepdims=True)
+    return np.where(scores == best, np.float32(0), np.float32(-np.inf))
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -108,7 +122,7 @@ def process(scores: np.ndarray, cfg: SamplingConfig, history: list[list[int]]) -
     if not cfg.do_sample:
         return scores
     if cfg.temperature != 1.0:
-        scores = scores / np.float32(cfg.temperature)
+        scores = temperature(scores, cfg.temperature)
     if cfg.top_k is not None:
         scores = top_k(scores, cfg.top_k)
     if cfg.top_p is not None and cfg.top_p < 1.0:

@@ -1,9 +1,13 @@
 """`GemmaTokenizer`: SentencePiece with Gemma's conventions, and Gemma's chat templates.
 
 BOS is added by default; there is no dummy prefix; digits are split and whitespace runs kept
-(properties of the model file). Control pieces (`<bos>`, `<start_of_turn>`, ...) are never
-matched by SentencePiece inside text, so text is first split on their strings, as transformers
-does for its special tokens; that is also what keeps a rendered chat from getting two BOS.
+(properties of the model file). The special tokens are the CONTROL pieces (in Google's files
+`<pad>`, `<eos>`, `<bos>`), `<unk>` and Gemma's markers, which Google's files store as USER_DEFINED
+(`<start_of_turn>`, `<end_of_turn>`, `<mask>`, `<unused*>`; Gemma 1/2 `<2mass>`, `[@BOS@]`) and
+some converters as CONTROL. SentencePiece never matches a CONTROL piece inside text, so text is
+first split on the special strings, as transformers does for its special tokens; that is also
+what keeps a rendered chat from getting two BOS. (A USER_DEFINED piece SentencePiece matches
+itself, to the same ids.)
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from gemma_core.errors import InputError
+from gemma_core.errors import CheckpointError, InputError
 
 GEMMA3_START_OF_TURN = 105
+# Gemma's marker pieces: special (split out of text, skipped by `skip_special_tokens`) whether the
+# file stores them USER_DEFINED (Google's) or CONTROL (rebuilt by other tools from llama.cpp types)
+SPECIAL_MARKERS = re.compile(r"<start_of_turn>|<end_of_turn>|<mask>|<unused\d+>|<2mass>|\[@BOS@\]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +43,19 @@ class GemmaTokenizer:
                  chat_format: str | None = None, chat_template: str | None = None) -> None:
         import sentencepiece as spm
 
-        if isinstance(model, bytes):
-            self.sp = spm.SentencePieceProcessor(model_proto=model)
-        else:
-            if not os.path.isfile(model):
-                raise InputError(f"tokenizer: no such file {os.fspath(model)!r}")
-            self.sp = spm.SentencePieceProcessor(model_file=os.fspath(model))
+        if not isinstance(model, bytes) and not os.path.isfile(model):
+            raise InputError(f"tokenizer: no such file {os.fspath(model)!r}")
+        source = "tokenizer.model bytes" if isinstance(model, bytes) else repr(os.fspath(model))
+        try:
+            if isinstance(model, bytes):
+                self.sp = spm.SentencePieceProcessor(model_proto=model)
+            else:
+                self.sp = spm.SentencePieceProcessor(model_file=os.fspath(model))
+        except (RuntimeError, OSError) as e:
+            raise CheckpointError(f"tokenizer: {source} is not a readable SentencePiece model "
+                                  f"({str(e).strip() or type(e).__name__})") from None
         self.add_bos = add_bos
-        n = self.sp.get_piece_size()
-        self._control = {self.sp.id_to_piece(i): i for i in range(n) if self.sp.is_control(i)}
+        self._control = _special_pieces(self.sp.serialized_model_proto())
         self._control_ids = frozenset(self._control.values())
         pattern = "|".join(re.escape(p) for p in sorted(self._control, key=len, reverse=True) if p)
         self._split = re.compile(f"({pattern})") if pattern else None
@@ -84,7 +95,7 @@ class GemmaTokenizer:
         return self._control.get("<mask>")
 
     def is_special(self, token_id: int) -> bool:
-        """Control tokens: pad, eos, bos, mask, turn markers, ..."""
+        """Special tokens: pad, eos, bos, unk, mask, turn markers, unused, ... (not html tags)."""
         return token_id in self._control_ids
 
     # ---- encode / decode --------------------------------------------------------------------
@@ -151,6 +162,18 @@ class GemmaTokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
+def _special_pieces(proto: bytes) -> dict[str, int]:
+    """{piece: id} of the CONTROL and UNKNOWN pieces and of Gemma's USER_DEFINED markers."""
+    import importlib
+
+    pb: Any = importlib.import_module("sentencepiece.sentencepiece_model_pb2")
+    kinds = pb.ModelProto.SentencePiece
+    m = pb.ModelProto()
+    m.ParseFromString(proto)
+    return {p.piece: i for i, p in enumerate(m.pieces) if p.type in (kinds.CONTROL, kinds.UNKNOWN)
+            or (p.type == kinds.USER_DEFINED and SPECIAL_MARKERS.fullmatch(p.piece))}
+
+
 def _content(message: Mapping[str, Any]) -> str:
     content = message.get("content")
     if isinstance(content, str):
@@ -163,6 +186,17 @@ def _content(message: Mapping[str, Any]) -> str:
             parts.append(str(item.get("text", "")).strip())
         return "".join(parts)
     raise InputError(f"content: expected a string or a list of text parts, got {content!r}")
+
+
+def _system_text(message: Mapping[str, Any]) -> str:
+    """A system message's text as Gemma 3's template takes it: untrimmed, the first part of a list."""
+    content = message.get("content")
+    if isinstance(content, list) and content:
+        first = content[0]
+        if not isinstance(first, Mapping) or first.get("type") != "text":
+            raise InputError(f"content: only text parts are supported, got {first!r}")
+        return str(first.get("text", ""))
+    return _content(message)
 
 
 def render_chat(messages: Sequence[Mapping[str, Any]], chat_format: str, add_generation_prompt: bool,
@@ -178,7 +212,7 @@ def render_chat(messages: Sequence[Mapping[str, Any]], chat_format: str, add_gen
     if loop[0]["role"] == "system":
         if chat_format != "gemma3":
             raise InputError("messages: System role not supported by the Gemma 1/2 chat format")
-        prefix = _content(loop[0]) + "\n\n"
+        prefix = _system_text(loop[0]) + "\n\n"
         loop = loop[1:]
     text = bos
     for i, m in enumerate(loop):

@@ -426,7 +426,7 @@ def test_failed_sharded_write_leaves_nothing(tmp_path: Path, tiny3, monkeypatch)
     monkeypatch.setattr(checkpoint, "write_safetensors", write_once_then_fail)
     parent = tmp_path / "out"
     parent.mkdir()
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"cannot write \(disk full\)"):
         save_checkpoint(parent / "model", config, weights, max_shard_bytes=50_000)
     assert len(calls) == 2
     assert calls[0].startswith("model-00001-of-")
@@ -442,7 +442,7 @@ def test_failed_overwrite_keeps_old_folder(tmp_path: Path, tiny3, monkeypatch) -
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "write_safetensors", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"cannot write \(disk full\)"):
         save_checkpoint(folder, config, random_weights(config, seed=5), overwrite=True)
     assert snapshot(folder) == before
     assert sorted(os.listdir(tmp_path)) == ["model"]

@@ -544,3 +544,14 @@ def test_derived_properties() -> None:
     assert g1.queries_per_kv == 4
     assert g2.queries_per_kv == 2
     assert g3.embed_scale == pytest.approx(math.sqrt(48))
+
+
+def test_whole_query_pre_attn_scalar_is_written_as_an_int() -> None:
+    """A GGUF stores it as float32; transformers' config types it int and refuses 256.0."""
+    from gemma_core.presets import get_preset
+
+    config = get_preset("tiny-gemma3").replace(query_pre_attn_scalar=16.0)
+    value = config.to_hf()["query_pre_attn_scalar"]
+    assert value == 16 and isinstance(value, int)
+    half = get_preset("tiny-gemma3").replace(query_pre_attn_scalar=12.5)
+    assert half.to_hf()["query_pre_attn_scalar"] == 12.5

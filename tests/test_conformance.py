@@ -220,3 +220,43 @@ def test_golden_catches_a_wrong_model() -> None:
     wrong = dataclasses.replace(GOLDEN_CASES[2], changes={"rope_local_theta": 1e6})
     with pytest.raises(Exception, match="logits vs transformers"):
         run_golden_case(wrong, NumpyBackend(), "float32", TOLERANCES["float32"])
+
+
+# ---- the cache is a value: fork cases ------------------------------------------------------------
+
+def test_fork_case_runs_from_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["conformance", "--backends", "numpy", "--dtypes", "float32", "--json",
+                 "--cases", "fork-prefix-cache"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    cells = {r["case"]: r for r in out["results"]}
+    assert cells["fork-prefix-cache"]["status"] == "pass"
+    assert "2 forks of one prefix cache" in cells["fork-prefix-cache"]["detail"]
+
+
+def test_fork_case_catches_a_step_that_changes_the_cache_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that writes its cache in place but declares a functional step (so forward
+    skips the copy): plain decode cannot tell, the fork case fails."""
+
+    class Lying(NumpyBackend):
+        name = "lying"
+        cache_in_place = False
+
+    monkeypatch.setattr(registry, "_LOADED", {"lying": Lying()})
+    results = run_conformance(["lying"], ("float32",), ["fork-prefix-cache", "gemma3-decode-past-ring"])
+    cells = {r.case: r for r in results}
+    assert cells["gemma3-decode-past-ring"].status == "pass"
+    assert cells["fork-prefix-cache"].status == "fail"
+    assert "fork 1" in cells["fork-prefix-cache"].detail
+
+
+def test_unknown_case_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["conformance", "--backends", "numpy", "--dtypes", "float32",
+                 "--cases", "op-rope,no-such-case"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""  # refused before anything ran
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("gemma: error: cases: unknown case 'no-such-case' (known: ")
+    assert "fork-prefix-cache" in lines[0] and "op-rope" in lines[0]

@@ -18,7 +18,7 @@ def test_jitted_decode_does_not_retrace_and_donates_the_cache() -> None:
     traces = model._step.jitted._cache_size()  # type: ignore[attr-defined]
     for token in range(8, 18):
         old = cache.layers[0][0]
-        cache = model.forward(np.array([[token]]), cache=cache, last_only=True).cache
+        cache = model.forward(np.array([[token]]), cache=cache, last_only=True, donate_cache=True).cache
         assert old.is_deleted()  # donated: XLA reused the buffer for the update
     assert model._step.jitted._cache_size() == traces + 1  # type: ignore[attr-defined]  # one decode trace
 

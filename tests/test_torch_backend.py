@@ -21,7 +21,8 @@ def test_cache_is_static_and_updated_in_place() -> None:
     shapes = [tuple(layer[0].shape) for layer in out.cache.layers]
     cache = out.cache
     for token in range(8, 18):
-        cache = model.forward(np.array([[token]]), cache=cache, last_only=True).cache
+        # handed over (as generation does): the step updates the buffers in place
+        cache = model.forward(np.array([[token]]), cache=cache, last_only=True, donate_cache=True).cache
     assert [layer[0].data_ptr() for layer in cache.layers] == pointers
     assert [tuple(layer[0].shape) for layer in cache.layers] == shapes
     assert shapes[0][2] == 8 and shapes[5][2] == 16  # ring of W slots; global layer of max_length

@@ -75,6 +75,14 @@ class JaxBackend(Backend):
         k, v = state
         return self.to_numpy(k), self.to_numpy(v)
 
+    def copy_cache_layer(self, state: Any) -> Any:
+        k, v = state  # new buffers on the same device, which the jitted step may donate
+        return jnp.array(k, copy=True), jnp.array(v, copy=True)
+
+    def mutates_cache(self, options: Mapping[str, Any]) -> bool:
+        """The jitted step donates the cache buffers; the eager one (`compile=False`) is functional."""
+        return options.get("compile") is not False
+
     def static_shapes(self, options: Mapping[str, Any]) -> bool:
         return options.get("compile") is not False
 

@@ -38,7 +38,8 @@ def generate_loop(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens
         raise InputError("generate_loop: temperature must be >= 0 and max_new_tokens >= 1")
     ids, mask = batch_ids([list(p) for p in prompts], model.config.pad_token_id)
     length = ids.shape[1] + max_new_tokens
-    out = model.forward(ids, mask, model.new_cache(len(ids), length), last_only=True)
+    # the loop's own cache: handed over, so the jitted prefill donates it rather than a copy
+    out = model.forward(ids, mask, model.new_cache(len(ids), length), last_only=True, donate_cache=True)
     cache = out.cache
     layers = model.config.num_layers
     state = {

@@ -45,6 +45,10 @@ class NumpyBackend(Backend):
         k, v = state
         return np.array(k), np.array(v)
 
+    def copy_cache_layer(self, state: Any) -> Any:
+        k, v = state  # kv_cache writes these buffers in place
+        return k.copy(), v.copy()
+
 
 def _check_device(device: str | None) -> None:
     if device not in (None, "cpu"):

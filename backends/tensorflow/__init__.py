@@ -29,6 +29,7 @@ class TensorflowBackend(Backend):
 
     name = "tensorflow"
     dtypes = tuple(DTYPES)
+    cache_in_place = False  # kv_cache returns new tensors; the ones passed in are never changed
 
     def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
         return make_op_table(dtype)
@@ -89,6 +90,9 @@ class TensorflowBackend(Backend):
     def export_cache_layer(self, state: Any) -> tuple[np.ndarray, np.ndarray]:
         k, v = state
         return self.to_numpy(k), self.to_numpy(v)
+
+    def copy_cache_layer(self, state: Any) -> Any:
+        return state  # tensors are immutable: sharing them is a copy
 
     def static_shapes(self, options: Mapping[str, Any]) -> bool:
         return options.get("compile") is not False

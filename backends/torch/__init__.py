@@ -126,6 +126,13 @@ class TorchBackend(Backend):
         k, v = state
         return self.to_numpy(k), self.to_numpy(v)
 
+    def copy_cache_layer(self, state: Any) -> Any:
+        """Clones of the layer's buffers (kv_cache writes them in place), not marked static: on
+        CUDA a fork's new addresses would make the CUDA graphs re-record; hand the cache over
+        (`donate_cache=True`) to decode at full speed."""
+        k, v = state
+        return k.clone(), v.clone()
+
     def compile_step(self, step: StepFn, options: Mapping[str, Any]) -> StepFn:
         """Eager under inference mode, or `torch.compile` of the whole step (one graph, no
         recompiles between decode steps). On CUDA the compiled step replays CUDA graphs

@@ -12,8 +12,6 @@ when complete, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from gemma_core.errors import CheckpointError, ConfigError
 from gemma_core.formats import flax, gemma_pytorch, keras_hub
 from gemma_core.formats.mapping import Checkpoint, cast, dtype_name
 from gemma_core.safetensors_io import read_header
+from gemma_core.transaction import check_destination, write_transaction
 
 FORMATS = ("hf", "keras-hub", "flax", "gemma-pytorch", "gguf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -38,6 +37,8 @@ def detect(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
+    if not (p.is_dir() or p.is_file()):
+        raise CheckpointError(f"{p}: not a regular file or folder (a FIFO, socket or device?)")
     if p.is_dir():
         if flax.is_orbax(p):
             return "flax"
@@ -68,35 +69,41 @@ def _stage(progress: StageProgress | None, label: str) -> Callable[[int, int], N
 
 
 def read(path: str | os.PathLike[str], fmt: str | None = None,
-         progress: StageProgress | None = None) -> Checkpoint:
-    """Any supported checkpoint in canonical form (format detected unless given)."""
+         progress: StageProgress | None = None, *, allow_nonfinite: bool = False) -> Checkpoint:
+    """Any supported checkpoint in canonical form (format detected unless given). Weights
+    holding NaN or infinity are refused unless `allow_nonfinite=True`."""
+    from gemma_core.checkpoint import check_finite
+
     fmt = fmt or detect(path)
     bar = _stage(progress, "reading")
-    if fmt == "hf":
-        return _read_hf(Path(path))
-    if fmt == "keras-hub":
-        return keras_hub.read(path, bar)
-    if fmt == "flax":
-        if Path(path).is_dir():
-            return flax.read_orbax(path, bar)
-        return flax.read_safetensors_tree(path, bar)
-    if fmt == "gemma-pytorch":
-        return gemma_pytorch.read(path, bar)
+    if fmt == "hf":  # these two readers check finiteness themselves, as they read
+        return _read_hf(Path(path), allow_nonfinite)
     if fmt == "gguf":
-        return _read_gguf(Path(path), bar)
-    raise ConfigError(f"format: unknown {fmt!r} (known: {', '.join(FORMATS)})")
+        return _read_gguf(Path(path), bar, allow_nonfinite)
+    if fmt == "keras-hub":
+        ckpt = keras_hub.read(path, bar)
+    elif fmt == "flax":
+        ckpt = flax.read_orbax(path, bar) if Path(path).is_dir() else flax.read_safetensors_tree(path, bar)
+    elif fmt == "gemma-pytorch":
+        ckpt = gemma_pytorch.read(path, bar)
+    else:
+        raise ConfigError(f"format: unknown {fmt!r} (known: {', '.join(FORMATS)})")
+    if not allow_nonfinite:
+        check_finite(ckpt.weights, os.fspath(path))
+    return ckpt
 
 
-def _read_hf(path: Path) -> Checkpoint:
+def _read_hf(path: Path, allow_nonfinite: bool = False) -> Checkpoint:
     from gemma_core.checkpoint import load_checkpoint
 
-    config, weights = load_checkpoint(path)
+    config, weights = load_checkpoint(path, allow_nonfinite=allow_nonfinite)
     folder = path if path.is_dir() else path.parent
     files = {name: (folder / name).read_bytes() for name in HF_FILES if (folder / name).is_file()}
     return Checkpoint(config, weights, files.get("tokenizer.model"), files)
 
 
-def _read_gguf(path: Path, bar: Callable[[int, int], None] | None) -> Checkpoint:
+def _read_gguf(path: Path, bar: Callable[[int, int], None] | None,
+               allow_nonfinite: bool = False) -> Checkpoint:
     import gguf as gguf_lib
     import numpy as np
 
@@ -108,7 +115,7 @@ def _read_gguf(path: Path, bar: Callable[[int, int], None] | None) -> Checkpoint
     eos = reader.meta.get(EOS_KEY)
     if isinstance(eos, list) and eos:
         config = config.replace(eos_token_ids=tuple(int(e) for e in eos))
-    weights = read_weights(reader, config, str(path), bar)
+    weights = read_weights(reader, config, str(path), bar, allow_nonfinite=allow_nonfinite)
     embed = reader.tensors.get("token_embd.weight")
     kind = gguf_lib.GGMLQuantizationType(embed.type_id).name if embed is not None else "F32"
     if kind in ("BF16", "F16"):  # keep the stored precision (exact: these widen to float32)
@@ -122,12 +129,18 @@ def _read_gguf(path: Path, bar: Callable[[int, int], None] | None) -> Checkpoint
 def _write(path: Path, fmt: str, ckpt: Checkpoint, dst: Path, gguf_type: str | None,
            bar: Callable[[int, int], None] | None) -> None:
     if fmt == "hf":
-        from gemma_core.checkpoint import save_checkpoint
+        from gemma_core.checkpoint import stored_tensors, write_folder
+        from gemma_core.formats.hf_files import hf_files
 
-        save_checkpoint(path, ckpt.config, ckpt.weights, dtype=dtype_name(ckpt.weights))
-        files = dict(ckpt.hf_files)
+        dtype = dtype_name(ckpt.weights)
+        write_folder(path, ckpt.config, stored_tensors(ckpt.config, ckpt.weights, dtype), dtype)
+        files = dict(ckpt.hf_files)  # an HF source's own files, verbatim
         if ckpt.tokenizer_model is not None:
             files.setdefault("tokenizer.model", ckpt.tokenizer_model)
+        # what transformers needs to tokenize and generate as we do, where the source has none
+        own = "tokenizer_config.json" in files or "tokenizer.json" in files
+        for name, data in hf_files(ckpt.config, None if own else files.get("tokenizer.model")).items():
+            files.setdefault(name, data)
         for name, data in files.items():
             (path / name).write_bytes(data)
         if bar is not None:
@@ -136,7 +149,7 @@ def _write(path: Path, fmt: str, ckpt: Checkpoint, dst: Path, gguf_type: str | N
         keras_hub.write(path, ckpt, bar)
     elif fmt == "flax":
         if dst.suffix == ".safetensors":
-            flax.write_safetensors_tree(path, ckpt, bar)
+            flax.write_safetensors_tree(path, ckpt, bar, tokenizer_path=flax.tokenizer_sidecar(dst))
         else:
             flax.write_orbax(path, ckpt, bar)
     elif fmt == "gemma-pytorch":
@@ -147,13 +160,6 @@ def _write(path: Path, fmt: str, ckpt: Checkpoint, dst: Path, gguf_type: str | N
         gguf_write.write(path, ckpt, gguf_type, bar)
     else:
         raise ConfigError(f"--to: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, dtype: str | None = None,
@@ -183,7 +189,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, d
     gguf_type = GGUF_TYPES[dtype] if to == "gguf" and dtype is not None else None
     if dtype is not None and dtype != "q8_0":
         ckpt.weights = cast(ckpt.weights, dtype)
-    _write_atomically(dst, lambda tmp: _write(tmp, to, ckpt, dst, gguf_type, _stage(progress, "writing")))
+    _write_atomically(dst, lambda tmp: _write(tmp, to, ckpt, dst, gguf_type, _stage(progress, "writing")),
+                      overwrite)
     return ckpt
 
 
@@ -198,35 +205,18 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: An
     config, weights = quantize_model(ckpt.config, ckpt.weights, quant,
                                      progress=_stage(progress, "quantising"))
     ckpt = Checkpoint(config, weights, ckpt.tokenizer_model, ckpt.hf_files)
-    _write_atomically(dst, lambda tmp: _write(tmp, "hf", ckpt, dst, None, _stage(progress, "writing")))
+    _write_atomically(dst, lambda tmp: _write(tmp, "hf", ckpt, dst, None, _stage(progress, "writing")),
+                      overwrite)
     return ckpt
 
 
 def _paths(src: str | os.PathLike[str], dst: str | os.PathLike[str], overwrite: bool) -> tuple[Path, Path]:
-    """(src, dst) as paths, once `dst` is known to be writable: new, or replaceable."""
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the destination is the source")
-    return src, dst
+    """(src, dst) as paths, once `dst` is known to be writable: new, or replaceable, and neither
+    the source nor inside or around it."""
+    return check_destination(src, dst, overwrite)
 
 
-def _write_atomically(dst: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary path beside `dst`, renamed to `dst` only on success."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.stem}.partial-{secrets.token_hex(4)}{dst.suffix}"
-    old: Path | None = None
-    try:
+def _write_atomically(dst: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    """`write(tmp)` to a temporary path beside `dst`, put in place only on success."""
+    with write_transaction(dst, overwrite) as tmp:
         write(tmp)
-        if dst.exists() or dst.is_symlink():
-            old = dst.parent / f".{dst.stem}.old-{secrets.token_hex(4)}{dst.suffix}"
-            dst.rename(old)
-        tmp.rename(dst)
-    except BaseException:
-        _remove(tmp)
-        if old is not None and not dst.exists():
-            old.rename(dst)  # the previous output comes back
-        raise
-    if old is not None:
-        _remove(old)

@@ -15,8 +15,12 @@ or `config.json` in the orbax folder); without one, the shape must match a publi
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,12 +41,14 @@ from gemma_core.formats.mapping import (
     to_format,
 )
 from gemma_core.formats.mapping import transpose as tr
+from gemma_core.jsonfile import parse_json, read_json
 from gemma_core.layout import EMBED, FINAL_NORM
 from gemma_core.safetensors_io import read_header, read_safetensors, write_safetensors
 
 _L = "model.layers.{layer}."
 _P = "transformer/layer_{layer}/"
 META_KEY = "gemma_core.hf_config"
+TOKENIZER_KEY = "gemma_core.tokenizer_model"  # the tokenizer.model bytes, base64
 # Markers of an orbax checkpoint folder (format_utils in orbax; the msgpack "checkpoint" is legacy).
 ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA", "checkpoint")
 _GEMMA2_UNTRANSPOSED_D = 2304  # gemma2_2b is the one Gemma 2 with transpose_gating_einsum=False
@@ -170,20 +176,65 @@ def is_flat_safetensors(path: Path) -> bool:
     return any(k.startswith("transformer/") for k in header)
 
 
+def tokenizer_sidecar(path: str | os.PathLike[str]) -> Path:
+    """The `tokenizer.model` written beside a flat tree file: `out.safetensors` -> `out.tokenizer.model`."""
+    return Path(path).with_suffix(".tokenizer.model")
+
+
+def _tokenizer_from(meta: Mapping[str, str], path: str | os.PathLike[str]) -> bytes | None:
+    """The tokenizer embedded in the metadata ("" = written without one); without the key (a file
+    from elsewhere), the sidecar `tokenizer.model` beside the file, if there is one."""
+    if TOKENIZER_KEY not in meta:
+        side = tokenizer_sidecar(path)
+        return side.read_bytes() if side.is_file() else None
+    if not meta[TOKENIZER_KEY]:
+        return None
+    try:
+        return base64.b64decode(meta[TOKENIZER_KEY], validate=True)
+    except (binascii.Error, ValueError):
+        raise CheckpointError(f"{path}: __metadata__ {TOKENIZER_KEY!r} is not base64") from None
+
+
 def read_safetensors_tree(path: str | os.PathLike[str], progress: Progress | None = None) -> Checkpoint:
+    """A flat tree file (see `write_safetensors_tree`), with its config and tokenizer."""
     header, _ = read_header(path)
     meta = header.get("__metadata__") or {}
-    config = GemmaConfig.from_hf(json.loads(meta[META_KEY])) if META_KEY in meta else None
+    config = None
+    if META_KEY in meta:
+        config = GemmaConfig.from_hf(parse_json(meta[META_KEY], f"{path}: {META_KEY}", ConfigError))
     tensors = read_safetensors(path)
     config = config or infer_config(tensors, os.fspath(path))
-    return Checkpoint(config, from_tree(tensors, config, os.fspath(path), progress))
+    return Checkpoint(config, from_tree(tensors, config, os.fspath(path), progress),
+                      _tokenizer_from(meta, path))
 
 
 def write_safetensors_tree(path: str | os.PathLike[str], ckpt: Checkpoint,
-                           progress: Progress | None = None) -> None:
+                           progress: Progress | None = None, *,
+                           tokenizer_path: str | os.PathLike[str] | None = None) -> None:
+    """The Flax tree as one flat safetensors file at `path`, the HF config in its metadata.
+
+    The tokenizer travels two ways. Its bytes are embedded in the metadata (base64 under
+    `gemma_core.tokenizer_model`), so the file alone is the whole checkpoint, appears in the same
+    atomic rename and reads back with its tokenizer. And, since google-deepmind/gemma loads the
+    tokenizer from a file of its own (`gm.text.Gemma3Tokenizer(path)`), a copy is written to
+    `tokenizer_path` when given (convert passes `tokenizer_sidecar(dst)`): in its own transaction
+    (temporary file and rename, replacing an older copy), after the tree file is complete and
+    before that file is renamed into place. A failure before then leaves neither; the one step after
+    it (the tree's rename) can leave a new sidecar beside an older or no tree file, which changes
+    nothing this reader loads: it takes the embedded tokenizer, and the sidecar only for a file
+    written elsewhere (without the metadata key).
+    """
     check_config(ckpt.config)
     tensors = to_format(table(), ckpt.config, ckpt.weights, progress)
-    write_safetensors(path, tensors, {"format": "flax", META_KEY: json.dumps(ckpt.config.to_hf())})
+    tok = ckpt.tokenizer_model
+    meta = {"format": "flax", META_KEY: json.dumps(ckpt.config.to_hf()),
+            TOKENIZER_KEY: base64.b64encode(tok).decode("ascii") if tok is not None else ""}
+    write_safetensors(path, tensors, meta)
+    if tok is not None and tokenizer_path is not None:
+        from gemma_core.transaction import write_transaction
+
+        with write_transaction(tokenizer_path, overwrite=True) as tmp:
+            tmp.write_bytes(tok)
 
 
 # ---- orbax -------------------------------------------------------------------------------------
@@ -199,6 +250,7 @@ def _orbax() -> Any:
 
 
 def is_orbax(path: Path) -> bool:
+    path = Path(path).absolute()
     return path.is_dir() and any((path / m).exists() for m in ORBAX_MARKERS)
 
 
@@ -206,7 +258,7 @@ def read_orbax(path: str | os.PathLike[str], progress: Progress | None = None) -
     ocp = _orbax()
     import jax
 
-    folder = Path(path)
+    folder = Path(path).absolute()  # orbax refuses relative paths
     try:
         checkpointer = ocp.PyTreeCheckpointer()
         meta = checkpointer.metadata(folder).item_metadata.tree
@@ -218,7 +270,7 @@ def read_orbax(path: str | os.PathLike[str], progress: Progress | None = None) -
     tensors = _flatten(tree)
     config = None
     if (folder / "config.json").is_file():
-        config = GemmaConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        config = GemmaConfig.from_hf(read_json(folder / "config.json", ConfigError))
     config = config or infer_config(tensors, str(folder))
     tok = folder / "tokenizer.model"
     return Checkpoint(config, from_tree(tensors, config, str(folder), progress),
@@ -246,14 +298,36 @@ def _unflatten(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndar
     return out
 
 
+def _remove_orbax_temporaries(folder: Path) -> None:
+    """Remove orbax's own temporary folders beside `folder` after a failed save; its background
+    threads may still be creating them for a moment after the failure is reported."""
+    for _ in range(20):
+        found = list(folder.parent.glob(f"{folder.name}.orbax-checkpoint-tmp*"))
+        for tmp in found:
+            shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(0.05)
+        if not found and not any(folder.parent.glob(f"{folder.name}.orbax-checkpoint-tmp*")):
+            return
+
+
 def write_orbax(path: str | os.PathLike[str], ckpt: Checkpoint, progress: Progress | None = None) -> None:
     """Write a FLAT orbax checkpoint folder at `path` (which must not exist), plus config.json and
     tokenizer.model beside the orbax files."""
     ocp = _orbax()
     check_config(ckpt.config)
     tensors = to_format(table(), ckpt.config, ckpt.weights, progress)
-    folder = Path(path)
-    ocp.PyTreeCheckpointer().save(folder, _unflatten(tensors))
+    folder = Path(path).absolute()  # orbax refuses relative paths
+    checkpointer = ocp.PyTreeCheckpointer()
+    failure = None
+    try:
+        checkpointer.save(folder, _unflatten(tensors))
+    except (ValueError, RuntimeError) as e:  # orbax reports a failed write (a full disk) so
+        failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    finally:
+        checkpointer.close()
+    if failure is not None:
+        _remove_orbax_temporaries(folder)
+        raise OSError(f"orbax could not write the checkpoint ({failure})")
     (folder / "config.json").write_text(json.dumps(ckpt.config.to_hf(), indent=2) + "\n")
     if ckpt.tokenizer_model is not None:
         (folder / "tokenizer.model").write_bytes(ckpt.tokenizer_model)

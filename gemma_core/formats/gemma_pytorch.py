@@ -28,6 +28,7 @@ import numpy as np
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import CheckpointError, ConfigError
 from gemma_core.formats.mapping import Checkpoint, Progress, Table, from_format, row, to_format
+from gemma_core.jsonfile import read_json
 from gemma_core.layout import EMBED, FINAL_NORM
 
 CKPT = "model.ckpt"
@@ -91,7 +92,9 @@ def load_state(path: Path) -> dict[str, np.ndarray]:
     torch = _torch()
     source = str(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # read into private memory, not mapped: a file rewritten or truncated after loading
+        # must not change (or SIGBUS) the weights
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for refused objects, RuntimeError for damaged zips
         raise CheckpointError(f"{source}: refused or unreadable as a weights-only torch file "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -154,10 +157,7 @@ def read(path: str | os.PathLike[str], progress: Progress | None = None) -> Chec
     state = load_state(ckpt_path)
     config = None
     if (folder / "config.json").is_file():
-        try:
-            config = GemmaConfig.from_hf(json.loads((folder / "config.json").read_text()))
-        except ValueError as e:
-            raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+        config = GemmaConfig.from_hf(read_json(folder / "config.json", ConfigError))
     config = config or infer_config(state, str(ckpt_path))
     weights = from_format(TABLE, config, state, str(ckpt_path), progress)
     tok = folder / "tokenizer.model"
@@ -181,10 +181,18 @@ def write(path: str | os.PathLike[str], ckpt: Checkpoint, progress: Progress | N
     state = {k: _to_torch(v) for k, v in tensors.items()}
     path = Path(path)
     if path.suffix in SUFFIXES:
-        torch.save({"model_state_dict": state}, path)
+        _save(torch, {"model_state_dict": state}, path)
         return
     path.mkdir()
-    torch.save({"model_state_dict": state}, path / CKPT)
+    _save(torch, {"model_state_dict": state}, path / CKPT)
     (path / "config.json").write_text(json.dumps(ckpt.config.to_hf(), indent=2) + "\n")
     if ckpt.tokenizer_model is not None:
         (path / "tokenizer.model").write_bytes(ckpt.tokenizer_model)
+
+
+def _save(torch: Any, obj: Any, path: Path) -> None:
+    """torch.save, its write failures (a full disk) raised as OSError like every other writer's."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:  # torch's zip writer reports a short write as "unexpected pos ..."
+        raise OSError(f"torch.save failed ({' '.join(str(e).split())}); is the disk full?") from None

@@ -109,18 +109,24 @@ def read_config(reader: _Reader, path: str = "", query_pre_attn_scalar: float | 
             raise ConfigError(f"{path}: metadata {name}.{key} is missing")
         return value
 
+    def count(key: str, default: int | None = None) -> int:
+        value = need(key) if default is None else _field(reader, f"{name}.{key}", default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{path}: metadata {name}.{key} must be a positive integer, got {value!r}")
+        return value
+
     embed = reader.tensors.get("token_embd.weight")
     if embed is None:
         raise CheckpointError(f"{path}: tensor token_embd.weight is missing")
-    hidden, layers, heads = int(need("embedding_length")), int(need("block_count")), int(
-        need("attention.head_count"))
-    head_dim = int(_field(reader, f"{name}.attention.key_length", hidden // heads))
+    hidden, layers, heads = count("embedding_length"), count("block_count"), count("attention.head_count")
+    head_dim = count("attention.key_length", hidden // heads)
     window = _field(reader, f"{name}.attention.sliding_window")
     layer_types: tuple[AttentionKind, ...] = ()
     pattern = _field(reader, f"{name}.attention.sliding_window_pattern")
     if isinstance(pattern, list):  # newer files list one flag per layer (True = sliding)
         layer_types = tuple(AttentionKind.LOCAL if p else AttentionKind.GLOBAL for p in pattern)
     elif isinstance(pattern, int) and arch is Architecture.GEMMA3:
+        pattern = count("attention.sliding_window_pattern")
         layer_types = tuple(AttentionKind.GLOBAL if (i + 1) % pattern == 0 else AttentionKind.LOCAL
                             for i in range(layers))
     factor = 1.0
@@ -133,12 +139,12 @@ def read_config(reader: _Reader, path: str = "", query_pre_attn_scalar: float | 
         architecture=arch,
         vocab_size=int(embed.shape[0]),
         hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
+        intermediate_size=count("feed_forward_length"),
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(_field(reader, f"{name}.attention.head_count_kv", heads)),
+        num_kv_heads=count("attention.head_count_kv", heads),
         head_dim=head_dim,
-        max_position_embeddings=int(need("context_length")),
+        max_position_embeddings=count("context_length"),
         # stored as float32: 1e-6 comes back as 9.99999997e-07; take the shortest decimal
         rms_norm_eps=float(str(np.float32(need("attention.layer_norm_rms_epsilon")))),
         # gemma-core's own writer records the scalar (llama.cpp does not): gemma_core.formats.gguf_write
@@ -164,12 +170,17 @@ QUANTIZE_ROWS = 8192  # rows dequantised at a time when quantising on load
 
 
 def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+                 progress: Callable[[int, int], None] | None = None, *,
+                 allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
     """Every tensor dequantised to float32 under its canonical name, norms shifted back by 1.
     Where `config.quantization` is set, the tensors it stores quantised are requantised as they
     are read, a block of rows at a time (each scale covers part of one row), so the float32
-    model is never held whole: the embedding alone is 671 MB in float32 for Gemma 3 270M."""
+    model is never held whole: the embedding alone is 671 MB in float32 for Gemma 3 270M.
+    A tensor holding NaN or infinity is refused unless `allow_nonfinite=True` (quantising one
+    is refused regardless). The arrays are private copies, never views of the mapped file."""
     import gguf
+
+    from gemma_core.checkpoint import check_finite
 
     out: dict[str, np.ndarray] = {}
     tensors = list(reader.tensors.values())
@@ -182,18 +193,23 @@ def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
             raise CheckpointError(f"{path}: tensor {t.name} has quantisation type {qtype.name}, not "
                                   f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
 
-        def dequantized(data: np.ndarray, shape: tuple[int, ...], t: Any = t,
-                        qtype: Any = qtype) -> np.ndarray:
+        def dequantized(data: np.ndarray, shape: tuple[int, ...], t: Any = t, qtype: Any = qtype,
+                        name: str = name, row: int = 0) -> np.ndarray:
             try:
-                return np.asarray(gguf.quants.dequantize(data, qtype), np.float32).reshape(shape)
+                w = np.asarray(gguf.quants.dequantize(data, qtype), np.float32).reshape(shape)
             except Exception as e:
                 raise CheckpointError(f"{path}: tensor {t.name} could not be dequantised ({e})") from None
+            if np.may_share_memory(w, data):  # F32 comes back as a view of the mapped file
+                w = w.copy()
+            if not allow_nonfinite:
+                check_finite({f"{t.name} ({name})": w}, path, first_row=row)
+            return w
 
         quant = config.quantization
         scheme = quant.scheme_for(name) if quant is not None else None
         if scheme is not None and len(t.shape) == 2:
             rows = t.shape[0]
-            parts = [quantize(dequantized(t.data[r:r + QUANTIZE_ROWS], (-1, t.shape[1])), scheme,
+            parts = [quantize(dequantized(t.data[r:r + QUANTIZE_ROWS], (-1, t.shape[1]), row=r), scheme,
                               quant.group_for(scheme), name)
                      for r in range(0, rows, QUANTIZE_ROWS)]
             out[name] = np.concatenate([v for v, _ in parts])
@@ -210,10 +226,19 @@ def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
 
 
 def build_tokenizer_proto(reader: _Reader) -> bytes:
-    """A serialized SentencePiece ModelProto equal to the one the GGUF was made from."""
+    """A serialized SentencePiece ModelProto equal to the one the GGUF was made from.
+
+    Piece types follow Google's Gemma files, not llama.cpp's: llama.cpp writes every added token
+    that the Hugging Face config calls special (or that looks special: `<mask>`, `<unused*>`) as
+    CONTROL, while in Google's `tokenizer.model` only pad, eos and bos are CONTROL and unk is
+    UNKNOWN; `<start_of_turn>`, `<end_of_turn>`, `<mask>`, `<unused*>`, ... are USER_DEFINED, so
+    that plain SentencePiece (DeepMind's gemma, keras-hub, gemma_pytorch) matches them in text.
+    The other types (normal, user-defined, byte, unused) are kept as stored.
+    """
     import importlib
 
     pb: Any = importlib.import_module("sentencepiece.sentencepiece_model_pb2")
+    kinds = pb.ModelProto.SentencePiece
 
     if _field(reader, "tokenizer.ggml.model") != "llama":
         raise CheckpointError(f"tokenizer.ggml.model: {_field(reader, 'tokenizer.ggml.model')!r} is not a "
@@ -230,42 +255,53 @@ def build_tokenizer_proto(reader: _Reader) -> bytes:
     t.byte_fallback = True
     t.split_digits = True
     t.allow_whitespace_only_pieces = True
-    t.unk_id = int(_field(reader, "tokenizer.ggml.unknown_token_id", 3))
-    t.bos_id = int(_field(reader, "tokenizer.ggml.bos_token_id", 2))
-    t.eos_id = int(_field(reader, "tokenizer.ggml.eos_token_id", 1))
-    t.pad_id = int(_field(reader, "tokenizer.ggml.padding_token_id", 0))
-    # SentencePiece finds its special ids by piece name
-    t.unk_piece, t.bos_piece = tokens[t.unk_id], tokens[t.bos_id]
-    t.eos_piece, t.pad_piece = tokens[t.eos_id], tokens[t.pad_id]
+    for name, key, default in (("unk", "unknown", 3), ("bos", "bos", 2), ("eos", "eos", 1),
+                               ("pad", "padding", 0)):
+        value = _field(reader, f"tokenizer.ggml.{key}_token_id", default)
+        is_id = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if not (is_id and 0 <= value < len(tokens)):
+            raise CheckpointError(f"tokenizer.ggml.{key}_token_id: {value!r} is outside the vocabulary "
+                                  f"[0, {len(tokens)})")
+        setattr(t, f"{name}_id", int(value))
+        setattr(t, f"{name}_piece", tokens[value])  # SentencePiece finds its special ids by piece name
     n = m.normalizer_spec
     n.name = "identity"
     n.add_dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", False))
     n.remove_extra_whitespaces = False
     n.escape_whitespaces = True
-    user_defined = pb.ModelProto.SentencePiece.USER_DEFINED
+    control_ids = {t.bos_id, t.eos_id, t.pad_id}
     for i, (text, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
+        if kind not in kinds.Type.values():
+            raise CheckpointError(f"tokenizer.ggml.token_type[{i}]: {kind!r} is not a SentencePiece "
+                                  "piece type (1-6)")
         piece = m.pieces.add()
         # llama.cpp writes user-defined pieces with real spaces; SentencePiece wants them escaped
-        piece.piece = text.replace(" ", "\u2581") if kind == user_defined else text
+        piece.piece = text.replace(" ", "\u2581") if kind == kinds.USER_DEFINED else text
         piece.score = float(score)
-        # the unknown piece may be stored as a control token; SentencePiece needs it UNKNOWN
-        piece.type = pb.ModelProto.SentencePiece.UNKNOWN if i == t.unk_id else int(kind)
+        if i == t.unk_id:  # the unknown piece may be stored as a control token
+            piece.type = kinds.UNKNOWN
+        elif kind == kinds.CONTROL and i not in control_ids:
+            piece.type = kinds.USER_DEFINED
+        else:
+            piece.type = int(kind)
     return m.SerializeToString()
 
 
 def load_gguf(
     path: str | os.PathLike[str], *, query_pre_attn_scalar: float | None = None,
     progress: Callable[[int, int], None] | None = None, quant: QuantConfig | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[GemmaConfig, dict[str, np.ndarray], Any]:
     """(config, float32 weights, GemmaTokenizer or None) of a GGUF file; with `quant`, the
-    weights quantised as they are read and the config recording it (see `read_weights`)."""
+    weights quantised as they are read and the config recording it (see `read_weights`; NaN
+    and infinite weights are refused unless `allow_nonfinite=True`)."""
     from gemma_core.tokenizer import GemmaTokenizer
 
     reader = open_gguf(path)
     config = read_config(reader, os.fspath(path), query_pre_attn_scalar)
     if quant is not None:
         config = config.replace(quantization=quant)
-    weights = read_weights(reader, config, os.fspath(path), progress)
+    weights = read_weights(reader, config, os.fspath(path), progress, allow_nonfinite=allow_nonfinite)
     tokenizer = None
     if _field(reader, "tokenizer.ggml.tokens") is not None:
         fmt = "gemma3" if config.architecture is Architecture.GEMMA3 else "gemma"

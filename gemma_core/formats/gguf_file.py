@@ -8,6 +8,7 @@ Tensor bytes are handed to `gguf.quants.dequantize` unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import struct
 from typing import Any
@@ -21,6 +22,9 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
           11: "<i8", 12: "<f8"}
 STRING, ARRAY = 8, 9
+UINT32 = 4
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_DEPTH = 8  # metadata arrays of arrays; Gemma files have none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +60,20 @@ class _Cursor:
         except UnicodeDecodeError:
             raise CheckpointError(f"{self.path}: malformed string at byte {self.pos}") from None
 
-    def value(self, type_id: int) -> Any:
+    def value(self, type_id: int, depth: int = 0) -> Any:
         if type_id == STRING:
             return self.string()
         if type_id == ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise CheckpointError(f"{self.path}: metadata arrays nested more than "
+                                      f"{MAX_ARRAY_DEPTH} deep at byte {self.pos}")
             item, count = self.scalar(4), self.scalar(10)
             if item == STRING:
                 return [self.string() for _ in range(count)]
             if item in _NUMPY:
                 dtype = np.dtype(_NUMPY[item])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype).tolist()
-            return [self.value(item) for _ in range(count)]
+            return [self.value(item, depth + 1) for _ in range(count)]
         if type_id not in _SCALARS:
             raise CheckpointError(f"{self.path}: unknown metadata value type {type_id}")
         return self.scalar(type_id)
@@ -95,16 +102,29 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, T
     meta: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
-        meta[key] = cur.value(cur.scalar(4))
+        if key in meta:  # as gguf-py's GGUFReader and llama.cpp refuse it
+            raise CheckpointError(f"{path}: metadata key {key} appears twice")
+        type_id = cur.scalar(4)
+        meta[key] = cur.value(type_id)
+        if key == "general.alignment" and (type_id != UINT32 or meta[key] <= 0
+                                           or meta[key] & (meta[key] - 1)):
+            raise CheckpointError(f"{path}: general.alignment must be a power of two (uint32), got "
+                                  f"{meta[key]!r}")
     infos = []
     for _ in range(n_tensors):
         name = cur.string()
-        dims = [cur.scalar(10) for _ in range(cur.scalar(4))]
+        n_dims = cur.scalar(4)
+        if n_dims > MAX_DIMS:
+            raise CheckpointError(f"{path}: tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})")
+        dims = [cur.scalar(10) for _ in range(n_dims)]
         infos.append((name, tuple(reversed(dims)), cur.scalar(4), cur.scalar(10)))
     align = int(meta.get("general.alignment", 32))
     start = -(-cur.pos // align) * align
     tensors = {}
+    expected = 0  # llama.cpp's rule: tensors lie in order, each padded to the alignment
     for name, shape, type_id, offset in infos:
+        if name in tensors:  # as gguf-py's GGUFReader and llama.cpp refuse it
+            raise CheckpointError(f"{path}: tensor {name} appears twice")
         try:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
         except (ValueError, KeyError):
@@ -112,7 +132,11 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, T
         if not shape or shape[-1] % block:
             raise CheckpointError(f"{path}: tensor {name} shape {shape} is not whole {block}-blocks")
         row_bytes = shape[-1] // block * type_size
-        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
+        nbytes = math.prod(shape[:-1]) * row_bytes
+        if offset != expected:
+            raise CheckpointError(f"{path}: tensor {name} has data offset {offset}, expected {expected} "
+                                  "(tensor data must follow in order, each padded to the alignment)")
+        expected = offset + -(-nbytes // align) * align
         begin = start + offset
         if begin + nbytes > size:
             raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to {begin + nbytes} "
