@@ -41,7 +41,7 @@ def main() -> int:
 
     import gemma_core
     from gemma_core.evaluate import compare, score
-    from gemma_core.model import quantize_model
+    from gemma_core.weights import quantize_model
 
     path = args.model
     if path == "embedded":

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from gemma_core.cache import batch_ids
 from gemma_core.config import GemmaConfig
-from gemma_core.model import batch_ids
 from gemma_core.presets import get_preset
 from gemma_core.weights import random_weights
 

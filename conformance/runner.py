@@ -17,10 +17,12 @@ from conformance.compare import compare_logits, compare_op, compare_tensor, logi
 from conformance.golden import GOLDEN_CASES, GOLDEN_DIR, GoldenCase, load_golden
 from conformance.tolerances import TOLERANCES, Tolerance, widen_cache, widen_logits
 from gemma_core.backend import Backend, get_backend, known_backends
+from gemma_core.cache import batch_ids
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import BackendError, ConfigError
 from gemma_core.graph import OP_KINDS
-from gemma_core.model import Float16OverflowWarning, Model, batch_ids, load
+from gemma_core.loading import load
+from gemma_core.model import Float16OverflowWarning, Model
 from gemma_core.presets import get_preset
 from gemma_core.weights import random_weights
 

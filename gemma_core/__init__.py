@@ -4,7 +4,7 @@ This package imports numpy only; frameworks are imported by the backend asked fo
 """
 
 from gemma_core.backend import Backend, get_backend, installed_backends, known_backends
-from gemma_core.cache import CacheState, KVCache
+from gemma_core.cache import CacheState, KVCache, batch_ids
 from gemma_core.config import Architecture, AttentionKind, GemmaConfig
 from gemma_core.errors import (
     BackendError,
@@ -16,7 +16,8 @@ from gemma_core.errors import (
 )
 from gemma_core.graph import OP_KINDS, Op, build_graph, format_graph
 from gemma_core.layout import param_count, validate_weights
-from gemma_core.model import ForwardOutput, Model, batch_ids, load
+from gemma_core.loading import load
+from gemma_core.model import ForwardOutput, Model
 from gemma_core.presets import PRESETS, get_preset
 
 __all__ = [

@@ -18,6 +18,8 @@ later use of it is refused with an `InputError` rather than computing on clobber
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -78,3 +80,46 @@ class CacheState:
     length: int
     seen: np.ndarray
     real: tuple[np.ndarray, ...]  # per layer [B, S_layer] bool: the slot holds a real token, not a pad
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the OS says are available (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_cache_fits(config: GemmaConfig, batch: int, max_length: int, dtype: str,
+                      device: str | None) -> None:
+    """Refuse a host cache larger than the memory available, before allocating any of it."""
+    if device not in (None, "cpu"):
+        return
+    width = np.dtype(np.float64 if dtype == "float64" else np.float32 if dtype == "float32" else np.float16)
+    slots = sum(layer_capacity(config, i, max_length) for i in range(config.num_layers))
+    need = 2 * batch * config.num_kv_heads * config.head_dim * slots * width.itemsize
+    free = available_memory()
+    if free is not None and need > free:
+        raise InputError(f"max_length: a KV cache of {batch} x {max_length} tokens needs "
+                         f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory "
+                         "available; ask for fewer new tokens or a smaller batch")
+
+
+def batch_ids(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token id lists into `(ids [B, T], attention_mask [B, T])`."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise InputError("sequences: expected one or more non-empty token lists")
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, np.int64)
+    mask = np.zeros((len(sequences), width), np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    return ids, mask

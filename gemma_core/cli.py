@@ -17,7 +17,7 @@ def _config_arg(value: str) -> GemmaConfig:
     """A preset name, "embedded", a config.json path, or a checkpoint in any format `load` reads
     (read without its weights where the format allows)."""
     from gemma_core.checkpoint import read_config
-    from gemma_core.model import resolve_source, source_format
+    from gemma_core.loading import resolve_source, source_format
     from gemma_core.presets import PRESETS, get_preset
 
     if value in PRESETS and not os.path.exists(value):
@@ -144,7 +144,7 @@ def _storage(value: str) -> tuple[str, str]:
 def _converted_format(value: str) -> tuple[str, Path] | None:
     """(format, path) of a keras-hub, flax or gemma-pytorch checkpoint at `value` (or of the
     folder of a config.json), else None."""
-    from gemma_core.model import source_format
+    from gemma_core.loading import source_format
 
     path = Path(value)
     if not path.exists():  # a preset, or a missing path that _config_arg reports
@@ -160,7 +160,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from gemma_core.embedded import default_model_path
     from gemma_core.layout import param_count
-    from gemma_core.model import resolve_source
+    from gemma_core.loading import resolve_source
 
     source = resolve_source(args.model) if args.model else default_model_path()
     converted = _converted_format(source)
@@ -302,8 +302,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_mask(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from gemma_core.cache import batch_ids
     from gemma_core.masks import attention_mask
-    from gemma_core.model import batch_ids
 
     config = _config_arg(args.config)
     if args.sliding_window is not None:

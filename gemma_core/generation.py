@@ -172,7 +172,7 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise InputError(f"seed: must be a non-negative integer, got {seed!r}")
     rows_ids = _encode_prompts(prompts, tokenizer)
-    from gemma_core.model import batch_ids
+    from gemma_core.cache import batch_ids
 
     ids, mask = batch_ids(rows_ids, model.config.pad_token_id)
     past = 0 if cache is None else cache.length

@@ -1,9 +1,9 @@
-"""`load()` and the `Model` it returns: the op list bound to one backend, dtype and weight set."""
+"""The `Model`: the op list bound to one backend, dtype and weight set (`gemma_core.loading.load`
+builds one from a checkpoint or preset)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 
 from gemma_core.backend import Backend, get_backend
-from gemma_core.cache import CacheState, KVCache, layer_capacity, ring_order
+from gemma_core.cache import CacheState, KVCache, check_cache_fits, layer_capacity, ring_order
 from gemma_core.config import Architecture, GemmaConfig
-from gemma_core.errors import CheckpointError, ConfigError, InputError, WeightError
+from gemma_core.errors import ConfigError, InputError, WeightError
 from gemma_core.graph import TASKS, bind, build_graph, cache_name, fuse_projections, run_bound
-from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, iter_params, validate_weights
-from gemma_core.quant import SCALE_SUFFIX, as_quant_config
+from gemma_core.layout import SCORE, iter_params, validate_weights
+from gemma_core.quant import SCALE_SUFFIX
+from gemma_core.weights import task_weights
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -65,7 +66,7 @@ class Model:
         check_dtype(config, dtype, allow_float16)
         if task not in TASKS:
             raise ConfigError(f"task: unknown value {task!r} (known: {', '.join(TASKS)})")
-        weights = _tie(config, weights, task)
+        weights = task_weights(config, weights, task)
         score = weights.get(SCORE)
         num_labels = int(score.shape[0]) if score is not None and score.ndim == 2 else 0
         if task in ("sequence-classification", "token-classification") and num_labels == 0:
@@ -120,7 +121,7 @@ class Model:
             raise InputError(f"max_length: {max_length} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         c = self.config
-        _check_cache_fits(c, batch_size, max_length, self.dtype, self.device)
+        check_cache_fits(c, batch_size, max_length, self.dtype, self.device)
         layers = [
             self.backend.new_cache_layer(batch_size, c.num_kv_heads, layer_capacity(c, i, max_length),
                                          c.head_dim, self.dtype, self.device)
@@ -254,36 +255,6 @@ class Model:
         return ids.astype(np.int64)
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory the OS says are available (Linux MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _check_cache_fits(config: GemmaConfig, batch: int, max_length: int, dtype: str,
-                      device: str | None) -> None:
-    """Refuse a host cache larger than the memory available, before allocating any of it."""
-    if device not in (None, "cpu"):
-        return
-    width = np.dtype(np.float64 if dtype == "float64" else np.float32 if dtype == "float32" else np.float16)
-    slots = sum(layer_capacity(config, i, max_length) for i in range(config.num_layers))
-    need = 2 * batch * config.num_kv_heads * config.head_dim * slots * width.itemsize
-    free = _available_memory()
-    if free is not None and need > free:
-        raise InputError(f"max_length: a KV cache of {batch} x {max_length} tokens needs "
-                         f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory "
-                         "available; ask for fewer new tokens or a smaller batch")
-
-
 def _check_mask(mask: Any, shape: tuple[int, ...], to_numpy: Any) -> np.ndarray:
     if mask is None:
         return np.ones(shape, bool)
@@ -312,171 +283,3 @@ def _stack(weights: Mapping[str, np.ndarray], groups: Mapping[str, Sequence[str]
             out.pop(s, None)
             out.pop(s + SCALE_SUFFIX, None)
     return out
-
-
-def _tie(config: GemmaConfig, weights: Mapping[str, np.ndarray],
-         task: str = "causal-lm") -> dict[str, np.ndarray]:
-    """The tensors `task` reads: a redundant `lm_head.weight` of a tied model is dropped (the
-    embedding is held once), and so are the heads of other tasks (a causal LM's head when
-    loading it as a base model or classifier, a classifier's score when loading it as base)."""
-    out = dict(weights)
-    if config.tie_word_embeddings or task != "causal-lm":
-        out.pop(LM_HEAD, None)
-        out.pop(LM_HEAD + SCALE_SUFFIX, None)
-    if task in ("causal-lm", "base"):
-        out.pop(SCORE, None)
-        out.pop(SCORE_BIAS, None)
-    return out
-
-
-def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None = None,
-         dtype: str = "float32", device: str | None = None, *, seed: int = 0,
-         allow_float16: bool = False, progress: Any = None, compile: bool | None = None,
-         task: str = "causal-lm", num_labels: int = 2, quantize: Any = None,
-         allow_nonfinite: bool = False, **config_changes: Any) -> Model:
-    """A model from any checkpoint `gemma convert` reads (a Hugging Face folder or a safetensors
-    file beside its config.json, a keras-hub preset folder, a Flax orbax folder or flat
-    `.safetensors` tree, a gemma_pytorch checkpoint, a `.gguf` file), "embedded" (the embedded
-    Gemma 3 270M), or a preset name (random weights from `seed`). `config_changes` override preset fields
-    (tests); for GGUF they are passed to the reader (e.g. `query_pre_attn_scalar`).
-    `progress(done, total)` is called while a GGUF file is dequantised. `compile` chooses
-    whether the step goes through the backend's compiler (torch.compile, jax.jit); None takes
-    the backend's default (eager for numpy and torch, jit for jax). `task` picks the head:
-    causal-lm, base, sequence-classification or token-classification (`num_labels` sizes a
-    preset's random head; a checkpoint's comes from its `score.weight` and id2label).
-    `quantize` ("int8", "int4", "nf4" or a `QuantConfig`) quantises the weights on load
-    (gemma_core.quant); a checkpoint saved quantised loads quantised without it.
-    Weights holding NaN or infinity are refused unless `allow_nonfinite=True` (quantising them
-    is refused regardless)."""
-    from gemma_core.checkpoint import load_checkpoint, read_labels
-    from gemma_core.presets import PRESETS
-    from gemma_core.weights import random_weights
-
-    key = resolve_source(path_or_preset)
-    tokenizer, labels = None, None
-    if key in PRESETS and not os.path.exists(key):
-        config = PRESETS[key].replace(**config_changes) if config_changes else PRESETS[key]
-        classifier = task in ("sequence-classification", "token-classification")
-        weights = random_weights(config, seed, task=task, num_labels=num_labels if classifier else 0)
-    else:
-        fmt = source_format(key)
-        if fmt == "gguf":
-            from gemma_core.formats.gguf import load_gguf
-
-            # quantised tensor by tensor as the file is read (the float32 model is never whole)
-            quant = as_quant_config(quantize) if quantize is not None else None
-            config, weights, tokenizer = load_gguf(key, progress=progress, quant=quant,
-                                                   allow_nonfinite=allow_nonfinite, **config_changes)
-            quantize = None
-        else:
-            if config_changes:
-                raise ConfigError(f"config overrides apply to presets only, got {sorted(config_changes)}")
-            if fmt == "hf":
-                config, weights = load_checkpoint(key, validate=False, allow_nonfinite=allow_nonfinite)
-                tokenizer = find_tokenizer(key, config)
-                labels = read_labels(key)
-            else:
-                config, weights, tokenizer = _read_converted(key, fmt, progress, allow_nonfinite)
-    if quantize is not None:
-        config, weights = quantize_model(config, weights, quantize, task)
-    rows = int(weights[SCORE].shape[0]) if SCORE in weights else 0
-    if task not in ("sequence-classification", "token-classification") or (
-            labels is not None and len(labels) != rows):
-        labels = None  # transformers writes two default labels even for causal LMs
-    return Model(config, weights, backend=backend, dtype=dtype, device=device,
-                 allow_float16=allow_float16, tokenizer=tokenizer, compile=compile, task=task,
-                 labels=labels)
-
-
-def quantize_model(config: GemmaConfig, weights: Mapping[str, np.ndarray], quantize: Any,
-                   task: str = "causal-lm",
-                   progress: Any = None) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
-    """(config, weights) quantised with `quantize` (a scheme name or a `QuantConfig`)."""
-    from gemma_core.quant import quantize_weights
-
-    if config.quantization is not None:
-        raise ConfigError(f"quantize: the weights are already quantised ({config.quantization.scheme})")
-    quant = as_quant_config(quantize)
-    config = config.replace(quantization=quant)
-    weights = _tie(config, weights, task)
-    validate_weights(config.replace(quantization=None), weights, task,
-                     int(weights[SCORE].shape[0]) if SCORE in weights else 0)
-    return config, quantize_weights(weights, quant, progress)
-
-
-def find_tokenizer(path: str | os.PathLike[str], config: GemmaConfig) -> Any:
-    """The `tokenizer.model` beside a checkpoint, as a `GemmaTokenizer`, or None."""
-    folder = path if os.path.isdir(path) else os.path.dirname(os.fspath(path))
-    spm_file = os.path.join(folder, "tokenizer.model")
-    if not os.path.isfile(spm_file):
-        return None
-    return _tokenizer(spm_file, config)
-
-
-def _tokenizer(spm: str | bytes, config: GemmaConfig) -> Any:
-    """A `GemmaTokenizer` of a SentencePiece file or its bytes, chatting as `config`'s generation."""
-    from gemma_core.tokenizer import GemmaTokenizer
-
-    fmt = "gemma3" if config.architecture is Architecture.GEMMA3 else "gemma"
-    return GemmaTokenizer(spm, chat_format=fmt)
-
-
-EMBEDDED = "embedded"  # `load("embedded")`: the embedded Gemma 3 270M (gemma_core.embedded)
-
-
-def resolve_source(path_or_preset: str | os.PathLike[str]) -> str:
-    """The path or preset name a `load` argument stands for: "embedded" (when no file of that
-    name exists) is the embedded model's GGUF file."""
-    key = os.fspath(path_or_preset)
-    if key == EMBEDDED and not os.path.exists(key):
-        from gemma_core.embedded import default_model_path
-
-        return default_model_path()
-    return key
-
-
-def source_format(path: str | os.PathLike[str]) -> str:
-    """The checkpoint format of `path` (a `gemma convert` name: hf, keras-hub, flax,
-    gemma-pytorch, gguf). A `.gguf` name is gguf without looking (its reader reports a missing
-    or damaged file); a folder with a config.json that no reader recognises is taken as a
-    Hugging Face folder, so that its reader names what is missing."""
-    from gemma_core.formats.convert import detect
-
-    if os.fspath(path).endswith(".gguf"):
-        if os.path.exists(path) and not os.path.isfile(path):
-            raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device?)")
-        return "gguf"
-    try:
-        return detect(path)
-    except CheckpointError:
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return "hf"
-        raise
-
-
-def _read_converted(path: str, fmt: str, progress: Any,
-                    allow_nonfinite: bool = False) -> tuple[GemmaConfig, dict[str, np.ndarray], Any]:
-    """(config, weights, tokenizer or None) of a keras-hub, flax or gemma-pytorch checkpoint,
-    read as `gemma convert` reads it; the tokenizer travels with the checkpoint or lies beside it."""
-    from gemma_core.formats.convert import read
-
-    stage = None if progress is None else (lambda _label, done, total: progress(done, total))
-    ckpt = read(path, fmt, stage, allow_nonfinite=allow_nonfinite)
-    if ckpt.tokenizer_model is not None:
-        tokenizer = _tokenizer(ckpt.tokenizer_model, ckpt.config)
-    else:
-        tokenizer = find_tokenizer(path, ckpt.config)
-    return ckpt.config, ckpt.weights, tokenizer
-
-
-def batch_ids(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad token id lists into `(ids [B, T], attention_mask [B, T])`."""
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise InputError("sequences: expected one or more non-empty token lists")
-    width = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), width), pad_id, np.int64)
-    mask = np.zeros((len(sequences), width), np.int64)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = seq
-        mask[row, width - len(seq):] = 1
-    return ids, mask

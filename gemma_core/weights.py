@@ -1,11 +1,17 @@
-"""Random weights of a config's layout, for tests and benchmarks (seeded, reproducible)."""
+"""Weight sets of a config's layout: random ones for tests and benchmarks (seeded, reproducible),
+the tensors a task reads (`task_weights`) and quantisation of a whole set (`quantize_model`)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from gemma_core.config import GemmaConfig
-from gemma_core.layout import iter_params
+from gemma_core.errors import ConfigError
+from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, iter_params, validate_weights
+from gemma_core.quant import SCALE_SUFFIX, as_quant_config
 
 
 def random_weights(config: GemmaConfig, seed: int = 0, dtype: str = "float32", task: str = "causal-lm",
@@ -33,3 +39,34 @@ def random_weights(config: GemmaConfig, seed: int = 0, dtype: str = "float32", t
 
         out = quantize_weights(out, config.quantization)
     return out
+
+
+def task_weights(config: GemmaConfig, weights: Mapping[str, np.ndarray],
+         task: str = "causal-lm") -> dict[str, np.ndarray]:
+    """The tensors `task` reads: a redundant `lm_head.weight` of a tied model is dropped (the
+    embedding is held once), and so are the heads of other tasks (a causal LM's head when
+    loading it as a base model or classifier, a classifier's score when loading it as base)."""
+    out = dict(weights)
+    if config.tie_word_embeddings or task != "causal-lm":
+        out.pop(LM_HEAD, None)
+        out.pop(LM_HEAD + SCALE_SUFFIX, None)
+    if task in ("causal-lm", "base"):
+        out.pop(SCORE, None)
+        out.pop(SCORE_BIAS, None)
+    return out
+
+
+def quantize_model(config: GemmaConfig, weights: Mapping[str, np.ndarray], quantize: Any,
+                   task: str = "causal-lm",
+                   progress: Any = None) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
+    """(config, weights) quantised with `quantize` (a scheme name or a `QuantConfig`)."""
+    from gemma_core.quant import quantize_weights
+
+    if config.quantization is not None:
+        raise ConfigError(f"quantize: the weights are already quantised ({config.quantization.scheme})")
+    quant = as_quant_config(quantize)
+    config = config.replace(quantization=quant)
+    weights = task_weights(config, weights, task)
+    validate_weights(config.replace(quantization=None), weights, task,
+                     int(weights[SCORE].shape[0]) if SCORE in weights else 0)
+    return config, quantize_weights(weights, quant, progress)

@@ -130,7 +130,7 @@ def test_bad_files(tmp_path: Path) -> None:
 def test_quantising_on_load_streams_rows_and_equals_quantising_after(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str) -> None:
     from gemma_core.formats import gguf as gguf_format
-    from gemma_core.model import quantize_model
+    from gemma_core.weights import quantize_model
 
     config = get_preset("tiny-gemma")
     path = write_gguf(tmp_path / "m.gguf", config, random_weights(config, 4), qtype="Q8_0")

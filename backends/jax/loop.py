@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_core.cache import batch_ids
 from gemma_core.errors import InputError
 from gemma_core.graph import cache_name
-from gemma_core.model import Model, batch_ids
+from gemma_core.model import Model
 
 
 def _choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:

@@ -198,7 +198,7 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: An
              progress: StageProgress | None = None, *, overwrite: bool = False) -> Checkpoint:
     """Read `src` (any supported format) and write a quantised Hugging Face folder to `dst`:
     values and scales in safetensors, the `quantization_config` in config.json (gemma_core.quant)."""
-    from gemma_core.model import quantize_model
+    from gemma_core.weights import quantize_model
 
     src, dst = _paths(src, dst, overwrite)
     ckpt = read(src, None, progress)
