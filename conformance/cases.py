@@ -95,13 +95,13 @@ MODEL_CASES: tuple[ModelCase, ...] = (
 class Harness:
     """Moves case inputs onto one backend in one dtype and back."""
 
-    def __init__(self, backend: Backend, dtype: str) -> None:
-        self.backend, self.dtype = backend, dtype
+    def __init__(self, backend: Backend, dtype: str, device: str | None = None) -> None:
+        self.backend, self.dtype, self.device = backend, dtype, device
         self.table = backend.op_table(dtype)
 
     def f(self, x: np.ndarray) -> Any:
         """A float array in the compute dtype."""
-        return self.backend.prepare_weights({"x": x}, self.dtype, None)["x"]
+        return self.backend.prepare_weights({"x": x}, self.dtype, self.device)["x"]
 
     def q(self, w: np.ndarray, quant: QuantConfig, name: str) -> tuple[Any, Any]:
         """A float `[O, I]` weight `name` quantised as `quant` says, as the backend's (values,
@@ -110,12 +110,12 @@ class Harness:
         assert scheme is not None, name
         values, scale = quantize(w, scheme, quant.group_for(scheme), name)
         pair = self.backend.prepare_weights({name: values, name + SCALE_SUFFIX: scale}, self.dtype,
-                                            None, quant=quant)
+                                            self.device, quant=quant)
         return pair[name], pair[name + SCALE_SUFFIX]
 
     def i(self, x: np.ndarray) -> Any:
         """An integer or boolean array."""
-        return self.backend.asarray(x, None)
+        return self.backend.asarray(x, self.device)
 
     def np(self, x: Any) -> np.ndarray:
         return np.asarray(self.backend.to_numpy(x), np.float64)
@@ -173,7 +173,7 @@ def _rope(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
 def _kv_cache(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for capacity in (4, 16):  # a sliding ring that wraps, and a global layer
-        layer = h.backend.new_cache_layer(2, 2, capacity, 8, h.dtype, None)
+        layer = h.backend.new_cache_layer(2, 2, capacity, 8, h.dtype, h.device)
         start = 0
         for step, t in enumerate((6, 1, 1, 1, 1, 1)):
             k, v = _normal(rng, 2, 2, t, 8), _normal(rng, 2, 2, t, 8)

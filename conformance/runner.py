@@ -20,29 +20,40 @@ from gemma_core.backend import Backend, get_backend, known_backends
 from gemma_core.cache import batch_ids
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import BackendError, ConfigError
-from gemma_core.graph import OP_KINDS
+from gemma_core.graph import build_graph
 from gemma_core.loading import load
 from gemma_core.model import Float16OverflowWarning, Model
+from gemma_core.opset import OP_KINDS, check_table, groups_needed
 from gemma_core.presets import get_preset
 from gemma_core.weights import random_weights
 
 DEFAULT_DTYPES = ("float32", "bfloat16")
-GAPS_DIR = Path(__file__).parent / "known_gaps"
+UNSUPPORTED = "not supported (declared by the backend)"  # the detail of a skip a backend declared
 GOLDEN_META: dict[str, dict[str, Any]] = (
     json.loads((GOLDEN_DIR / "meta.json").read_text()) if (GOLDEN_DIR / "meta.json").is_file() else {})
 
 
-def known_gaps(backend: str) -> list[tuple[str, str, str]]:
-    """(case glob or arch:<name>, dtype, reason) rows of `known_gaps/<backend>.txt` (none if absent)."""
-    path = GAPS_DIR / f"{backend}.txt"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            pattern, dtype, reason = line.split(maxsplit=2)
-            rows.append((pattern, dtype, reason))
-    return rows
+def known_gaps(backend: str | Backend) -> list[tuple[str, str, str]]:
+    """(case glob or arch:<name>, dtype, reason) rows the backend declares (`Backend.known_gaps`);
+    none for a backend name that does not load."""
+    if isinstance(backend, str):
+        try:
+            backend = get_backend(backend)
+        except BackendError:
+            return []
+    return backend.known_gaps()
+
+
+def _unsupported(backend: Backend, kinds: set[str]) -> str | None:
+    """Why a case using op `kinds` cannot run on `backend`: an op group it does not declare."""
+    missing = sorted(groups_needed(kinds) - set(backend.supported_groups()))
+    if not missing:
+        return None
+    return f"{UNSUPPORTED}: needs op group{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+
+
+def _graph_kinds(config: GemmaConfig, task: str = "causal-lm") -> set[str]:
+    return {op.kind for op in build_graph(config, task)}
 
 
 def _gap(gaps: list[tuple[str, str, str]], case: str, arch: Architecture, dtype: str) -> str | None:
@@ -80,11 +91,12 @@ def _check(ok: bool, text: str, what: str, first: list[str]) -> None:
         first.append(f"{what}: {text}")
 
 
-def run_op_case(case: OpCase, backend: Backend, dtype: str, tol: Tolerance) -> str:
+def run_op_case(case: OpCase, backend: Backend, dtype: str, tol: Tolerance,
+                device: str | None = None) -> str:
     """Compare one op case with the reference; returns a summary or raises _Failure."""
     reference = get_backend("numpy")
     ref = case.run(Harness(reference, tol.reference_dtype), np.random.default_rng(0))
-    cand = case.run(Harness(backend, dtype), np.random.default_rng(0))
+    cand = case.run(Harness(backend, dtype, device), np.random.default_rng(0))
     if set(ref) != set(cand):
         raise _Failure(f"outputs {sorted(cand)} != reference {sorted(ref)}")
     first: list[str] = []
@@ -170,16 +182,17 @@ def case_config(case: ModelCase) -> GemmaConfig:
     return get_preset(case.preset).replace(**case.changes)
 
 
-def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance) -> str:
-    """Prefill + greedy decode on reference and candidate; logits and caches after every step,
-    then the candidate's incremental logits against its own full forward pass."""
+def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance,
+                   device: str | None = None) -> str:
+    """Prefill + greedy decode on reference and candidate (on `device`); logits and caches after
+    every step, then the candidate's incremental logits against its own full forward pass."""
     config = case_config(case)
     if case.task != "causal-lm":
-        return _run_head_case(case, config, backend, dtype, tol)
+        return _run_head_case(case, config, backend, dtype, tol, device)
     weights = (_checkpoint(case.preset)[1] if case.name.startswith("model:")
                else random_weights(config, case.seed))
     ref = Model(config, weights, backend="numpy", dtype=tol.reference_dtype)
-    cand = Model(config, weights, backend=backend, dtype=dtype)
+    cand = Model(config, weights, backend=backend, dtype=dtype, device=device)
     oracle = _Oracle(config, weights, tol)
     if case.forks:
         return _run_fork_case(case, ref, cand, oracle, tol)
@@ -255,11 +268,12 @@ def _run_fork_case(case: ModelCase, ref: Model, cand: Model, oracle: _Oracle, to
     return f"{len(case.forks)} forks of one prefix cache; first check: {first[0]}"
 
 
-def run_golden_case(case: GoldenCase, backend: Backend, dtype: str, tol: Tolerance) -> str:
+def run_golden_case(case: GoldenCase, backend: Backend, dtype: str, tol: Tolerance,
+                    device: str | None = None) -> str:
     """The backend against transformers' recorded logits and caches (first and last layer)."""
     expected = load_golden(case)
     config = case.config()
-    model = Model(config, random_weights(config, case.seed), backend=backend, dtype=dtype)
+    model = Model(config, random_weights(config, case.seed), backend=backend, dtype=dtype, device=device)
     ids, mask = case.inputs()
     out = model.forward(ids, mask)
     first: list[str] = []
@@ -277,12 +291,12 @@ def run_golden_case(case: GoldenCase, backend: Backend, dtype: str, tol: Toleran
 
 
 def _run_head_case(case: ModelCase, config: GemmaConfig, backend: Backend, dtype: str,
-                   tol: Tolerance) -> str:
+                   tol: Tolerance, device: str | None = None) -> str:
     """A task head on a left-padded batch: its outputs (and every hidden state, for base)."""
     labels = 3 if case.task.endswith("classification") else 0
     weights = random_weights(config, case.seed, task=case.task, num_labels=labels)
     ref = Model(config, weights, backend="numpy", dtype=tol.reference_dtype, task=case.task)
-    cand = Model(config, weights, backend=backend, dtype=dtype, task=case.task)
+    cand = Model(config, weights, backend=backend, dtype=dtype, task=case.task, device=device)
     ids, mask = _prompt(case, config.vocab_size)
     r, c = ref.forward(ids, mask), cand.forward(ids, mask)
     real = mask.astype(bool)
@@ -301,30 +315,37 @@ def _run_head_case(case: ModelCase, config: GemmaConfig, backend: Backend, dtype
     return first[0]
 
 
-def check_float16_policy(backend: Backend) -> str:
-    """Rule 9: float16 Gemma 2/3 is refused, or runs with a warning when allowed."""
+def check_float16_policy(backend: Backend, device: str | None = None) -> str:
+    """Rule 9: float16 Gemma 2/3 is refused, or runs with a warning when allowed (checked only
+    where the backend declares float16)."""
     config = get_preset("tiny-gemma2")
     weights = random_weights(config, 0)
     try:
-        Model(config, weights, backend=backend, dtype="float16")
+        Model(config, weights, backend=backend, dtype="float16", device=device)
     except ConfigError:
         pass
     else:
         raise _Failure("float16 Gemma 2 was accepted without allow_float16")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Model(config, weights, backend=backend, dtype="float16", allow_float16=True)
+        Model(config, weights, backend=backend, dtype="float16", allow_float16=True, device=device)
     if not any(issubclass(w.category, Float16OverflowWarning) for w in caught):
         raise _Failure("allow_float16=True did not warn")
     return "refused by default, warns when allowed"
 
 
 def _op_table_check(backend: Backend, dtype: str) -> str:
-    kinds = set(backend.op_table(dtype))
-    if kinds != set(OP_KINDS):
-        missing, extra = sorted(set(OP_KINDS) - kinds), sorted(kinds - set(OP_KINDS))
+    """The table has every required core kind and every kind of the groups the backend declares,
+    and nothing outside the vocabulary."""
+    groups = backend.supported_groups()
+    table = backend.op_table(dtype)
+    missing, extra = check_table(table, groups)
+    if missing or extra:
         raise _Failure(f"op table differs from the vocabulary: missing {missing}, extra {extra}")
-    return f"all {len(OP_KINDS)} op kinds"
+    kinds = sum(k in table for k in OP_KINDS)
+    if kinds == len(OP_KINDS):
+        return f"all {len(OP_KINDS)} op kinds"
+    return f"{kinds} op kinds (declared groups: {', '.join(groups)})"
 
 
 def _cell(fn: Any, case: str, name: str, dtype: str, *args: Any) -> Result:
@@ -349,11 +370,14 @@ def case_names(model: str | None = None) -> list[str]:
 
 
 def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str] = DEFAULT_DTYPES,
-                    cases: Iterable[str] | None = None, model: str | None = None) -> list[Result]:
+                    cases: Iterable[str] | None = None, model: str | None = None,
+                    device: str | None = None) -> list[Result]:
     """The full matrix. Backends named explicitly must load; by default every known backend is
     tried and one that is not installed is reported as skipped. With `model` (a checkpoint in
     any supported format), the model-level comparisons run on its weights instead of the
-    catalogue's random ones. Cases listed in a backend's known gaps are skipped with the reason.
+    catalogue's random ones; with `device`, every candidate model and op input is placed there
+    (the reference stays on the CPU). Cases listed in a backend's known gaps are skipped with the
+    reason; so are cases needing a dtype, op group or device the backend does not declare.
     A name in `cases` that is not in `case_names(model)` raises `ConfigError` before anything runs."""
     explicit = backends is not None
     names = list(backends) if backends is not None else known_backends()
@@ -372,20 +396,32 @@ def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str]
         except BackendError as e:
             results.append(Result("load", name, "-", "fail" if explicit else "skip", str(e)))
             continue
-        gaps = known_gaps(name)
-        results.append(_cell(check_float16_policy, "float16-policy", name, "float16", backend))
+        if not backend.supports_device(device):
+            results.append(Result("*", name, "-", "skip", f"{UNSUPPORTED}: device {device!r} "
+                                  f"(devices: {', '.join(backend.devices)})"))
+            continue
+        gaps = known_gaps(backend)
+        if "float16" in backend.dtypes:
+            results.append(_cell(check_float16_policy, "float16-policy", name, "float16", backend,
+                                 device))
+        else:
+            results.append(Result("float16-policy", name, "float16", "skip", f"{UNSUPPORTED}: float16"))
         for dtype in dtypes:
             if dtype not in TOLERANCES:
                 raise ConfigError(f"dtype: no tolerance for {dtype!r} (known: {', '.join(TOLERANCES)})")
             if dtype not in backend.dtypes:
-                results.append(Result("*", name, dtype, "skip", f"{name} does not support {dtype}"))
+                results.append(Result("*", name, dtype, "skip", f"{UNSUPPORTED}: {dtype}"))
                 continue
             tol = TOLERANCES[dtype]
             results.append(_cell(_op_table_check, "op-table", name, dtype, backend, dtype))
             for op_case in OP_CASES if model is None else ():
                 if wanted is None or op_case.name in wanted:
+                    reason = _unsupported(backend, {op_case.kind})
+                    if reason is not None:
+                        results.append(Result(op_case.name, name, dtype, "skip", reason))
+                        continue
                     results.append(_cell(run_op_case, op_case.name, name, dtype, op_case, backend,
-                                         dtype, tol))
+                                         dtype, tol, device))
             for golden in GOLDEN_CASES if model is None and dtype == "float32" else ():
                 if wanted is not None and golden.name not in wanted:
                     continue
@@ -393,8 +429,12 @@ def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str]
                 if reason is not None:
                     results.append(Result(golden.name, name, dtype, "skip", f"known gap: {reason}"))
                     continue
+                reason = _unsupported(backend, _graph_kinds(golden.config()))
+                if reason is not None:
+                    results.append(Result(golden.name, name, dtype, "skip", reason))
+                    continue
                 results.append(_cell(run_golden_case, golden.name, name, dtype, golden, backend, dtype,
-                                     tol))
+                                     tol, device))
             for case in model_cases:
                 if (wanted is not None and case.name not in wanted) or (
                         case.dtypes and dtype not in case.dtypes):
@@ -403,5 +443,10 @@ def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str]
                 if reason is not None:
                     results.append(Result(case.name, name, dtype, "skip", f"known gap: {reason}"))
                     continue
-                results.append(_cell(run_model_case, case.name, name, dtype, case, backend, dtype, tol))
+                reason = _unsupported(backend, _graph_kinds(case_config(case), case.task))
+                if reason is not None:
+                    results.append(Result(case.name, name, dtype, "skip", reason))
+                    continue
+                results.append(_cell(run_model_case, case.name, name, dtype, case, backend, dtype, tol,
+                                     device))
     return results

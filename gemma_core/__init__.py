@@ -14,7 +14,7 @@ from gemma_core.errors import (
     InputError,
     WeightError,
 )
-from gemma_core.graph import OP_KINDS, Op, build_graph, format_graph
+from gemma_core.graph import OP_KINDS, Graph, GraphError, Op, build_graph, format_graph
 from gemma_core.layout import param_count, validate_weights
 from gemma_core.loading import load
 from gemma_core.model import ForwardOutput, Model
@@ -22,9 +22,9 @@ from gemma_core.presets import PRESETS, get_preset
 
 __all__ = [
     "OP_KINDS", "PRESETS", "Architecture", "AttentionKind", "Backend", "BackendError", "CacheState",
-    "CheckpointError", "ConfigError", "ForwardOutput", "GemmaConfig", "GemmaError", "InputError",
-    "KVCache", "Model", "Op", "WeightError", "batch_ids", "build_graph", "format_graph",
-    "get_backend", "get_preset", "installed_backends", "known_backends", "load", "param_count",
-    "validate_weights",
+    "CheckpointError", "ConfigError", "ForwardOutput", "GemmaConfig", "GemmaError", "Graph",
+    "GraphError", "InputError", "KVCache", "Model", "Op", "WeightError", "batch_ids", "build_graph",
+    "format_graph", "get_backend", "get_preset", "installed_backends", "known_backends", "load",
+    "param_count", "validate_weights",
 ]
 __version__ = "0.1.0"

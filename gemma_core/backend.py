@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from gemma_core.errors import BackendError
+from gemma_core.opset import OP_GROUPS, REQUIRED_GROUPS
 from gemma_core.quant import SCALE_SUFFIX, QuantConfig
 
 ENTRY_POINT_GROUP = "gemma_core.backends"
@@ -31,6 +32,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "torch": "backends.torch:backend",
     "jax": "backends.jax:backend",
     "tensorflow": "backends.tensorflow:backend",
+    "array_api": "backends.array_api:backend",  # array-api-strict; other namespaces: docs/backends.md
 }
 # Frameworks a backend may need, with the extra that installs each.
 _INSTALL_HINTS = {
@@ -40,7 +42,15 @@ _INSTALL_HINTS = {
     "tensorflow": "pip install 'gemma-core[tensorflow]'",
     "keras": "pip install 'gemma-core[tensorflow]'",
     "ml_dtypes": "pip install ml_dtypes",
+    "array_api_compat": "pip install 'gemma-core[array-api]'",
+    "array_api_strict": "pip install 'gemma-core[array-api]'",
 }
+# Numerics rule 9, a gap of every backend that declares float16: gemma_core refuses float16 for
+# Gemma 2 and 3 (unless allowed), so their model cases do not run in float16.
+FLOAT16_REFUSED: tuple[tuple[str, str, str], ...] = (
+    ("arch:gemma2", "float16", "refused: Gemma 2 activations exceed float16's range (numerics rule 9)"),
+    ("arch:gemma3", "float16", "refused: Gemma 3 activations exceed float16's range (numerics rule 9)"),
+)
 
 
 class Backend(abc.ABC):
@@ -55,10 +65,30 @@ class Backend(abc.ABC):
     # caller's cache changes or dies): `Model.forward` then runs on `copy_cache_layer` copies
     # unless the caller hands its cache over. False for a functional step (new arrays out).
     cache_in_place: bool = True
+    # What the backend supports, read by `gemma conformance` (a case needing anything undeclared is
+    # skipped as not supported). `op_groups`: the groups of `gemma_core.opset.OP_GROUPS` its op
+    # table implements ("core" is required and always implied); `devices`: the device kinds (the
+    # part of a device string before any ":") it runs on; `gaps`: rows of `known_gaps()`.
+    op_groups: tuple[str, ...] = tuple(OP_GROUPS)
+    devices: tuple[str, ...] = ("cpu",)
+    gaps: tuple[tuple[str, str, str], ...] = ()
+
+    def known_gaps(self) -> list[tuple[str, str, str]]:
+        """(case glob or "arch:<architecture>", dtype or "*", reason) rows: cases the conformance
+        runner skips for this backend, with the reason. By default the `gaps` attribute."""
+        return [tuple(row) for row in self.gaps]  # type: ignore[misc]
+
+    def supports_device(self, device: str | None) -> bool:
+        """Whether `device` (None: the backend's default) is of a kind in `devices`."""
+        return device is None or device.lower().partition(":")[0] in self.devices
+
+    def supported_groups(self) -> tuple[str, ...]:
+        """The declared op groups, with the required ones."""
+        return tuple(g for g in OP_GROUPS if g in REQUIRED_GROUPS or g in self.op_groups)
 
     @abc.abstractmethod
     def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
-        """The op kinds of `gemma_core.graph.OP_KINDS`, computing in `dtype`."""
+        """The op kinds of the declared `op_groups` (gemma_core.opset), computing in `dtype`."""
 
     @abc.abstractmethod
     def convert_weight(self, w: np.ndarray, dtype: str, device: str | None) -> Any:

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import GemmaError
@@ -63,6 +63,26 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _import_backend(args: argparse.Namespace) -> None:
+    """Import the backend asked for with stderr (fd 2) closed, unless --verbose: frameworks'
+    C++ code logs at import (TensorFlow's CUDA probe, absl's pre-init notice) below Python's
+    reach; an import error is still raised, and shown, once stderr is back."""
+    from gemma_core.backend import get_backend
+
+    if args.verbose or args.debug:
+        get_backend(args.backend)
+        return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        get_backend(args.backend)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def _load_model(args: argparse.Namespace) -> Any:
     import gemma_core
     from gemma_core.embedded import default_model_path
@@ -78,8 +98,10 @@ def _load_model(args: argparse.Namespace) -> Any:
         from gemma_core.quant import parse_scheme
 
         quantize = parse_scheme(args.quantize, args.group_size, modules=args.quantize_modules or "")
+    _import_backend(args)
     model = gemma_core.load(path, backend=args.backend, dtype=args.dtype, device=args.device,
-                            progress=_Progress("loading"), quantize=quantize)
+                            progress=_Progress("loading"), quantize=quantize,
+                            allow_float16=args.allow_float16)
     if args.tokenizer:
         model.tokenizer = GemmaTokenizer(args.tokenizer)
     if model.tokenizer is None:
@@ -203,7 +225,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     dtypes = args.dtypes.split(",")
     # an unknown case name is a ConfigError from run_conformance: one `gemma: error:` line, exit 2
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
-    results = run_conformance(backends, dtypes, cases or None, model=args.model)
+    results = run_conformance(backends, dtypes, cases or None, model=args.model, device=args.device)
     print(reports.as_json(results) if args.json else reports.as_text(results))
     for path, render in ((args.junit, reports.as_junit), (args.markdown, reports.as_markdown)):
         if path:
@@ -284,6 +306,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from gemma_core.tokenizer import GemmaTokenizer
 
     text = _read_prompt(args)
+    _import_backend(args)
     model = gemma_core.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
                             task="sequence-classification")
     if args.tokenizer:
@@ -299,6 +322,28 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_tokenizer(flag: str | None, source: str, config: GemmaConfig) -> Any:
+    """The tokenizer `--tokenizer` names, else the checkpoint's own (a GGUF's metadata, a
+    tokenizer.model beside it), else None (a preset has none)."""
+    from gemma_core.loading import find_tokenizer, resolve_source
+    from gemma_core.tokenizer import GemmaTokenizer
+
+    if flag:
+        return GemmaTokenizer(flag)
+    path = resolve_source(source)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from gemma_core.formats.gguf import build_tokenizer_proto, open_gguf
+
+        reader = open_gguf(path)
+        if reader.meta.get("tokenizer.ggml.tokens") is None:
+            return None
+        chat = "gemma3" if config.architecture.value == "gemma3" else "gemma"
+        return GemmaTokenizer(build_tokenizer_proto(reader), chat_format=chat)
+    if os.path.exists(path):
+        return find_tokenizer(path, config)
+    return None
+
+
 def cmd_mask(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -308,11 +353,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
     config = _config_arg(args.config)
     if args.sliding_window is not None:
         config = config.replace(sliding_window=args.sliding_window)
-    tokenizer = None
-    if args.tokenizer:
-        from gemma_core.tokenizer import GemmaTokenizer
-
-        tokenizer = GemmaTokenizer(args.tokenizer)
+    tokenizer = _source_tokenizer(args.tokenizer, args.config, config)
     rows = []
     for text in args.texts:
         if not text.strip():
@@ -381,14 +422,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from gemma_core.backend import default_backend_name
+    from gemma_core.backend import default_backend_name, known_backends
+    from gemma_core.generation import DEFAULT_MAX_NEW_TOKENS
+    from gemma_core.model import DTYPES
 
     p.add_argument("--model", help="checkpoint in any format convert reads (hf, keras-hub, flax, "
                                    "gemma-pytorch, gguf), 'embedded' or a preset (default: embedded)")
     p.add_argument("--tokenizer", help="a tokenizer.model file (for models that lack one)")
-    p.add_argument("--backend", default=None, help=f"backend (default: {default_backend_name()})")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64")
-    p.add_argument("--device", default=None)
+    p.add_argument("--backend", default=None, choices=known_backends(),
+                   help=f"backend (default: {default_backend_name()}, or $GEMMA_BACKEND)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
+    p.add_argument("--allow-float16", action="store_true",
+                   help="run Gemma 2/3 in float16 anyway (their activations exceed its range)")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: the backend's)")
     p.add_argument("--quantize", choices=("int8", "int4", "int4-mixed", "nf4"),
                    help="quantise the weights on load (weight-only; fastest with --dtype bfloat16); "
                         "int4-mixed: int4 with v_proj and down_proj in int8, half int4's quality cost")
@@ -396,20 +442,48 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-modules", metavar="MODULE=SCHEME,...",
                    help="projections stored otherwise in every layer, e.g. v_proj=int8,down_proj=int8 "
                         "(more bits where 4 cost the most, as llama.cpp's Q4_K_M) or o_proj=float")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="tokens to generate at most")
     p.add_argument("--temperature", type=float, help="sample at this temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample within this cumulative probability")
+    p.add_argument("--min-p", type=float, help="drop tokens below this share of the best")
+    p.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=_nonnegative_int, default=None)
+    p.add_argument("--seed", type=_nonnegative_int, default=None, help="sampling seed")
+
+
+class _Help(argparse.HelpFormatter):
+    """Help that shows each option's default, unless it is None or the text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _SubParser(argparse.ArgumentParser):
+    """A subcommand's parser: defaults in --help, and a usage error as one line (exit 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"gemma: error: {message} (see gemma {self.prog.split()[-1]} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gemma_core.backend import known_backends
+    from gemma_core.model import DTYPES
+
     parser = argparse.ArgumentParser(prog="gemma", description="Gemma 1/2/3 on any backend.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--verbose", action="store_true",
+                        help="let third-party libraries (TensorFlow, XLA, absl) log to stderr")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=_SubParser)  # every --help shows the defaults
 
     p = sub.add_parser("generate", help="continue a prompt (argument or stdin), streaming the text")
     _add_model_args(p)
@@ -427,16 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="label a text with a sequence-classification checkpoint")
     p.add_argument("--model", required=True, help="a Hugging Face *ForSequenceClassification folder")
     p.add_argument("--tokenizer", help="a tokenizer.model file (for folders that lack one)")
-    p.add_argument("--backend", default=None)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--backend", default=None, choices=known_backends())
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", default=None)
-    p.add_argument("--top", type=int, default=0, help="print only the N most likely labels")
+    p.add_argument("--top", type=_nonnegative_int, default=0, help="print only the N most likely labels")
     p.add_argument("prompt", nargs="?", help="the text (or stdin)")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("mask", help="show which tokens each token attends to, per layer kind")
-    p.add_argument("--config", required=True, help="preset name, checkpoint (any format) or config.json")
-    p.add_argument("--tokenizer", help="a tokenizer.model file (default: split on whitespace)")
+    p.add_argument("--config", default="embedded",
+                   help="preset name, checkpoint (any format), config.json or 'embedded'")
+    p.add_argument("--tokenizer", help="a tokenizer.model file (default: the checkpoint's own, "
+                                       "else split on whitespace)")
     p.add_argument("--sliding-window", type=int, help="override the config's window")
     p.add_argument("texts", nargs="+", help="one text, or several to see left padding")
     p.set_defaults(func=cmd_mask)
@@ -469,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("graph", help="print a config's op list")
-    p.add_argument("--config", required=True, help="preset name, checkpoint (any format) or config.json")
+    p.add_argument("--config", default="embedded",
+                   help="preset name, checkpoint (any format), config.json or 'embedded'")
     p.add_argument("--weights", action="store_true", help="also print the weight layout table")
     p.set_defaults(func=cmd_graph)
 
@@ -483,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated compute dtypes")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--model", help="run the model comparisons on this checkpoint (any format)")
+    p.add_argument("--device", help="device for every backend's models and op inputs (e.g. cuda, "
+                                    "gpu:1); backends that do not declare it are skipped")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML (for CI systems)")
     p.add_argument("--markdown", metavar="FILE", help="also write a Markdown summary")
@@ -515,13 +594,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not (args.verbose or args.debug):  # before any framework is imported: no C++ log lines
+        for name, value in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("TF_ENABLE_ONEDNN_OPTS", "0"),
+                            ("GRPC_VERBOSITY", "ERROR"), ("GLOG_minloglevel", "3")):
+            os.environ.setdefault(name, value)
 
     def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                      file: Any = None, line: str | None = None) -> None:
         print(f"gemma: warning: {_one_line(message)}", file=sys.stderr)
 
     hooks = (warnings.showwarning, sys.unraisablehook, threading.excepthook)
-    if not args.debug:  # third-party noise (absl/orbax logs, errors of their threads) stays out
+    if not (args.debug or args.verbose):  # third-party noise (absl/orbax logs, their threads)
         warnings.showwarning = show_warning
         logging.disable(logging.CRITICAL)
         sys.unraisablehook = lambda unraisable: None

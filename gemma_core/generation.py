@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from gemma_core.tokenizer import GemmaTokenizer
 
 Prompt = str | Sequence[int]
+DEFAULT_MAX_NEW_TOKENS = 64  # the API's and the CLI's default
 
 
 @dataclasses.dataclass
@@ -146,7 +147,8 @@ class _Rows:
         return out
 
 
-def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 32,
+def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *,
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                     sampling: SamplingConfig | None = None, seed: int | None = None,
                     eos_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
                     result: list[GenerationResult] | None = None,
@@ -228,7 +230,8 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new
                                        [r or "length" for r in rows.reasons], out.cache))
 
 
-def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 32,
+def generate(model: Model, prompts: Prompt | Sequence[Prompt], *,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              sampling: SamplingConfig | None = None, seed: int | None = None,
              eos_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
              streamer: Callable[[StepEvent], Any] | None = None, cache: Any = None,

@@ -1,5 +1,6 @@
 """The model as an ordered op list, built once from a config, bound to any op table (`bind`) and run
-in order (`run_bound`).
+in order (`run_bound`). `build_graph` returns a `Graph`: the ops with their inputs, outputs,
+registers and params, verified when built (a misspelt name fails there, naming the op).
 
 Op vocabulary (every backend's op table implements exactly these, with these signatures;
 arrays are in the compute dtype unless noted, axis letters as in `gemma_core.config`):
@@ -39,19 +40,14 @@ arrays are in the compute dtype unless noted, axis letters as in `gemma_core.con
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError
 from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD, SCORE, SCORE_BIAS
+from gemma_core.opset import OP_KINDS
 from gemma_core.quant import SCALE_SUFFIX, QuantConfig
-
-OP_KINDS: tuple[str, ...] = (
-    "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope_table", "rope", "kv_cache",
-    "attention", "pool_last_token", "qlinear", "qembed", "split",
-    "gelu_tanh", "mul", "add", "softcap", "gather_positions",
-)
 
 # Names the executor provides before the first op runs.
 GRAPH_INPUTS: tuple[str, ...] = ("ids", "positions", "query_slots", "valid", "logit_index")
@@ -73,6 +69,84 @@ class Op:
         if self.kind not in OP_KINDS:
             raise ValueError(f"kind: unknown op kind {self.kind!r}")
         object.__setattr__(self, "attrs", dict(self.attrs))
+
+
+class GraphError(ConfigError):
+    """An op list that cannot run: a name read before anything writes it, a value written and
+    never read, an op kind outside the vocabulary. Raised when the graph is built."""
+
+
+def _where(index: int, op: Op) -> str:
+    layer = "" if op.layer is None else f", layer {op.layer}"
+    return f"graph: op {index} ({op.kind}{layer})"
+
+
+def _verify(ops: Sequence[Op], inputs: Sequence[str],
+            outputs: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Check that `ops` run from `inputs` to `outputs`; returns (registers, params), each in
+    order of first use. Every op input is a graph input or written by an earlier op; every value
+    written is read by a later op before it is overwritten, or is a graph output."""
+    defined = set(inputs)
+    unread: dict[str, int] = {}  # name -> index of the op whose value of it nobody read yet
+    registers: dict[str, None] = {}
+    params: dict[str, None] = {}
+    for index, op in enumerate(ops):
+        if op.kind not in OP_KINDS:
+            raise GraphError(f"{_where(index, op)}: unknown op kind {op.kind!r} "
+                             f"(known: {', '.join(OP_KINDS)})")
+        for name in op.inputs:
+            if name not in defined:
+                raise GraphError(f"{_where(index, op)}: reads {name!r}, which is neither a graph "
+                                 "input nor written by an earlier op")
+            unread.pop(name, None)
+        for name in op.outputs:
+            if name in unread:
+                first = unread[name]
+                raise GraphError(f"{_where(first, ops[first])}: writes {name!r}, which op {index} "
+                                 "overwrites before any op reads it")
+            unread[name] = index
+            defined.add(name)
+            registers[name] = None
+        params.update(dict.fromkeys(op.params))
+    for name, index in unread.items():
+        if name not in outputs:
+            raise GraphError(f"{_where(index, ops[index])}: writes {name!r}, which no later op "
+                             "reads and is not a graph output")
+    for name in outputs:
+        if name not in registers:
+            raise GraphError(f"graph: output {name!r} is written by no op")
+    return tuple(registers), tuple(params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """An op list checked when it is built (`_verify`): `ops` run in order from `inputs` (the
+    step inputs `GRAPH_INPUTS` and each layer's cache) to `outputs`. `registers` are every name
+    an op writes and `params` every weight name an op reads, each in order of first use.
+    Iterating a graph iterates its ops."""
+
+    ops: tuple[Op, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    registers: tuple[str, ...] = dataclasses.field(init=False)
+    params: tuple[str, ...] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        for field in ("ops", "inputs", "outputs"):
+            object.__setattr__(self, field, tuple(getattr(self, field)))
+        registers, params = _verify(self.ops, self.inputs, self.outputs)
+        object.__setattr__(self, "registers", registers)
+        object.__setattr__(self, "params", params)
+
+    def __iter__(self) -> Iterator[Op]:
+        return iter(self.ops)
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def replace(self, ops: Sequence[Op]) -> Graph:
+        """The same inputs and outputs over other ops (a rewrite), verified again."""
+        return Graph(tuple(ops), self.inputs, self.outputs)
 
 
 def cache_name(layer: int) -> str:
@@ -171,11 +245,12 @@ def _layer(b: _Builder, c: GemmaConfig, i: int) -> None:
 TASKS = ("causal-lm", "base", "sequence-classification", "token-classification")
 
 
-def build_graph(config: GemmaConfig, task: str = "causal-lm") -> list[Op]:
-    """The ordered op list of `config` for `task`; reads `GRAPH_INPUTS`, writes caches and
-    `logits` (causal-lm: [B,P,V]; sequence-classification: [B,labels], pooled at the rightmost
-    non-pad token; token-classification: [B,T,labels]) or `hidden` (base: [B,T,D]). The residual
-    stream after layer i is `x{i+1}` (`x0` the scaled embeddings), so hidden states can be read."""
+def build_graph(config: GemmaConfig, task: str = "causal-lm") -> Graph:
+    """The verified op list of `config` for `task`; reads `GRAPH_INPUTS` and each layer's cache,
+    outputs `logits` (causal-lm: [B,P,V]; sequence-classification: [B,labels], pooled at the
+    rightmost non-pad token; token-classification: [B,T,labels]) or `hidden` [B,T,D] and the
+    residual stream `x0..x{L-1}` (base: `x{i+1}` is the stream after layer i, `x0` the scaled
+    embeddings), then the updated caches. A malformed list raises `GraphError` naming the op."""
     if task not in TASKS:
         raise ConfigError(f"task: unknown value {task!r} (known: {', '.join(TASKS)})")
     b = _Builder(config.quantization)
@@ -188,13 +263,16 @@ def build_graph(config: GemmaConfig, task: str = "causal-lm") -> list[Op]:
         _layer(b, config, i)
     b.layer = None
     last, eps = f"x{config.num_layers}", config.rms_norm_eps
+    caches = tuple(cache_name(i) for i in range(config.num_layers))
+    inputs = (*GRAPH_INPUTS, *caches)
+    head = ("hidden", *(f"x{i}" for i in range(config.num_layers))) if task == "base" else ("logits",)
     if task == "causal-lm":
         b.add("gather_positions", [last, "logit_index"], "h")  # [B,P,D]
         b.add("rms_norm", ["h"], "h", [FINAL_NORM], eps=eps)
         b.linear("h", "logits", EMBED if config.tie_word_embeddings else LM_HEAD)  # [B,P,V]
         if config.final_logit_softcap is not None:
             b.add("softcap", ["logits"], "logits", cap=config.final_logit_softcap)
-        return b.ops
+        return Graph(tuple(b.ops), inputs, (*head, *caches))
     b.add("rms_norm", [last], "hidden", [FINAL_NORM], eps=eps)  # [B,T,D]
     if task == "sequence-classification":
         b.add("linear", ["hidden"], "logits", [SCORE])  # [B,T,labels], no bias
@@ -202,16 +280,17 @@ def build_graph(config: GemmaConfig, task: str = "causal-lm") -> list[Op]:
     elif task == "token-classification":
         b.add("linear", ["hidden"], "logits", [SCORE])  # [B,T,labels]
         b.add("add", ["logits"], "logits", [SCORE_BIAS])
-    return b.ops
+    return Graph(tuple(b.ops), inputs, (*head, *caches))
 
 
-def fuse_projections(ops: Sequence[Op], shapes: Mapping[str, tuple[int, ...]],
-                     ) -> tuple[list[Op], dict[str, tuple[str, ...]]]:
+def fuse_projections(graph: Graph, shapes: Mapping[str, tuple[int, ...]],
+                     ) -> tuple[Graph, dict[str, tuple[str, ...]]]:
     """Consecutive `linear` (or `qlinear`, alike in attributes) ops reading the same input, such
     as q/k/v and gate/up, as one product over their stacked weights and a `split`. Returns the
-    new op list and {fused weight name: its source weight names, stacked along the output axis}
-    (a quantised weight's `_scale` is stacked the same way). `shapes` gives each weight's
-    logical `[out, in]` shape. Fewer, larger products: one kernel launch instead of three."""
+    new graph (verified again) and {fused weight name: its source weight names, stacked along the
+    output axis} (a quantised weight's `_scale` is stacked the same way). `shapes` gives each
+    weight's logical `[out, in]` shape. Fewer, larger products: one kernel launch instead of three."""
+    ops = graph.ops
     out: list[Op] = []
     fused: dict[str, tuple[str, ...]] = {}
     i = 0
@@ -239,13 +318,13 @@ def fuse_projections(ops: Sequence[Op], shapes: Mapping[str, tuple[int, ...]],
         out.append(Op("split", (tmp,), tuple(o for g in group for o in g.outputs), (),
                       {"sizes": sizes}, op.layer))
         i = j
-    return out, fused
+    return graph.replace(out), fused
 
 
 BoundOp = tuple[Callable[..., Any], tuple[str, ...], tuple[Any, ...], Mapping[str, Any], tuple[str, ...]]
 
 
-def bind(ops: Sequence[Op], table: Mapping[str, Callable[..., Any]],
+def bind(ops: Graph | Sequence[Op], table: Mapping[str, Callable[..., Any]],
          weights: Mapping[str, Any]) -> list[BoundOp]:
     """Resolve each op's function and weights once: (fn, input names, weights, attrs, outputs)."""
     return [(table[op.kind], op.inputs, tuple(weights[p] for p in op.params), op.attrs, op.outputs)
@@ -277,21 +356,45 @@ def format_op(op: Op) -> str:
     return text
 
 
-def format_graph(config: GemmaConfig, ops: Sequence[Op] | None = None, task: str = "causal-lm") -> str:
-    """The op list as text, a header per layer (its attention kind and RoPE)."""
+def _compact(names: Sequence[str]) -> str:
+    """Names joined by commas, a run such as cache.0, cache.1, ... cache.17 as `cache.{0..17}`."""
+    parts: list[str] = []
+    run: tuple[str, int, int] | None = None  # (prefix, first, last)
+    for name in (*names, ""):
+        stem = name.rstrip("0123456789")
+        number = int(name[len(stem):]) if stem != name else None
+        if run is not None and number is not None and stem == run[0] and number == run[2] + 1:
+            run = (run[0], run[1], number)
+            continue
+        if run is not None:
+            prefix, first, last = run
+            parts.append(f"{prefix}{first}" if first == last else f"{prefix}{{{first}..{last}}}")
+            run = None
+        if number is not None:
+            run = (stem, number, number)
+        elif name:
+            parts.append(name)
+    return ", ".join(parts)
+
+
+def format_graph(config: GemmaConfig, ops: Graph | None = None, task: str = "causal-lm") -> str:
+    """The graph as text: its inputs and outputs, then the ops, a header per layer (its
+    attention kind and RoPE)."""
     ops = build_graph(config, task) if ops is None else ops
     c = config
     lines = [
         f"# {c.architecture.value}: {c.num_layers} layers, D={c.hidden_size}, F={c.intermediate_size}, "
         f"heads {c.num_heads}/{c.num_kv_heads}x{c.head_dim}, V={c.vocab_size}, {len(ops)} ops",
-        f"# inputs: {', '.join(GRAPH_INPUTS)}",
+        f"# inputs: {_compact(ops.inputs)}",
+        f"# outputs: {_compact(ops.outputs)}",
     ]
+    header = len(lines)
     current: int | None = -1
     for op in ops:
         if op.layer != current:
             current = op.layer
             if current is None:
-                lines.append("output" if len(lines) > 2 else "input")
+                lines.append("output" if len(lines) > header else "input")
             else:
                 theta, scaling = c.rope(current)
                 window = c.window(current)

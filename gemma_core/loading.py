@@ -47,6 +47,9 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
         classifier = task in ("sequence-classification", "token-classification")
         weights = random_weights(config, seed, task=task, num_labels=num_labels if classifier else 0)
     else:
+        if not os.path.exists(key) and not key.endswith(".gguf") and os.sep not in key:
+            raise CheckpointError(f"{key}: no such file or folder, nor a preset name (presets: "
+                                  f"{', '.join(PRESETS)}; or 'embedded')")
         fmt = source_format(key)
         if fmt == "gguf":
             from gemma_core.formats.gguf import load_gguf

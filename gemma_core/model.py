@@ -14,9 +14,10 @@ from gemma_core.backend import Backend, get_backend
 from gemma_core.cache import CacheState, KVCache, check_cache_fits, layer_capacity, ring_order
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError, InputError, WeightError
-from gemma_core.graph import TASKS, bind, build_graph, cache_name, fuse_projections, run_bound
+from gemma_core.graph import TASKS, Graph, bind, build_graph, cache_name, fuse_projections, run_bound
 from gemma_core.layout import SCORE, iter_params, validate_weights
 from gemma_core.quant import SCALE_SUFFIX
+from gemma_core.step import Bookkeeping, step_inputs
 from gemma_core.weights import task_weights
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -81,15 +82,14 @@ class Model:
             raise ConfigError(f"dtype: backend {self.backend.name!r} does not support {dtype!r}")
         self.dtype = dtype
         self.device = device
-        self.graph = build_graph(config, task)
+        self.graph: Graph = build_graph(config, task)
         if self.backend.fuse_projections:
             shapes = {name: shape for name, shape, _ in iter_params(config, task, num_labels)}
             self.graph, groups = fuse_projections(self.graph, shapes)
             weights = _stack(weights, groups, config)
         quant = {"quant": config.quantization} if config.quantization is not None else {}
         self.weights = self.backend.prepare_weights(weights, dtype, device, **quant)
-        head = ("hidden", *(f"x{i}" for i in range(config.num_layers))) if task == "base" else ("logits",)
-        outputs = (*head, *(cache_name(i) for i in range(config.num_layers)))
+        outputs = self.graph.outputs  # logits (or hidden and x0..x{L-1}), then the caches
         self.ops = self.backend.op_table(dtype)  # binds the graph to the ops and weights
         self.tokenizer = tokenizer
 
@@ -159,18 +159,11 @@ class Model:
         if start + t > cache.max_length:
             raise InputError(f"input_ids: {start} cached + {t} new tokens exceed the cache's "
                              f"max_length {cache.max_length}")
-        valid = cache.valid.copy()
-        valid[:, start:start + t] = mask
-        positions = cache.seen[:, None] + np.cumsum(mask, axis=1) - 1  # [B,T]
-        positions = np.where(mask, positions, 0)
+        inputs, book = step_inputs(ids, mask, Bookkeeping(start, cache.valid, cache.seen),
+                                   last_only=last_only)
         be, dev = self.backend, self.device
-        env: dict[str, Any] = {
-            "ids": be.asarray(ids, dev),
-            "positions": be.asarray(positions, dev),
-            "query_slots": be.asarray(np.arange(start, start + t), dev),
-            "valid": be.asarray(valid, dev),  # [B, max_length]: a fixed shape for compiled steps
-            "logit_index": be.asarray(np.arange(t - 1 if last_only else 0, t), dev),
-        }
+        # valid is [B, max_length]: a fixed shape for compiled steps
+        env: dict[str, Any] = {name: be.asarray(value, dev) for name, value in inputs.items()}
         layers = cache.layers
         if not owned and self.mutates_cache:
             layers = [be.copy_cache_layer(layer) for layer in layers]
@@ -180,8 +173,7 @@ class Model:
         env = self._step(self.weights, env)
         new_cache = KVCache(
             layers=[env[cache_name(i)] for i in range(self.config.num_layers)],
-            length=start + t, max_length=cache.max_length, valid=valid,
-            seen=cache.seen + mask.sum(axis=1),
+            length=book.length, max_length=cache.max_length, valid=book.valid, seen=book.seen,
         )
         if self.task != "base":
             return ForwardOutput(logits=env["logits"], cache=new_cache)
@@ -193,7 +185,7 @@ class Model:
                  cache: KVCache | None = None) -> ForwardOutput:
         return self.forward(input_ids, attention_mask, cache)
 
-    def generate(self, prompts: Any, *, max_new_tokens: int = 32, do_sample: bool | None = None,
+    def generate(self, prompts: Any, *, max_new_tokens: int = 64, do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, eos_token_ids: Sequence[int] | None = None,

@@ -147,7 +147,7 @@ def _pid_alive(pid: int) -> bool:
 def clean_leftovers(dst: Path) -> list[Path]:
     """Remove partial outputs of dead writers to `dst` and restore an output they moved aside;
     returns what was found. Live writers' partial outputs are left alone."""
-    found = []
+    found: list[Path] = []
     parent = dst.parent if dst.parent.is_dir() else None
     if parent is None:
         return found

@@ -100,7 +100,7 @@ def test_generate_reads_stdin_and_samples_reproducibly(folder) -> None:  # type:
     (("generate", "--model", "{folder}", ""), None, "gemma: error: prompt: empty"),
     (("generate", "--model", "{folder}"), "   \n", "gemma: error: prompt: empty"),
     (("generate", "--model", "{folder}", "--backend", "nope", "hi"), None,
-     "gemma: error: unknown backend 'nope' (known: "),
+     "gemma: error: argument --backend: invalid choice: 'nope'"),
     (("generate", "--model", "/no/such/model", "hi"), None, "gemma: error: /no/such/model: no such file"),
     (("generate", "--model", "{folder}", "--max-new-tokens", "300", "hi"), None,
      "exceed the model's context of 256 tokens"),

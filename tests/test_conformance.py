@@ -260,3 +260,100 @@ def test_unknown_case_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> N
     assert len(lines) == 1
     assert lines[0].startswith("gemma: error: cases: unknown case 'no-such-case' (known: ")
     assert "fork-prefix-cache" in lines[0] and "op-rope" in lines[0]
+
+
+# ---- what a backend declares: op groups, dtypes, devices, known gaps ---------------------------
+
+def _plugin(monkeypatch: pytest.MonkeyPatch, **backends: Any) -> None:
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugin_backend"))
+    sys.modules.pop("gemma_plugin_example", None)
+    monkeypatch.setattr(registry, "_LOADED", dict(backends))
+
+
+def test_plugin_declaring_gaps_and_groups_passes(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The example plugin has no float16, no quantised ops and one known gap: `gemma conformance`
+    skips exactly those cells, as declared by the backend, and exits 0."""
+    _plugin(monkeypatch)
+    import gemma_plugin_example
+
+    monkeypatch.setitem(registry._LOADED, "example", gemma_plugin_example.backend)
+    code = main(["conformance", "--backends", "example", "--dtypes", "float32,float16", "--json",
+                 "--cases", "float16-policy,op-linear,op-quantized,gemma1-mha,gemma2-int8,"
+                 "gemma2-sequence-classification,gemma3-decode-past-ring"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0, out
+    cells = {(r["case"], r["dtype"]): r for r in out["results"]}
+    for key in (("op-table", "float32"), ("op-linear", "float32"), ("gemma1-mha", "float32"),
+                ("gemma2-sequence-classification", "float32")):
+        assert cells[key]["status"] == "pass", cells[key]
+    for key, why in ((("float16-policy", "float16"), "float16"), (("*", "float16"), "float16"),
+                     (("op-quantized", "float32"), "needs op group 'quantized'"),
+                     (("gemma2-int8", "float32"), "needs op group 'quantized'")):
+        assert cells[key]["status"] == "skip"
+        assert cells[key]["detail"] == f"not supported (declared by the backend): {why}"
+    gap = cells[("gemma3-decode-past-ring", "float32")]
+    assert gap["status"] == "skip" and gap["detail"].startswith("known gap: example: decode past")
+
+
+def test_declared_group_or_core_op_missing_still_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gemma_core.opset import kinds_of
+
+    class NoQuant(NumpyBackend):
+        name = "noquant"
+        op_groups = ("core", "classification")
+
+        def __init__(self, drop: str) -> None:
+            self.drop = drop
+
+        def make_op_table(self, dtype: str) -> dict[str, Any]:
+            table = {k: v for k, v in make_op_table(dtype).items() if k in kinds_of(self.op_groups)}
+            table.pop(self.drop)
+            return table
+
+    for drop in ("rope", "pool_last_token"):  # a required core op, an op of a declared group
+        monkeypatch.setattr(registry, "_LOADED", {"noquant": NoQuant(drop)})
+        cells = {r.case: r for r in run_conformance(["noquant"], ("float32",), ["op-linear"])}
+        assert cells["op-table"].status == "fail"
+        assert f"missing [{drop!r}]" in cells["op-table"].detail
+
+
+def test_known_gaps_are_declared_by_the_backend_object() -> None:
+    from backends.numpy import backend as numpy_backend
+    from conformance.runner import known_gaps
+
+    assert known_gaps(numpy_backend) == numpy_backend.known_gaps()
+    assert ("arch:gemma3", "float16") in {(p, d) for p, d, _ in numpy_backend.known_gaps()}
+    assert NumpyBackend.supported_groups(numpy_backend) == ("core", "quantized", "classification")
+
+
+def test_device_is_passed_to_every_load_and_undeclared_devices_skip(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    seen: set[str | None] = set()
+
+    class Recording(NumpyBackend):
+        name = "recording"
+        devices = ("cpu", "fake")
+
+        def convert_weight(self, w: np.ndarray, dtype: str, device: str | None) -> Any:
+            seen.add(device)
+            return super().convert_weight(w, dtype, "cpu")
+
+        def new_cache_layer(self, *args: Any) -> Any:
+            seen.add(args[-1])
+            return super().new_cache_layer(*args[:-1], None)
+
+    monkeypatch.setattr(registry, "_LOADED", {"recording": Recording(), "numpy": NumpyBackend()})
+    code = main(["conformance", "--backends", "recording,numpy", "--dtypes", "float32", "--json",
+                 "--device", "fake:1", "--cases", "op-linear,op-kv_cache,gemma1-mha"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0, out
+    assert seen == {"fake:1"}
+    cells = {(r["backend"], r["case"]): r for r in out["results"]}
+    assert cells[("recording", "gemma1-mha")]["status"] == "pass"
+    assert cells[("numpy", "*")] == {
+        "case": "*", "backend": "numpy", "dtype": "-", "status": "skip",
+        "detail": "not supported (declared by the backend): device 'fake:1' (devices: cpu)"}

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
 
 from backends.numpy import backend as numpy_backend
-from gemma_core.graph import OP_KINDS, Op, build_graph, format_graph
-from gemma_core.layout import expected_shapes
+from gemma_core.errors import ConfigError
+from gemma_core.graph import (
+    GRAPH_INPUTS,
+    OP_KINDS,
+    TASKS,
+    Graph,
+    GraphError,
+    Op,
+    build_graph,
+    format_graph,
+    fuse_projections,
+)
+from gemma_core.layout import expected_shapes, iter_params
 from gemma_core.presets import PRESETS, get_preset
+from gemma_core.quant import SCALE_SUFFIX, QuantConfig
 
 
 def test_numpy_op_table_is_exactly_the_vocabulary() -> None:
@@ -95,3 +108,119 @@ def test_format_graph_is_readable() -> None:
     assert "attention        q, keys, values, key_slots, query_slots, valid -> a" in text
     assert text.splitlines()[-1].strip().startswith("linear           h -> logits")
     assert "add              r, m -> x18" in text  # the residual stream after layer 17
+
+
+# A graph is verified when built: each error names the op (index, kind, layer) and the bad name.
+
+def _tiny() -> Graph:
+    return build_graph(get_preset("tiny-gemma"))
+
+
+def _first(graph: Graph, kind: str, name: str | None = None) -> int:
+    return next(i for i, op in enumerate(graph.ops)
+                if op.kind == kind and (name is None or name in op.inputs))
+
+
+def test_built_graph_declares_its_inputs_outputs_registers_and_params() -> None:
+    config = get_preset("tiny-gemma")
+    graph = build_graph(config)
+    caches = ("cache.0", "cache.1")
+    assert graph.inputs == (*GRAPH_INPUTS, *caches)
+    assert graph.outputs == ("logits", *caches)
+    assert {"x0", "x1", "x2", "q", "keys", "logits", *caches} <= set(graph.registers)
+    assert not set(graph.registers) & set(GRAPH_INPUTS)
+    assert sorted(graph.params) == sorted(expected_shapes(config))  # the tied table once
+    assert list(graph) == list(graph.ops) and len(graph) == len(graph.ops)
+    base = build_graph(config, "base")
+    assert base.outputs == ("hidden", "x0", "x1", *caches)
+
+
+def test_typo_in_an_op_input_fails_at_build_naming_the_op() -> None:
+    graph = _tiny()
+    i = _first(graph, "linear", "h")  # layer 0's q projection
+    ops = list(graph.ops)
+    ops[i] = dataclasses.replace(ops[i], inputs=("hh",))
+    with pytest.raises(GraphError, match=rf"op {i} \(linear, layer 0\): reads 'hh', which is neither"):
+        Graph(ops, graph.inputs, graph.outputs)
+
+
+def test_missing_graph_input_fails_at_build_naming_the_first_reader() -> None:
+    graph = _tiny()
+    i = _first(graph, "attention")
+    inputs = tuple(n for n in graph.inputs if n != "valid")
+    with pytest.raises(GraphError, match=rf"op {i} \(attention, layer 0\): reads 'valid'"):
+        Graph(graph.ops, inputs, graph.outputs)
+
+
+def test_dead_output_fails_at_build_naming_the_writer() -> None:
+    graph = _tiny()
+    ops = list(graph.ops)
+    ops.insert(1, Op("mul", ("x0", "x0"), ("unused",)))
+    with pytest.raises(GraphError, match=r"op 1 \(mul\): writes 'unused', which no later op reads"):
+        Graph(ops, graph.inputs, graph.outputs)
+    # a value overwritten before anything reads it is dead too
+    i = _first(graph, "rms_norm", "x0")
+    ops = list(graph.ops)
+    ops.insert(i, ops[i])
+    with pytest.raises(GraphError, match=rf"op {i} \(rms_norm, layer 0\): writes 'h', which op {i + 1} "
+                                         "overwrites before any op reads it"):
+        Graph(ops, graph.inputs, graph.outputs)
+    with pytest.raises(GraphError, match=r"output 'hidden' is written by no op"):
+        Graph(graph.ops, graph.inputs, (*graph.outputs, "hidden"))
+
+
+def test_unknown_op_kind_fails_at_build_naming_the_op() -> None:
+    graph = _tiny()
+    ops = list(graph.ops)
+    bad = dataclasses.replace(ops[3])
+    object.__setattr__(bad, "kind", "conv")  # past Op's own check, as a careless rewrite might
+    ops[3] = bad
+    with pytest.raises(GraphError, match=rf"op 3 \(conv, layer {bad.layer}\): unknown op kind 'conv'"):
+        Graph(ops, graph.inputs, graph.outputs)
+
+
+def test_graph_errors_are_config_errors() -> None:
+    assert issubclass(GraphError, ConfigError)
+
+
+QUANTS = {
+    "float": None,
+    "int8": QuantConfig("int8"),
+    "int4-mixed": QuantConfig("int4", embedding="float", modules={"v_proj": "int8", "down_proj": "int8"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_graph_verifies_and_reads_exactly_the_layout(name: str) -> None:
+    """Every preset x task x quantisation, fused or not: the graph verifies when built and its
+    params are the layout's tensor names (fused: the fused names in place of their sources)."""
+    for quant in QUANTS.values():
+        config = get_preset(name).replace(quantization=quant)
+        group = quant.group_size if quant is not None else None
+        if group and any(n % group for n in (config.hidden_size, config.intermediate_size)):
+            continue  # no 4-bit layout (tiny-gemma3's D=48)
+        for task in TASKS:
+            graph = build_graph(config, task)
+            stored = expected_shapes(config, task, num_labels=3)
+            assert set(graph.params) == set(stored), (task, quant)
+            shapes = {n: s for n, s, _ in iter_params(config, task, num_labels=3)}
+            fused, groups = fuse_projections(graph, shapes)
+            assert isinstance(fused, Graph) and fused.outputs == graph.outputs
+            products = sum(op.kind in ("linear", "qlinear") for op in fused)
+            assert groups and products < sum(op.kind in ("linear", "qlinear") for op in graph)
+            names = set(stored)
+            for target, sources in groups.items():
+                quantised = sources[0] + SCALE_SUFFIX in names
+                for suffix in ("", SCALE_SUFFIX) if quantised else ("",):
+                    names -= {s + suffix for s in sources}
+                    names.add(target + suffix)
+            assert set(fused.params) == names, (task, quant)
+
+
+def test_format_graph_lists_inputs_and_outputs() -> None:
+    lines = format_graph(get_preset("gemma-3-270m")).splitlines()
+    assert lines[1] == "# inputs: ids, positions, query_slots, valid, logit_index, cache.{0..17}"
+    assert lines[2] == "# outputs: logits, cache.{0..17}"
+    assert lines[3] == "input"
+    base = format_graph(get_preset("tiny-gemma"), task="base").splitlines()
+    assert base[2] == "# outputs: hidden, x{0..1}, cache.{0..1}"

@@ -48,3 +48,51 @@ def test_missing_framework_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(importlib, "import_module", fail)
     with pytest.raises(BackendError, match=r"pip install 'gemma-core\[torch\]'"):
         registry.get_backend("torch")
+
+
+def test_op_tables_are_named_functions_from_the_one_registry() -> None:
+    import functools
+
+    from backends.numpy import ops
+    from gemma_core.graph import OP_KINDS
+    from gemma_core.opset import OP_GROUPS, check_table, group_of, kinds_of
+
+    assert set(OP_KINDS) == {k for kinds in OP_GROUPS.values() for k in kinds}
+    assert group_of("qlinear") == "quantized" and group_of("rope") == "core"
+    table = ops.make_op_table("bfloat16")
+    assert check_table(table) == ([], [])
+    for kind, op in table.items():  # each op is the module's function with the dtype policy bound
+        assert isinstance(op, functools.partial) and op.func is getattr(ops, kind)
+        assert op.args[0].dtype == "bfloat16"
+    core = ops.make_op_table("float32", groups=())
+    assert tuple(core) == kinds_of(()) and "qlinear" not in core and "rope" in core
+    assert check_table(core, ("quantized",)) == (["qembed", "qlinear"], [])
+
+
+def test_table_from_names_a_missing_op_function() -> None:
+    import types
+
+    from backends.numpy import ops
+    from gemma_core.opset import table_from
+
+    partial_module = types.SimpleNamespace(**{k: getattr(ops, k) for k in ("embed", "linear")})
+    with pytest.raises(BackendError, match="has no 'rms_norm'"):
+        table_from(partial_module, ops.Policy("float32"))
+    with pytest.raises(BackendError, match=r"op groups: unknown \['fp8'\]"):
+        table_from(ops, ops.Policy("float32"), ("fp8",))
+
+
+def test_backend_declarations_and_their_defaults() -> None:
+    from backends.numpy import NumpyBackend
+
+    class Minimal(NumpyBackend):
+        gaps = ()
+
+    for cls in (registry.Backend, Minimal):
+        assert cls.op_groups == ("core", "quantized", "classification")
+    m = Minimal()
+    m.op_groups = ("classification",)  # core is implied
+    assert m.supported_groups() == ("core", "classification")
+    assert m.known_gaps() == []
+    assert m.supports_device(None) and m.supports_device("CPU") and not m.supports_device("cuda:0")
+    assert registry.get_backend("numpy").known_gaps() == list(registry.FLOAT16_REFUSED)

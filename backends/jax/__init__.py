@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.jax.ops import DTYPES, make_op_table
-from gemma_core.backend import Backend, StepFn
+from gemma_core.backend import FLOAT16_REFUSED, Backend, StepFn
 from gemma_core.errors import BackendError
 from gemma_core.graph import cache_name
 from gemma_core.quant import unpack_nibbles
@@ -24,6 +24,9 @@ class JaxBackend(Backend):
     """Realises the op vocabulary with jax.numpy on the default JAX device."""
 
     name = "jax"
+    op_groups = ("core", "quantized", "classification")
+    devices = ("default", "cpu", "gpu", "cuda", "rocm", "tpu")
+    gaps = FLOAT16_REFUSED
 
     @property
     def dtypes(self) -> tuple[str, ...]:  # type: ignore[override]

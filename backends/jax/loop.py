@@ -17,6 +17,7 @@ from gemma_core.cache import batch_ids
 from gemma_core.errors import InputError
 from gemma_core.graph import cache_name
 from gemma_core.model import Model
+from gemma_core.step import Bookkeeping, step_inputs
 
 
 def _choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
@@ -43,24 +44,22 @@ def generate_loop(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens
     out = model.forward(ids, mask, model.new_cache(len(ids), length), last_only=True, donate_cache=True)
     cache = out.cache
     layers = model.config.num_layers
+    book = Bookkeeping(jnp.asarray(cache.length), jnp.asarray(cache.valid), jnp.asarray(cache.seen))
     state = {
-        "logits": out.logits[:, -1], "caches": tuple(cache.layers),
-        "valid": jnp.asarray(cache.valid), "seen": jnp.asarray(cache.seen),
-        "slot": jnp.asarray(cache.length), "tokens": jnp.zeros((len(ids), max_new_tokens), jnp.int32),
-        "key": jax.random.PRNGKey(seed),
+        "logits": out.logits[:, -1], "caches": tuple(cache.layers), "book": book,
+        "tokens": jnp.zeros((len(ids), max_new_tokens), jnp.int32), "key": jax.random.PRNGKey(seed),
     }
 
     def body(i: jax.Array, s: dict[str, Any], weights: Any) -> dict[str, Any]:
         key, sub = jax.random.split(s["key"])
         token = _choose(s["logits"], sub, temperature, top_k).astype(jnp.int32)
-        valid = s["valid"].at[:, s["slot"]].set(True)
-        env = {"ids": token[:, None], "positions": s["seen"][:, None],
-               "query_slots": s["slot"][None], "valid": valid, "logit_index": jnp.zeros(1, jnp.int32)}
+        # the forward pass's rule, traced: one real token per row
+        env, book = step_inputs(token[:, None], jnp.ones((len(ids), 1), bool), s["book"],
+                                last_only=True, xp=jnp)
         env.update({cache_name(j): s["caches"][j] for j in range(layers)})
         outs = model.raw_step(weights, env)
         return {"logits": outs["logits"][:, -1], "caches": tuple(outs[cache_name(j)] for j in range(layers)),
-                "valid": valid, "seen": s["seen"] + 1, "slot": s["slot"] + 1,
-                "tokens": s["tokens"].at[:, i].set(token), "key": key}
+                "book": book, "tokens": s["tokens"].at[:, i].set(token), "key": key}
 
     @jax.jit
     def loop(weights: Any, s: dict[str, Any]) -> jax.Array:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from backends.numpy.ops import STORAGE, compute_dtype, make_op_table, make_rounder
-from gemma_core.backend import Backend
+from gemma_core.backend import FLOAT16_REFUSED, Backend
 from gemma_core.errors import BackendError
 
 
@@ -17,6 +17,9 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     dtypes = tuple(STORAGE)
+    op_groups = ("core", "quantized", "classification")
+    devices = ("cpu",)
+    gaps = FLOAT16_REFUSED
 
     def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
         return make_op_table(dtype)

@@ -7,14 +7,16 @@ PyTorch evaluates each op of a bf16 model (fp32 accumulation, one rounding per o
 
 from __future__ import annotations
 
+import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from gemma_core.masks import attention_mask
+from gemma_core.opset import OP_GROUPS, table_from
 from gemma_core.quant import dequantize
 
 STORAGE = {
@@ -49,119 +51,142 @@ def rope_angles(positions: np.ndarray, head_dim: int, theta: float, scaling: flo
     return np.concatenate([freqs, freqs], axis=-1)
 
 
-def make_op_table(dtype: str) -> dict[str, Callable[..., Any]]:
-    """The op table computing in `dtype` (float64, float32, bfloat16 or float16)."""
-    acc = compute_dtype(dtype)
-    rnd = make_rounder(dtype)
-    # bf16 and fp16 masks use their own finite minimum, as transformers does.
-    fmin = acc.type(ml_dtypes.finfo(STORAGE[dtype]).min)
+class Policy:
+    """How one compute dtype evaluates: arrays held in `acc`, each op result rounded by `rnd`, masks
+    using `fmin`; bound first to every op function (`gemma_core.opset.table_from`)."""
 
-    def embed(ids: np.ndarray, table: np.ndarray, *, scale: float) -> np.ndarray:
-        return rnd(table[ids] * rnd(acc.type(scale)))
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.acc = compute_dtype(dtype)
+        self.rnd = make_rounder(dtype)
+        # bf16 and fp16 masks use their own finite minimum, as transformers does.
+        self.fmin = self.acc.type(ml_dtypes.finfo(STORAGE[dtype]).min)
+        # id(stored values) -> (weakref to them, dequantised weight): one dequantisation per array
+        self.dequantized: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
-    def rms_norm(x: np.ndarray, w: np.ndarray, *, eps: float) -> np.ndarray:
-        x32 = x.astype(np.promote_types(x.dtype, np.float32))
-        inv = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + x32.dtype.type(eps))
-        return rnd(x32 * inv * (1.0 + w.astype(x32.dtype)))
 
-    def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return rnd(x @ w.T)
+def embed(p: Policy, ids: np.ndarray, table: np.ndarray, *, scale: float) -> np.ndarray:
+    return p.rnd(table[ids] * p.rnd(p.acc.type(scale)))
 
-    def split_heads(x: np.ndarray, *, heads: int, head_dim: int) -> np.ndarray:
-        b, t, _ = x.shape
-        return x.reshape(b, t, heads, head_dim).transpose(0, 2, 1, 3)
 
-    def merge_heads(x: np.ndarray) -> np.ndarray:
-        b, n, t, h = x.shape
-        return x.transpose(0, 2, 1, 3).reshape(b, t, n * h)
+def rms_norm(p: Policy, x: np.ndarray, w: np.ndarray, *, eps: float) -> np.ndarray:
+    x32 = x.astype(np.promote_types(x.dtype, np.float32))
+    inv = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + x32.dtype.type(eps))
+    return p.rnd(x32 * inv * (1.0 + w.astype(x32.dtype)))
 
-    def rope_table(positions: np.ndarray, *, head_dim: int, theta: float,
-                   scaling: float) -> tuple[np.ndarray, np.ndarray]:
-        angles = rope_angles(positions, head_dim, theta, scaling).astype(acc)[:, None]  # [B,1,T,H]
-        return rnd(np.cos(angles)), rnd(np.sin(angles))
 
-    def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        half = x.shape[-1] // 2
-        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return rnd(rnd(x * cos) + rnd(rotated * sin))
+def linear(p: Policy, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return p.rnd(x @ w.T)
 
-    def kv_cache(k: np.ndarray, v: np.ndarray, layer: tuple[np.ndarray, np.ndarray],
-                 query_slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-        kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C
-        cap, start, t = kbuf.shape[2], int(query_slots[0]), k.shape[2]
-        prev = np.arange(max(0, start - cap + 1), start)  # cached keys the first query can see
-        keys = np.concatenate([kbuf[:, :, prev % cap], k], axis=2)  # [B,K,S,H]
-        values = np.concatenate([vbuf[:, :, prev % cap], v], axis=2)
-        kept = np.arange(max(0, t - cap), t)  # only the last `cap` new tokens fit
-        kbuf[:, :, (start + kept) % cap] = k[:, :, kept]
-        vbuf[:, :, (start + kept) % cap] = v[:, :, kept]
-        key_slots = np.arange(prev[0] if len(prev) else start, start + t)
-        return keys, values, key_slots, (kbuf, vbuf)
 
-    def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, key_slots: np.ndarray,
-                  query_slots: np.ndarray, valid: np.ndarray, *, scale: float,
-                  softcap: float | None, window: int | None) -> np.ndarray:
-        groups = q.shape[1] // keys.shape[1]
-        keys = np.repeat(keys, groups, axis=1)  # query head h reads kv head h // groups
-        values = np.repeat(values, groups, axis=1)
-        scores = rnd(rnd(q @ keys.transpose(0, 1, 3, 2)) * acc.type(scale))  # [B,N,T,S]
-        if softcap is not None:
-            scores = rnd(rnd(np.tanh(rnd(scores / acc.type(softcap)))) * acc.type(softcap))
-        mask = attention_mask(key_slots, query_slots, valid, window)
-        scores = np.where(mask, scores, rnd(scores + fmin)).astype(np.promote_types(acc, np.float32))
-        scores = scores - scores.max(axis=-1, keepdims=True)
-        probs = np.exp(scores)
-        probs = rnd(probs / probs.sum(axis=-1, keepdims=True))
-        return rnd(probs @ values)  # [B,N,T,H]
+def split_heads(p: Policy, x: np.ndarray, *, heads: int, head_dim: int) -> np.ndarray:
+    b, t, _ = x.shape
+    return x.reshape(b, t, heads, head_dim).transpose(0, 2, 1, 3)
 
-    dequantized: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
-    def weight(values: np.ndarray, scale: np.ndarray, scheme: str, group_size: int | None) -> np.ndarray:
-        """The dequantised weight in the compute dtype, made once per stored array (and dropped
-        with it)."""
-        key = id(values)
-        entry = dequantized.get(key)
-        if entry is None or entry[0]() is not values:
-            w = dequantize(values, scale, scheme, group_size)
-            dequantized[key] = (weakref.ref(values, lambda _: dequantized.pop(key, None)),
-                                rnd(w.astype(acc)))
-        return dequantized[key][1]
+def merge_heads(p: Policy, x: np.ndarray) -> np.ndarray:
+    b, n, t, h = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, n * h)
 
-    def qlinear(x: np.ndarray, values: np.ndarray, scale: np.ndarray, *, scheme: str,
-                group_size: int | None) -> np.ndarray:
-        return linear(x, weight(values, scale, scheme, group_size))
 
-    def qembed(ids: np.ndarray, values: np.ndarray, scale: np.ndarray, *, scheme: str,
-               group_size: int | None, scale_by: float) -> np.ndarray:
-        return embed(ids, weight(values, scale, scheme, group_size), scale=scale_by)
+def rope_table(p: Policy, positions: np.ndarray, *, head_dim: int, theta: float,
+               scaling: float) -> tuple[np.ndarray, np.ndarray]:
+    angles = rope_angles(positions, head_dim, theta, scaling).astype(p.acc)[:, None]  # [B,1,T,H]
+    return p.rnd(np.cos(angles)), p.rnd(np.sin(angles))
 
-    def split(x: np.ndarray, *, sizes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-        return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=-1))
 
-    def gelu_tanh(x: np.ndarray) -> np.ndarray:
-        c = acc.type(np.sqrt(2.0 / np.pi))
-        return rnd(0.5 * x * (1.0 + np.tanh(c * (x + acc.type(0.044715) * x**3))))
+def rope(p: Policy, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return p.rnd(p.rnd(x * cos) + p.rnd(rotated * sin))
 
-    def mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return rnd(a * b)
 
-    def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return rnd(a + b)
+def kv_cache(p: Policy, k: np.ndarray, v: np.ndarray, layer: tuple[np.ndarray, np.ndarray],
+             query_slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+    kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C
+    cap, start, t = kbuf.shape[2], int(query_slots[0]), k.shape[2]
+    prev = np.arange(max(0, start - cap + 1), start)  # cached keys the first query can see
+    keys = np.concatenate([kbuf[:, :, prev % cap], k], axis=2)  # [B,K,S,H]
+    values = np.concatenate([vbuf[:, :, prev % cap], v], axis=2)
+    kept = np.arange(max(0, t - cap), t)  # only the last `cap` new tokens fit
+    kbuf[:, :, (start + kept) % cap] = k[:, :, kept]
+    vbuf[:, :, (start + kept) % cap] = v[:, :, kept]
+    key_slots = np.arange(prev[0] if len(prev) else start, start + t)
+    return keys, values, key_slots, (kbuf, vbuf)
 
-    def softcap(x: np.ndarray, *, cap: float) -> np.ndarray:
-        return rnd(rnd(np.tanh(rnd(x / acc.type(cap)))) * acc.type(cap))
 
-    def gather_positions(x: np.ndarray, index: np.ndarray) -> np.ndarray:
-        return x[:, index]
+def attention(p: Policy, q: np.ndarray, keys: np.ndarray, values: np.ndarray, key_slots: np.ndarray,
+              query_slots: np.ndarray, valid: np.ndarray, *, scale: float,
+              softcap: float | None, window: int | None) -> np.ndarray:
+    rnd, acc = p.rnd, p.acc
+    groups = q.shape[1] // keys.shape[1]
+    keys = np.repeat(keys, groups, axis=1)  # query head h reads kv head h // groups
+    values = np.repeat(values, groups, axis=1)
+    scores = rnd(rnd(q @ keys.transpose(0, 1, 3, 2)) * acc.type(scale))  # [B,N,T,S]
+    if softcap is not None:
+        scores = rnd(rnd(np.tanh(rnd(scores / acc.type(softcap)))) * acc.type(softcap))
+    mask = attention_mask(key_slots, query_slots, valid, window)
+    scores = np.where(mask, scores, rnd(scores + p.fmin)).astype(np.promote_types(acc, np.float32))
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs = rnd(probs / probs.sum(axis=-1, keepdims=True))
+    return rnd(probs @ values)  # [B,N,T,H]
 
-    def pool_last_token(x: np.ndarray, ids: np.ndarray, *, pad_id: int) -> np.ndarray:
-        last = (np.arange(ids.shape[1]) * (ids != pad_id)).argmax(axis=1)  # rightmost non-pad
-        return x[np.arange(len(x)), last]
 
-    return {
-        "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
-        "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention, "qlinear": qlinear, "qembed": qembed, "split": split,
-        "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
-        "gather_positions": gather_positions, "pool_last_token": pool_last_token,
-    }
+def dequantized_weight(p: Policy, values: np.ndarray, scale: np.ndarray, scheme: str,
+                       group_size: int | None) -> np.ndarray:
+    """The dequantised weight in the compute dtype, made once per stored array (and dropped
+    with it)."""
+    cache = p.dequantized
+    key = id(values)
+    entry = cache.get(key)
+    if entry is None or entry[0]() is not values:
+        w = dequantize(values, scale, scheme, group_size)
+        cache[key] = (weakref.ref(values, lambda _: cache.pop(key, None)), p.rnd(w.astype(p.acc)))
+    return cache[key][1]
+
+
+def qlinear(p: Policy, x: np.ndarray, values: np.ndarray, scale: np.ndarray, *, scheme: str,
+            group_size: int | None) -> np.ndarray:
+    return linear(p, x, dequantized_weight(p, values, scale, scheme, group_size))
+
+
+def qembed(p: Policy, ids: np.ndarray, values: np.ndarray, scale: np.ndarray, *, scheme: str,
+           group_size: int | None, scale_by: float) -> np.ndarray:
+    return embed(p, ids, dequantized_weight(p, values, scale, scheme, group_size), scale=scale_by)
+
+
+def split(p: Policy, x: np.ndarray, *, sizes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=-1))
+
+
+def gelu_tanh(p: Policy, x: np.ndarray) -> np.ndarray:
+    c = p.acc.type(np.sqrt(2.0 / np.pi))
+    return p.rnd(0.5 * x * (1.0 + np.tanh(c * (x + p.acc.type(0.044715) * x**3))))
+
+
+def mul(p: Policy, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return p.rnd(a * b)
+
+
+def add(p: Policy, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return p.rnd(a + b)
+
+
+def softcap(p: Policy, x: np.ndarray, *, cap: float) -> np.ndarray:
+    return p.rnd(p.rnd(np.tanh(p.rnd(x / p.acc.type(cap)))) * p.acc.type(cap))
+
+
+def gather_positions(p: Policy, x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    return x[:, index]
+
+
+def pool_last_token(p: Policy, x: np.ndarray, ids: np.ndarray, *, pad_id: int) -> np.ndarray:
+    last = (np.arange(ids.shape[1]) * (ids != pad_id)).argmax(axis=1)  # rightmost non-pad
+    return x[np.arange(len(x)), last]
+
+
+def make_op_table(dtype: str, groups: Iterable[str] = tuple(OP_GROUPS)) -> dict[str, Callable[..., Any]]:
+    """The op table computing in `dtype` (float64, float32, bfloat16 or float16): this module's op
+    functions for the kinds of `groups` (by default all), named by `gemma_core.opset`."""
+    return table_from(sys.modules[__name__], Policy(dtype), groups)

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from backends.tensorflow.ops import DTYPES, make_op_table
-from gemma_core.backend import Backend, StepFn, per_weights
+from gemma_core.backend import FLOAT16_REFUSED, Backend, StepFn, per_weights
 from gemma_core.errors import BackendError
 from gemma_core.quant import keeps_dtype
 
@@ -29,6 +29,9 @@ class TensorflowBackend(Backend):
 
     name = "tensorflow"
     dtypes = tuple(DTYPES)
+    op_groups = ("core", "quantized", "classification")
+    devices = ("default", "cpu", "gpu")
+    gaps = FLOAT16_REFUSED
     cache_in_place = False  # kv_cache returns new tensors; the ones passed in are never changed
 
     def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:

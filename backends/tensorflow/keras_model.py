@@ -20,6 +20,7 @@ import tensorflow as tf
 from backends.tensorflow.ops import DTYPES
 from gemma_core.errors import BackendError
 from gemma_core.graph import bind, cache_name, run_bound
+from gemma_core.step import step_inputs
 
 OUTPUT = {"causal-lm": "logits", "sequence-classification": "logits",
           "token-classification": "logits", "base": "hidden"}
@@ -53,14 +54,8 @@ class GemmaKerasModel(keras.Model):
         ids = tf.cast(ids, tf.int64)
         shape = tf.shape(ids)
         mask = tf.ones(shape, tf.bool) if mask is None else tf.cast(mask, tf.bool)
-        count = tf.cumsum(tf.cast(mask, tf.int64), axis=1)
-        env: dict[str, Any] = {
-            "ids": ids,
-            "positions": tf.where(mask, count - 1, tf.zeros_like(count)),  # real tokens count
-            "query_slots": tf.range(shape[1], dtype=tf.int64),
-            "valid": mask,
-            "logit_index": tf.range(shape[1], dtype=tf.int64),
-        }
+        # the forward pass's rule with no cache, in keras.ops (dynamic batch and length)
+        env, _ = step_inputs(ids, mask, xp=keras.ops)
         empty = tf.zeros([shape[0], config.num_kv_heads, 0, config.head_dim], DTYPES[dtype])
         env.update({cache_name(i): (empty, empty) for i in range(config.num_layers)})
         run_bound(bind(graph, ops, self._by_name), env)

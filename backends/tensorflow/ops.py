@@ -9,12 +9,14 @@ may be unknown.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from gemma_core.opset import OP_GROUPS, table_from
 from gemma_core.quant import NF4
 
 DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16,
@@ -61,148 +63,169 @@ def dequantize(values: tf.Tensor, scale: tf.Tensor, scheme: str, group_size: int
     return tf.reshape(out, tf.shape(codes))
 
 
-def make_op_table(dtype: str, cpu: bool | None = None) -> dict[str, Callable[..., Any]]:
+class Policy:
+    """One compute dtype and formulation choice, bound first to every op function
+    (`gemma_core.opset.table_from`): `dt` the tf dtype, `f32` the accumulation dtype, `fmin` the
+    dtype's finite minimum for masks, `cpu` whether the products take the CPU's formulation."""
+
+    def __init__(self, dtype: str, cpu: bool | None = None) -> None:
+        self.dtype = dtype
+        self.dt = DTYPES[dtype]
+        self.f32 = tf.float64 if dtype == "float64" else tf.float32
+        self.fmin = self.dt.min
+        self.cpu = not tf.config.list_logical_devices("GPU") if cpu is None else cpu
+
+
+def embed(p: Policy, ids: tf.Tensor, table: tf.Tensor, *, scale: float) -> tf.Tensor:
+    return tf.gather(table, ids) * tf.constant(scale, p.dt)  # the scale rounded to the dtype
+
+
+def rms_norm(p: Policy, x: tf.Tensor, w: tf.Tensor, *, eps: float) -> tf.Tensor:
+    x32 = tf.cast(x, p.f32)
+    y = x32 / tf.sqrt(tf.reduce_mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return tf.cast(y * (1.0 + tf.cast(w, p.f32)), x.dtype)
+
+
+def dot(p: Policy, spec: str, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """einsum with float32 accumulation and one rounding to the compute dtype (the operands
+    upcast, as XLA's CPU backend runs narrow-float dots slowly; see backends/jax/ops.py)."""
+    if not p.cpu or p.dt in (tf.float32, tf.float64):
+        return tf.einsum(spec, a, b)
+    return tf.cast(tf.einsum(spec, tf.cast(a, p.f32), tf.cast(b, p.f32)), p.dt)
+
+
+def linear(p: Policy, x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+    lead = tf.shape(x)[:-1]
+    x2 = tf.reshape(x, [-1, x.shape[-1]])  # [N,I]
+    if p.cpu and p.dt not in (tf.float32, tf.float64):
+        y = tf.cast(tf.matmul(tf.cast(x2, p.f32), tf.cast(w, p.f32), transpose_b=True), p.dt)
+    else:
+        y = tf.matmul(x2, w, transpose_b=True)
+    return tf.reshape(y, tf.concat([lead, [w.shape[0]]], axis=0))
+
+
+def split_heads(p: Policy, x: tf.Tensor, *, heads: int, head_dim: int) -> tf.Tensor:
+    s = tf.shape(x)
+    return tf.transpose(tf.reshape(x, [s[0], s[1], heads, head_dim]), [0, 2, 1, 3])
+
+
+def merge_heads(p: Policy, x: tf.Tensor) -> tf.Tensor:
+    s = tf.shape(x)
+    return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [s[0], s[2], x.shape[1] * x.shape[3]])
+
+
+def rope_table(p: Policy, positions: tf.Tensor, *, head_dim: int, theta: float,
+               scaling: float) -> tuple[tf.Tensor, tf.Tensor]:
+    # inverse frequencies as host constants: TensorFlow's float32 pow differs from the
+    # correctly rounded one by an ulp, which positions in the thousands amplify
+    n32 = np.float32
+    inv_freq = n32(1.0) / (n32(theta) ** (np.arange(0, head_dim, 2, dtype=n32) / n32(head_dim)))
+    inv_freq = tf.constant(inv_freq / n32(scaling))
+    freqs = tf.cast(positions, tf.float32)[..., None] * inv_freq  # [B,T,H/2] float32 angles
+    angles = tf.concat([freqs, freqs], axis=-1)[:, None]  # [B,1,T,H]
+    # cos/sin of the float32 angles evaluated in float64: TensorFlow's float32 sin/cos are
+    # fast approximations, off by up to 15x the float32 tolerance at angles of a few hundred
+    angles = tf.cast(angles, tf.float64)
+    return tf.cast(tf.cos(angles), p.dt), tf.cast(tf.sin(angles), p.dt)
+
+
+def rope(p: Policy, x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) -> tf.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def kv_cache(p: Policy, k: tf.Tensor, v: tf.Tensor, layer: tuple[tf.Tensor, tf.Tensor],
+             query_slots: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, Any]:
+    kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C
+    cap, t = kbuf.shape[2], k.shape[2]
+    if cap == 0:  # no cache (the Keras model's one-shot forward): attend to the new keys only
+        return k, v, query_slots, layer
+    start = query_slots[0]
+    if t == 1:  # decode: the slot written is outside every query's window, so write first
+        kbuf = _write_slots(kbuf, query_slots % cap, k)
+        vbuf = _write_slots(vbuf, query_slots % cap, v)
+        return kbuf, vbuf, ring_slots(cap, start + 1), (kbuf, vbuf)
+    keys = tf.concat([kbuf, k], axis=2)
+    values = tf.concat([vbuf, v], axis=2)
+    key_slots = tf.concat([ring_slots(cap, start), query_slots], axis=0)
+    kept = slice(max(0, t - cap), t)  # only the last `cap` new tokens fit
+    kbuf = _write_slots(kbuf, query_slots[kept] % cap, k[:, :, kept])
+    vbuf = _write_slots(vbuf, query_slots[kept] % cap, v[:, :, kept])
+    return keys, values, key_slots, (kbuf, vbuf)
+
+
+def attention(p: Policy, q: tf.Tensor, keys: tf.Tensor, values: tf.Tensor, key_slots: tf.Tensor,
+              query_slots: tf.Tensor, valid: tf.Tensor, *, scale: float,
+              softcap: float | None, window: int | None) -> tf.Tensor:
+    qs, ks = query_slots[:, None], key_slots[None, :]
+    visible = (ks >= 0) & (ks <= qs)
+    if window is not None:
+        visible = visible & (ks > qs - window)
+    real = tf.gather(valid, tf.maximum(key_slots, 0), axis=1)  # [B,S]
+    mask = visible[None, None] & real[:, None, None, :]  # [B,1,T,S]
+    groups = q.shape[1] // keys.shape[1]
+    if groups > 1:  # query head h reads kv head h // groups
+        keys = tf.repeat(keys, groups, axis=1)
+        values = tf.repeat(values, groups, axis=1)
+    scores = dot(p, "bnth,bnsh->bnts", q, keys) * tf.constant(scale, p.dt)
+    if softcap is not None:
+        scores = tf.tanh(scores / softcap) * softcap  # before the mask
+    scores = tf.cast(tf.where(mask, scores, scores + p.fmin), p.f32)
+    probs = tf.cast(tf.nn.softmax(scores, axis=-1), p.dt)
+    return dot(p, "bnts,bnsh->bnth", probs, values)
+
+
+def qlinear(p: Policy, x: tf.Tensor, values: tf.Tensor, scale: tf.Tensor, *, scheme: str,
+            group_size: int | None) -> tf.Tensor:
+    if p.cpu:  # XLA CPU fuses the dequantisation into a float32 GEMM (see `linear`)
+        lead = tf.shape(x)[:-1]
+        x2 = tf.cast(tf.reshape(x, [-1, x.shape[-1]]), p.f32)
+        if scheme == "int8":  # the per-channel scale after the product
+            y = tf.matmul(x2, tf.cast(values, p.f32), transpose_b=True) * tf.cast(scale, p.f32)
+        else:
+            y = tf.matmul(x2, tf.cast(dequantize(values, scale, scheme, group_size), p.f32),
+                          transpose_b=True)
+        return tf.reshape(tf.cast(y, p.dt), tf.concat([lead, [values.shape[0]]], axis=0))
+    return linear(p, x, tf.cast(dequantize(values, scale, scheme, group_size), p.dt))
+
+
+def qembed(p: Policy, ids: tf.Tensor, values: tf.Tensor, scale: tf.Tensor, *, scheme: str,
+           group_size: int | None, scale_by: float) -> tf.Tensor:
+    rows = dequantize(tf.gather(values, ids), tf.gather(scale, ids), scheme, group_size)
+    return tf.cast(rows, p.dt) * tf.constant(scale_by, p.dt)
+
+
+def split(p: Policy, x: tf.Tensor, *, sizes: tuple[int, ...]) -> tuple[tf.Tensor, ...]:
+    return tuple(tf.split(x, list(sizes), axis=-1))
+
+
+def gelu_tanh(p: Policy, x: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.nn.gelu(tf.cast(x, p.f32), approximate=True), x.dtype)
+
+
+def mul(p: Policy, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    return a * b
+
+
+def add(p: Policy, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    return a + b
+
+
+def softcap(p: Policy, x: tf.Tensor, *, cap: float) -> tf.Tensor:
+    return tf.tanh(x / cap) * cap
+
+
+def gather_positions(p: Policy, x: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    return tf.gather(x, index, axis=1)
+
+
+def pool_last_token(p: Policy, x: tf.Tensor, ids: tf.Tensor, *, pad_id: int) -> tf.Tensor:
+    positions = tf.range(tf.shape(ids)[1], dtype=ids.dtype)
+    last = tf.argmax(positions * tf.cast(ids != pad_id, ids.dtype), axis=1)  # rightmost non-pad
+    return tf.gather(x, last, axis=1, batch_dims=1)
+
+
+def make_op_table(dtype: str, cpu: bool | None = None,
+                  groups: Iterable[str] = tuple(OP_GROUPS)) -> dict[str, Callable[..., Any]]:
     """The op table computing in `dtype`, with the CPU's formulations of the products or (`cpu`
     False) the GPU's ones; by default the CPU's where TensorFlow sees no GPU."""
-    dt = DTYPES[dtype]
-    f32 = tf.float64 if dtype == "float64" else tf.float32
-    fmin = dt.min
-    if cpu is None:
-        cpu = not tf.config.list_logical_devices("GPU")
-
-    def embed(ids: tf.Tensor, table: tf.Tensor, *, scale: float) -> tf.Tensor:
-        return tf.gather(table, ids) * tf.constant(scale, dt)  # the scale rounded to the dtype
-
-    def rms_norm(x: tf.Tensor, w: tf.Tensor, *, eps: float) -> tf.Tensor:
-        x32 = tf.cast(x, f32)
-        y = x32 / tf.sqrt(tf.reduce_mean(x32 * x32, axis=-1, keepdims=True) + eps)
-        return tf.cast(y * (1.0 + tf.cast(w, f32)), x.dtype)
-
-    def dot(spec: str, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        """einsum with float32 accumulation and one rounding to the compute dtype (the operands
-        upcast, as XLA's CPU backend runs narrow-float dots slowly; see backends/jax/ops.py)."""
-        if not cpu or dt in (tf.float32, tf.float64):
-            return tf.einsum(spec, a, b)
-        return tf.cast(tf.einsum(spec, tf.cast(a, f32), tf.cast(b, f32)), dt)
-
-    def linear(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
-        lead = tf.shape(x)[:-1]
-        x2 = tf.reshape(x, [-1, x.shape[-1]])  # [N,I]
-        if cpu and dt not in (tf.float32, tf.float64):
-            y = tf.cast(tf.matmul(tf.cast(x2, f32), tf.cast(w, f32), transpose_b=True), dt)
-        else:
-            y = tf.matmul(x2, w, transpose_b=True)
-        return tf.reshape(y, tf.concat([lead, [w.shape[0]]], axis=0))
-
-    def split_heads(x: tf.Tensor, *, heads: int, head_dim: int) -> tf.Tensor:
-        s = tf.shape(x)
-        return tf.transpose(tf.reshape(x, [s[0], s[1], heads, head_dim]), [0, 2, 1, 3])
-
-    def merge_heads(x: tf.Tensor) -> tf.Tensor:
-        s = tf.shape(x)
-        return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [s[0], s[2], x.shape[1] * x.shape[3]])
-
-    def rope_table(positions: tf.Tensor, *, head_dim: int, theta: float,
-                   scaling: float) -> tuple[tf.Tensor, tf.Tensor]:
-        # inverse frequencies as host constants: TensorFlow's float32 pow differs from the
-        # correctly rounded one by an ulp, which positions in the thousands amplify
-        n32 = np.float32
-        inv_freq = n32(1.0) / (n32(theta) ** (np.arange(0, head_dim, 2, dtype=n32) / n32(head_dim)))
-        inv_freq = tf.constant(inv_freq / n32(scaling))
-        freqs = tf.cast(positions, tf.float32)[..., None] * inv_freq  # [B,T,H/2] float32 angles
-        angles = tf.concat([freqs, freqs], axis=-1)[:, None]  # [B,1,T,H]
-        # cos/sin of the float32 angles evaluated in float64: TensorFlow's float32 sin/cos are
-        # fast approximations, off by up to 15x the float32 tolerance at angles of a few hundred
-        angles = tf.cast(angles, tf.float64)
-        return tf.cast(tf.cos(angles), dt), tf.cast(tf.sin(angles), dt)
-
-    def rope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) -> tf.Tensor:
-        return x * cos + _rotate_half(x) * sin
-
-    def kv_cache(k: tf.Tensor, v: tf.Tensor, layer: tuple[tf.Tensor, tf.Tensor],
-                 query_slots: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, Any]:
-        kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C
-        cap, t = kbuf.shape[2], k.shape[2]
-        if cap == 0:  # no cache (the Keras model's one-shot forward): attend to the new keys only
-            return k, v, query_slots, layer
-        start = query_slots[0]
-        if t == 1:  # decode: the slot written is outside every query's window, so write first
-            kbuf = _write_slots(kbuf, query_slots % cap, k)
-            vbuf = _write_slots(vbuf, query_slots % cap, v)
-            return kbuf, vbuf, ring_slots(cap, start + 1), (kbuf, vbuf)
-        keys = tf.concat([kbuf, k], axis=2)
-        values = tf.concat([vbuf, v], axis=2)
-        key_slots = tf.concat([ring_slots(cap, start), query_slots], axis=0)
-        kept = slice(max(0, t - cap), t)  # only the last `cap` new tokens fit
-        kbuf = _write_slots(kbuf, query_slots[kept] % cap, k[:, :, kept])
-        vbuf = _write_slots(vbuf, query_slots[kept] % cap, v[:, :, kept])
-        return keys, values, key_slots, (kbuf, vbuf)
-
-    def attention(q: tf.Tensor, keys: tf.Tensor, values: tf.Tensor, key_slots: tf.Tensor,
-                  query_slots: tf.Tensor, valid: tf.Tensor, *, scale: float,
-                  softcap: float | None, window: int | None) -> tf.Tensor:
-        qs, ks = query_slots[:, None], key_slots[None, :]
-        visible = (ks >= 0) & (ks <= qs)
-        if window is not None:
-            visible = visible & (ks > qs - window)
-        real = tf.gather(valid, tf.maximum(key_slots, 0), axis=1)  # [B,S]
-        mask = visible[None, None] & real[:, None, None, :]  # [B,1,T,S]
-        groups = q.shape[1] // keys.shape[1]
-        if groups > 1:  # query head h reads kv head h // groups
-            keys = tf.repeat(keys, groups, axis=1)
-            values = tf.repeat(values, groups, axis=1)
-        scores = dot("bnth,bnsh->bnts", q, keys) * tf.constant(scale, dt)
-        if softcap is not None:
-            scores = tf.tanh(scores / softcap) * softcap  # before the mask
-        scores = tf.cast(tf.where(mask, scores, scores + fmin), f32)
-        probs = tf.cast(tf.nn.softmax(scores, axis=-1), dt)
-        return dot("bnts,bnsh->bnth", probs, values)
-
-    def qlinear(x: tf.Tensor, values: tf.Tensor, scale: tf.Tensor, *, scheme: str,
-                group_size: int | None) -> tf.Tensor:
-        if cpu:  # XLA CPU fuses the dequantisation into a float32 GEMM (see `linear`)
-            lead = tf.shape(x)[:-1]
-            x2 = tf.cast(tf.reshape(x, [-1, x.shape[-1]]), f32)
-            if scheme == "int8":  # the per-channel scale after the product
-                y = tf.matmul(x2, tf.cast(values, f32), transpose_b=True) * tf.cast(scale, f32)
-            else:
-                y = tf.matmul(x2, tf.cast(dequantize(values, scale, scheme, group_size), f32),
-                              transpose_b=True)
-            return tf.reshape(tf.cast(y, dt), tf.concat([lead, [values.shape[0]]], axis=0))
-        return linear(x, tf.cast(dequantize(values, scale, scheme, group_size), dt))
-
-    def qembed(ids: tf.Tensor, values: tf.Tensor, scale: tf.Tensor, *, scheme: str,
-               group_size: int | None, scale_by: float) -> tf.Tensor:
-        rows = dequantize(tf.gather(values, ids), tf.gather(scale, ids), scheme, group_size)
-        return tf.cast(rows, dt) * tf.constant(scale_by, dt)
-
-    def split(x: tf.Tensor, *, sizes: tuple[int, ...]) -> tuple[tf.Tensor, ...]:
-        return tuple(tf.split(x, list(sizes), axis=-1))
-
-    def gelu_tanh(x: tf.Tensor) -> tf.Tensor:
-        return tf.cast(tf.nn.gelu(tf.cast(x, f32), approximate=True), x.dtype)
-
-    def mul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return a * b
-
-    def add(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return a + b
-
-    def softcap(x: tf.Tensor, *, cap: float) -> tf.Tensor:
-        return tf.tanh(x / cap) * cap
-
-    def gather_positions(x: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-        return tf.gather(x, index, axis=1)
-
-    def pool_last_token(x: tf.Tensor, ids: tf.Tensor, *, pad_id: int) -> tf.Tensor:
-        positions = tf.range(tf.shape(ids)[1], dtype=ids.dtype)
-        last = tf.argmax(positions * tf.cast(ids != pad_id, ids.dtype), axis=1)  # rightmost non-pad
-        return tf.gather(x, last, axis=1, batch_dims=1)
-
-    return {
-        "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
-        "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention, "qlinear": qlinear, "qembed": qembed, "split": split,
-        "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
-        "gather_positions": gather_positions, "pool_last_token": pool_last_token,
-    }
+    return table_from(sys.modules[__name__], Policy(dtype, cpu), groups)

