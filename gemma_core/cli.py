@@ -64,19 +64,25 @@ class _Progress:
 
 
 def _import_backend(args: argparse.Namespace) -> None:
-    """Import the backend asked for with stderr (fd 2) closed, unless --verbose: frameworks'
-    C++ code logs at import (TensorFlow's CUDA probe, absl's pre-init notice) below Python's
-    reach; an import error is still raised, and shown, once stderr is back."""
+    """Import the backend asked for and start its device runtime with stderr (fd 2) closed,
+    unless --verbose: frameworks' C++ code logs then (TensorFlow's CUDA probe, absl's pre-init
+    notice) below Python's reach; an error is still raised, and shown, once stderr is back."""
+    import numpy as np
+
     from gemma_core.backend import get_backend
 
+    def start() -> None:  # import, and put one array on the device: runtimes log as they start
+        backend = get_backend(args.backend)
+        backend.to_numpy(backend.asarray(np.zeros(1, np.int64), args.device))
+
     if args.verbose or args.debug:
-        get_backend(args.backend)
+        start()
         return
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(null, 2)
-        get_backend(args.backend)
+        start()
     finally:
         os.dup2(saved, 2)
         os.close(saved)
