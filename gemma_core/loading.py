@@ -116,10 +116,11 @@ def source_format(path: str | os.PathLike[str]) -> str:
     or damaged file); a folder with a config.json that no reader recognises is taken as a
     Hugging Face folder, so that its reader names what is missing."""
     from gemma_core.formats.convert import detect
+    from gemma_core.transaction import check_source
 
     if os.fspath(path).endswith(".gguf"):
-        if os.path.exists(path) and not os.path.isfile(path):
-            raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device?)")
+        if os.path.exists(path):
+            check_source(path)
         return "gguf"
     try:
         return detect(path)

@@ -56,16 +56,23 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def check_source(path: str | os.PathLike[str]) -> Path:
+    """`path` once it is known to exist as a regular file or a folder: a FIFO, socket or
+    device is refused before anything opens it (reading a FIFO would block)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):
+        raise CheckpointError(f"{path}: not a regular file or folder (a FIFO, socket or device?)")
+    return path
+
+
 def check_destination(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                       overwrite: bool) -> tuple[Path, Path]:
     """(src, dst) as paths once `dst` may be written: it is not, does not contain and does not
     lie inside `src` (symlinks resolved, hard links found by `samefile`), and it is new unless
     `overwrite`. `src` must be a regular file or a folder (a FIFO or device is refused)."""
-    src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise CheckpointError(f"{src}: no such file or folder")
-    if not (src.is_file() or src.is_dir()):
-        raise CheckpointError(f"{src}: not a regular file or folder (a FIFO, socket or device?)")
+    src, dst = check_source(src), Path(dst)
     real_src, real_dst = src.resolve(), dst.resolve()
     same = dst.exists() and os.path.samefile(src, dst)
     if same or real_dst == real_src:

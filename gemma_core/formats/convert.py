@@ -20,7 +20,7 @@ from gemma_core.errors import CheckpointError, ConfigError
 from gemma_core.formats import flax, gemma_pytorch, keras_hub
 from gemma_core.formats.mapping import Checkpoint, cast, dtype_name
 from gemma_core.safetensors_io import read_header
-from gemma_core.transaction import check_destination, write_transaction
+from gemma_core.transaction import check_destination, check_source, write_transaction
 
 FORMATS = ("hf", "keras-hub", "flax", "gemma-pytorch", "gguf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,11 +34,7 @@ StageProgress = Callable[[str, int, int], None]
 
 def detect(path: str | os.PathLike[str]) -> str:
     """The format name of a checkpoint file or folder."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or folder")
-    if not (p.is_dir() or p.is_file()):
-        raise CheckpointError(f"{p}: not a regular file or folder (a FIFO, socket or device?)")
+    p = check_source(path)
     if p.is_dir():
         if flax.is_orbax(p):
             return "flax"
