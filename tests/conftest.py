@@ -77,3 +77,18 @@ def spm_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         user_defined_symbols=["\n", "\n\n", "\u2581\u2581", "\u2581\u2581\u2581\u2581", "\t"],
     )
     return folder / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory: pytest.TempPathFactory, spm_file: Path) -> Path:
+    """A tiny Gemma 3 Hugging Face folder (random weights, seed 3) with the test tokenizer."""
+    import shutil
+
+    from gemma_core.checkpoint import save_checkpoint
+    from gemma_core.presets import get_preset
+    from gemma_core.weights import random_weights
+
+    config = get_preset("tiny-gemma3")
+    path = save_checkpoint(tmp_path_factory.mktemp("tiny") / "model", config, random_weights(config, 3))
+    shutil.copy(spm_file, path / "tokenizer.model")
+    return path

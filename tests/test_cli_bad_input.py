@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import gemma_core
-from gemma_core.checkpoint import save_checkpoint
 from gemma_core.cli import main
 from gemma_core.errors import ConfigError, InputError
 from gemma_core.presets import get_preset
@@ -23,11 +22,8 @@ from gemma_core.weights import random_weights
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory, spm_file: Path) -> Path:
-    config = get_preset("tiny-gemma3")
-    path = save_checkpoint(tmp_path_factory.mktemp("bad") / "model", config, random_weights(config, 3))
-    shutil.copy(spm_file, path / "tokenizer.model")
-    return path
+def folder(tiny_model_folder: Path) -> Path:
+    return tiny_model_folder
 
 
 def _with_config(tmp_path: Path, folder: Path, edit: object) -> Path:

@@ -4,7 +4,6 @@ and shared with the API, every command defaulting to the embedded model, quiet t
 from __future__ import annotations
 
 import inspect
-import shutil
 import subprocess
 import sys
 import warnings
@@ -13,18 +12,12 @@ from pathlib import Path
 import pytest
 
 import gemma_core
-from gemma_core.checkpoint import save_checkpoint
 from gemma_core.cli import build_parser, main
-from gemma_core.presets import get_preset
-from gemma_core.weights import random_weights
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory, spm_file: Path) -> Path:
-    config = get_preset("tiny-gemma3")
-    path = save_checkpoint(tmp_path_factory.mktemp("defaults") / "model", config, random_weights(config, 3))
-    shutil.copy(spm_file, path / "tokenizer.model")
-    return path
+def folder(tiny_model_folder: Path) -> Path:
+    return tiny_model_folder
 
 
 def test_a_bad_flag_is_refused_before_the_model_loads(capsys) -> None:
