@@ -13,8 +13,10 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
+from gemma_core import masks
 from gemma_core.backend import Backend
 from gemma_core.layout import EMBED
 from gemma_core.quant import SCALE_SUFFIX, QuantConfig, quantize
@@ -172,27 +174,48 @@ def _rope(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def _kv_cache(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for capacity in (4, 16):  # a sliding ring that wraps, and a global layer
+    # a sliding ring that wraps (chunks longer than it, decode, a chunk after decode), a global
+    # layer, and a window longer than the cache (a ring that never wraps)
+    for capacity, window in ((4, 4), (16, None), (12, 16)):
         layer = h.backend.new_cache_layer(2, 2, capacity, 8, h.dtype, h.device)
         start = 0
-        for step, t in enumerate((6, 1, 1, 1, 1, 1)):
+        for step, t in enumerate((6, 1, 3, 1, 1)):
             k, v = _normal(rng, 2, 2, t, 8), _normal(rng, 2, 2, t, 8)
             slots = np.arange(start, start + t)
-            keys, values, key_slots, layer = h.table["kv_cache"](h.f(k), h.f(v), layer, h.i(slots))
-            key_slots = np.asarray(h.backend.to_numpy(key_slots), np.int64)
-            # backends may also return empty slots or ones no query can see (a window of
-            # `capacity`); compare the keys that some query of this step can see
-            live = key_slots >= max(0, start - capacity + 1)
-            order = np.argsort(np.where(live, key_slots, np.iinfo(np.int64).max), kind="stable")
-            order = order[: int(live.sum())]
-            tag = f"capacity={capacity},step={step}"
-            out[f"{tag}:keys"] = h.np(keys)[:, :, order]
-            out[f"{tag}:values"] = h.np(values)[:, :, order]
-            out[f"{tag}:key_slots"] = key_slots[order].astype(np.float64)
+            keys, values, layer = h.table["kv_cache"](h.f(k), h.f(v), layer, h.i(slots), window=window)
+            # the layout every backend shares (gemma_core.masks); empty ring positions hold no value
+            held = masks.key_slots(start, t, capacity, window) >= 0
+            tag = f"capacity={capacity},window={window},step={step}"
+            keys, values = h.np(keys), h.np(values)
+            if keys.shape[2] != held.size:
+                raise ValueError(f"kv_cache: {keys.shape[2]} keys for a layout of {held.size} ({tag})")
+            out[f"{tag}:keys"], out[f"{tag}:values"] = keys[:, :, held], values[:, :, held]
             start += t
         kbuf, vbuf = h.backend.export_cache_layer(layer)
-        out[f"capacity={capacity}:exported_keys"] = np.asarray(kbuf, np.float64)
-        out[f"capacity={capacity}:exported_values"] = np.asarray(vbuf, np.float64)
+        tag = f"capacity={capacity},window={window}"
+        out[f"{tag}:exported_keys"] = np.asarray(kbuf, np.float64)
+        out[f"{tag}:exported_values"] = np.asarray(vbuf, np.float64)
+    return out
+
+
+def _bookkeeping() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Key slots in ring order (an empty position last), query slots 8..12 and the valid slots of
+    two rows, the second left-padded up to slot 7."""
+    key_slots = np.array([9, 10, 11, 12, 4, 5, 6, 7, -1])
+    valid = np.ones((2, 13), bool)
+    valid[1, :7] = False
+    return key_slots, np.arange(8, 13), valid
+
+
+def _attention_bias(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    key_slots, query_slots, valid = _bookkeeping()
+    fmin = float(ml_dtypes.finfo(h.dtype).min)
+    out = {}
+    for window in (None, 3):
+        bias = h.np(h.table["attention_bias"](h.i(masks.attention_mask(key_slots, query_slots, valid,
+                                                                       window))))
+        out[f"window={window}:visible"] = (bias == 0).astype(np.float64)
+        out[f"window={window}:finite_minimum"] = (bias == fmin).astype(np.float64)
     return out
 
 
@@ -201,13 +224,11 @@ def _attention(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
     # them to bf16 (eager) or not (fused kernels) stays within a few ulps of the output
     q = _normal(rng, 2, 4, 5, 8)
     keys, values = _normal(rng, 2, 2, 9, 8), _normal(rng, 2, 2, 9, 8)
-    key_slots, query_slots = np.arange(4, 13), np.arange(8, 13)
-    valid = np.ones((2, 13), bool)
-    valid[1, :7] = False  # row 1 is left-padded up to slot 7
+    key_slots, query_slots, valid = np.arange(4, 13), np.arange(8, 13), _bookkeeping()[2]
     out = {}
     for window, softcap in ((None, None), (3, None), (None, 0.5), (4, 0.5)):
-        y = h.table["attention"](h.f(q), h.f(keys), h.f(values), h.i(key_slots), h.i(query_slots),
-                                 h.i(valid), scale=0.3, softcap=softcap, window=window)
+        bias = h.table["attention_bias"](h.i(masks.attention_mask(key_slots, query_slots, valid, window)))
+        y = h.table["attention"](h.f(q), h.f(keys), h.f(values), bias, scale=0.3, softcap=softcap)
         out[f"window={window},softcap={softcap}"] = h.np(y)
     return out
 
@@ -255,9 +276,13 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("op-heads", "split_heads", ("[B,T,N*H] <-> [B,N,T,H]",), _heads),
     OpCase("op-rope", "rope", ("3 rotate-half, float32 angles, cos/sin in the compute dtype, "
                                 "positions to 32k, linear scaling",), _rope),
-    OpCase("op-kv_cache", "kv_cache", ("cache: post-RoPE keys, ring buffer of W slots",), _kv_cache),
-    OpCase("op-attention", "attention", ("4 scale, GQA, softcap before mask, finfo.min mask",
-                                         "5 window of W keys incl. itself, left padding"), _attention),
+    OpCase("op-kv_cache", "kv_cache", ("cache: post-RoPE keys, ring buffer of W slots, the shared "
+                                       "key layout",), _kv_cache),
+    OpCase("op-attention_bias", "attention_bias", ("4 finfo.min mask, once per layer kind",
+                                                   "5 window of W keys incl. itself, left padding"),
+           _attention_bias),
+    OpCase("op-attention", "attention", ("4 scale, GQA, softcap before the bias",
+                                         "5 window and padding through the bias"), _attention),
     OpCase("op-elementwise", "gelu_tanh", ("6 gelu tanh", "8 softcap", "mul/add/gather/split"),
            _elementwise),
     OpCase("op-quantized", "qlinear", ("quant: int8 per channel, int4 and nf4 groups, dequantised "

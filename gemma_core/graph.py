@@ -14,14 +14,20 @@ arrays are in the compute dtype unless noted, axis letters as in `gemma_core.con
   float32 (float32 inverse frequencies, positions divided by the linear `scaling`), halves
   duplicated, cos/sin cast to the compute dtype. One table per distinct (theta, scaling).
 - rope(x[B,N,T,H], cos, sin) -> [B,N,T,H]: rotate-half (NeoX), x * cos + rotate_half(x) * sin.
-- kv_cache(k[B,K,T,H], v[B,K,T,H], layer_cache, query_slots[T] int) -> (keys[B,K,S,H], values,
-  key_slots[S] int, layer_cache'): writes the new keys/values (keys post-RoPE) and returns every key
-  this step may attend to, with the absolute cache slot of each (-1 for an empty slot).
-- attention(q[B,N,T,H], keys, values, key_slots[S], query_slots[T], valid[B,M] bool; scale, softcap,
-  window) -> [B,N,T,H]: q head h reads kv head h // (N/K); scores scaled, soft-capped (if set) before
-  the mask; key j visible to query i iff slot_j >= 0, slot_j <= slot_i, slot_j > slot_i - window (if
-  set) and valid[b, slot_j] (valid covers every slot of the cache, M = max_length); additive mask
-  with the dtype's finite minimum; softmax in float32.
+- attention_bias(mask[B,1,T,S] bool) -> [B,1,T,S]: 0 where the mask is True, the compute dtype's
+  finite minimum elsewhere. One per layer kind (global, or a sliding window) per step: the
+  masks are step inputs (`gemma_core.masks`: the mask rule, evaluated by
+  `gemma_core.step.step_inputs`), named `mask[global]` / `mask[window=W]`.
+- kv_cache(k[B,K,T,H], v[B,K,T,H], layer_cache, query_slots[T] int; window) -> (keys[B,K,S,H],
+  values, layer_cache'): writes the new keys/values (keys post-RoPE) at ring positions
+  `query_slots % capacity` and returns the keys this step attends over, laid out as
+  `gemma_core.masks.reads_after_write` says: the buffer after the write (S = capacity), or the
+  buffer before it followed by the new keys (S = capacity + T). Key j's slot is
+  `masks.key_slots(...)[j]`, which the layer kind's mask was computed from.
+- attention(q[B,N,T,H], keys[B,K,S,H], values, bias[B,1,T,S]; scale, softcap) -> [B,N,T,H]: q head
+  h reads kv head h // (N/K); scores scaled, soft-capped (if set) before the bias is added;
+  softmax in float32. Graphs without a cache (`build_graph(..., cache=False)`) pass the new
+  keys and values straight to it.
 - qlinear(x[...,I], values, scale; scheme, group_size) -> [...,O]: `linear` on the weight that a
   quantised (values, scale) pair stands for (gemma_core.quant): dequantised in float32, rounded to
   the compute dtype. Backends may fuse the dequantisation into the product.
@@ -45,12 +51,14 @@ from typing import Any
 
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError
-from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD, SCORE, SCORE_BIAS
+from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD, SCORE, SCORE_BIAS, fused_name, has_role, param_name
+from gemma_core.masks import bias_name, layer_kinds, mask_name
 from gemma_core.opset import OP_KINDS
 from gemma_core.quant import SCALE_SUFFIX, QuantConfig
 
-# Names the executor provides before the first op runs.
-GRAPH_INPUTS: tuple[str, ...] = ("ids", "positions", "query_slots", "valid", "logit_index")
+# Names the executor provides before the first op runs (`gemma_core.step.step_inputs`), with
+# one attention mask per layer kind (`gemma_core.masks.mask_name`) and each layer's cache.
+GRAPH_INPUTS: tuple[str, ...] = ("ids", "positions", "query_slots", "logit_index")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,62 +203,63 @@ class _Builder:
             self.add("qembed", [ids], out, [weight, weight + SCALE_SUFFIX], scale_by=scale, **quant)
 
 
-def _attention_block(b: _Builder, c: GemmaConfig, i: int, p: str) -> None:
-    attn = f"{p}.self_attn"
-    b.linear("h", "q", f"{attn}.q_proj.weight")
-    b.linear("h", "k", f"{attn}.k_proj.weight")
-    b.linear("h", "v", f"{attn}.v_proj.weight")
+def _attention_block(b: _Builder, c: GemmaConfig, i: int, cached: bool) -> None:
+    b.linear("h", "q", param_name(c, "q", i))
+    b.linear("h", "k", param_name(c, "k", i))
+    b.linear("h", "v", param_name(c, "v", i))
     b.add("split_heads", ["q"], "q", heads=c.num_heads, head_dim=c.head_dim)  # [B,N,T,H]
     b.add("split_heads", ["k"], "k", heads=c.num_kv_heads, head_dim=c.head_dim)  # [B,K,T,H]
     b.add("split_heads", ["v"], "v", heads=c.num_kv_heads, head_dim=c.head_dim)
     if c.has_qk_norm:
-        b.add("rms_norm", ["q"], "q", [f"{attn}.q_norm.weight"], eps=c.rms_norm_eps)
-        b.add("rms_norm", ["k"], "k", [f"{attn}.k_norm.weight"], eps=c.rms_norm_eps)
+        b.add("rms_norm", ["q"], "q", [param_name(c, "q_norm", i)], eps=c.rms_norm_eps)
+        b.add("rms_norm", ["k"], "k", [param_name(c, "k_norm", i)], eps=c.rms_norm_eps)
     cos, sin = rope_names(*c.rope(i))  # this layer's RoPE table (theta, scaling)
     b.add("rope", ["q", cos, sin], "q")
     b.add("rope", ["k", cos, sin], "k")
-    b.add("kv_cache", ["k", "v", cache_name(i), "query_slots"],
-          ["keys", "values", "key_slots", cache_name(i)])
+    window = c.window(i)
+    kv = ("k", "v")
+    if cached:
+        b.add("kv_cache", ["k", "v", cache_name(i), "query_slots"], ["keys", "values", cache_name(i)],
+              window=window)
+        kv = ("keys", "values")
     softcap = c.attn_logit_softcap if c.architecture is Architecture.GEMMA2 else None
-    b.add("attention", ["q", "keys", "values", "key_slots", "query_slots", "valid"], "a",
-          scale=c.query_scale, softcap=softcap, window=c.window(i))
+    b.add("attention", ["q", *kv, bias_name(window)], "a", scale=c.query_scale, softcap=softcap)
     b.add("merge_heads", ["a"], "a")  # [B,T,N*H]
-    b.linear("a", "a", f"{attn}.o_proj.weight")
+    b.linear("a", "a", param_name(c, "o", i))
 
 
-def _layer(b: _Builder, c: GemmaConfig, i: int) -> None:
-    """Layer i reads the residual stream `x{i}` and writes `x{i+1}`."""
-    p = f"model.layers.{i}"
+def _layer(b: _Builder, c: GemmaConfig, i: int, cached: bool) -> None:
+    """Layer i reads the residual stream `x{i}` and writes `x{i+1}`. Weights by role
+    (gemma_core.layout_table): Gemma 2/3 add the post-attention and post-MLP norms."""
     eps = c.rms_norm_eps
     x, out = f"x{i}", f"x{i + 1}"
-    b.add("rms_norm", [x], "h", [f"{p}.input_layernorm.weight"], eps=eps)
-    _attention_block(b, c, i, p)
-    if c.has_sandwich_norms:
-        b.add("rms_norm", ["a"], "a", [f"{p}.post_attention_layernorm.weight"], eps=eps)
-        b.add("add", [x, "a"], "r")
-        b.add("rms_norm", ["r"], "h", [f"{p}.pre_feedforward_layernorm.weight"], eps=eps)
-    else:
-        b.add("add", [x, "a"], "r")
-        b.add("rms_norm", ["r"], "h", [f"{p}.post_attention_layernorm.weight"], eps=eps)
-    b.linear("h", "gate", f"{p}.mlp.gate_proj.weight")  # [B,T,F]
-    b.linear("h", "up", f"{p}.mlp.up_proj.weight")
+    b.add("rms_norm", [x], "h", [param_name(c, "pre_attn_norm", i)], eps=eps)
+    _attention_block(b, c, i, cached)
+    if has_role(c, "post_attn_norm"):
+        b.add("rms_norm", ["a"], "a", [param_name(c, "post_attn_norm", i)], eps=eps)
+    b.add("add", [x, "a"], "r")
+    b.add("rms_norm", ["r"], "h", [param_name(c, "pre_mlp_norm", i)], eps=eps)
+    b.linear("h", "gate", param_name(c, "gate", i))  # [B,T,F]
+    b.linear("h", "up", param_name(c, "up", i))
     b.add("gelu_tanh", ["gate"], "gate")
     b.add("mul", ["gate", "up"], "m")
-    b.linear("m", "m", f"{p}.mlp.down_proj.weight")  # [B,T,D]
-    if c.has_sandwich_norms:
-        b.add("rms_norm", ["m"], "m", [f"{p}.post_feedforward_layernorm.weight"], eps=eps)
+    b.linear("m", "m", param_name(c, "down", i))  # [B,T,D]
+    if has_role(c, "post_mlp_norm"):
+        b.add("rms_norm", ["m"], "m", [param_name(c, "post_mlp_norm", i)], eps=eps)
     b.add("add", ["r", "m"], out)
 
 
 TASKS = ("causal-lm", "base", "sequence-classification", "token-classification")
 
 
-def build_graph(config: GemmaConfig, task: str = "causal-lm") -> Graph:
-    """The verified op list of `config` for `task`; reads `GRAPH_INPUTS` and each layer's cache,
-    outputs `logits` (causal-lm: [B,P,V]; sequence-classification: [B,labels], pooled at the
-    rightmost non-pad token; token-classification: [B,T,labels]) or `hidden` [B,T,D] and the
-    residual stream `x0..x{L-1}` (base: `x{i+1}` is the stream after layer i, `x0` the scaled
-    embeddings), then the updated caches. A malformed list raises `GraphError` naming the op."""
+def build_graph(config: GemmaConfig, task: str = "causal-lm", *, cache: bool = True) -> Graph:
+    """The verified op list of `config` for `task`; reads `GRAPH_INPUTS`, the attention mask of
+    each layer kind and (`cache`, the default) each layer's cache, outputs `logits` (causal-lm:
+    [B,P,V]; sequence-classification: [B,labels], pooled at the rightmost non-pad token;
+    token-classification: [B,T,labels]) or `hidden` [B,T,D] and the residual stream
+    `x0..x{L-1}` (base: `x{i+1}` is the stream after layer i, `x0` the scaled embeddings), then
+    the updated caches. `cache=False` is the step without a cache (training, one-shot scoring):
+    each layer attends over its new keys only. A malformed list raises `GraphError` naming the op."""
     if task not in TASKS:
         raise ConfigError(f"task: unknown value {task!r} (known: {', '.join(TASKS)})")
     b = _Builder(config.quantization)
@@ -258,13 +267,16 @@ def build_graph(config: GemmaConfig, task: str = "causal-lm") -> Graph:
     for theta, scaling in dict.fromkeys(config.rope(i) for i in range(config.num_layers)):
         b.add("rope_table", ["positions"], rope_names(theta, scaling), head_dim=config.head_dim,
               theta=theta, scaling=scaling)  # [B,1,T,H] each
+    kinds = layer_kinds(config)
+    for window in kinds:
+        b.add("attention_bias", [mask_name(window)], bias_name(window))  # [B,1,T,S] each
     for i in range(config.num_layers):
         b.layer = i
-        _layer(b, config, i)
+        _layer(b, config, i, cache)
     b.layer = None
     last, eps = f"x{config.num_layers}", config.rms_norm_eps
-    caches = tuple(cache_name(i) for i in range(config.num_layers))
-    inputs = (*GRAPH_INPUTS, *caches)
+    caches = tuple(cache_name(i) for i in range(config.num_layers)) if cache else ()
+    inputs = (*GRAPH_INPUTS, *(mask_name(w) for w in kinds), *caches)
     head = ("hidden", *(f"x{i}" for i in range(config.num_layers))) if task == "base" else ("logits",)
     if task == "causal-lm":
         b.add("gather_positions", [last, "logit_index"], "h")  # [B,P,D]
@@ -306,10 +318,7 @@ def fuse_projections(graph: Graph, shapes: Mapping[str, tuple[int, ...]],
             continue
         group = ops[i:j]
         sources = tuple(g.params[0] for g in group)
-        head, _, _ = sources[0].rpartition(".")  # e.g. model.layers.0.self_attn.q_proj
-        parent = head.rpartition(".")[0]
-        kinds = ",".join(name.rpartition(".")[0].rpartition(".")[2].removesuffix("_proj") for name in sources)
-        name = f"{parent}.{{{kinds}}}_proj.weight"
+        name = fused_name(sources)  # e.g. model.layers.0.self_attn.{q,k,v}_proj.weight
         fused[name] = sources
         params = (name,) if op.kind == "linear" else (name, name + SCALE_SUFFIX)
         tmp = "+".join(o for g in group for o in g.outputs)

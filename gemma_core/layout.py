@@ -1,13 +1,14 @@
-"""The weight layout: one row per tensor, in the Hugging Face (canonical) names and `[out, in]` shapes.
+"""The weight layout: every tensor a config needs, with its shape, and checks of weight sets
+against it. The table itself, its roles and the role lookups live in `gemma_core.layout_table`
+(imported by `gemma_core.quant` too) and are re-exported here: `LAYOUT`, `param_name(config,
+role, layer)`, `role_of(name, config)`, `roles_of`, `has_role`, `fused_name`, `fused_parts`.
 
 Shapes are written in config symbols (see `gemma_core.config`): V vocab, D hidden, F intermediate,
-N query heads, K kv heads, H head_dim, L labels (classification heads). `{layer}` stands for the
-layer index. `when` names the config property, or the task, a row exists for.
+N query heads, K kv heads, H head_dim, L labels (classification heads).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -17,46 +18,26 @@ import numpy as np
 
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import WeightError
-from gemma_core.quant import SCALE_SUFFIX, stored_dtype, stored_shapes
-
-EMBED = "model.embed_tokens.weight"
-FINAL_NORM = "model.norm.weight"
-LM_HEAD = "lm_head.weight"
-SCORE = "score.weight"
-SCORE_BIAS = "score.bias"
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamRow:
-    """One tensor of the layout. `when` names the config property that must hold for it to exist."""
-
-    name: str
-    shape: tuple[str, ...]
-    when: str = "always"
-    note: str = ""
-
-
-LAYOUT: tuple[ParamRow, ...] = (
-    ParamRow(EMBED, ("V", "D"), note="unscaled; also the tied LM head"),
-    ParamRow("model.layers.{layer}.input_layernorm.weight", ("D",), note="stored as w, applied as 1+w"),
-    ParamRow("model.layers.{layer}.self_attn.q_proj.weight", ("N*H", "D")),
-    ParamRow("model.layers.{layer}.self_attn.k_proj.weight", ("K*H", "D")),
-    ParamRow("model.layers.{layer}.self_attn.v_proj.weight", ("K*H", "D")),
-    ParamRow("model.layers.{layer}.self_attn.q_norm.weight", ("H",), "has_qk_norm", "Gemma 3"),
-    ParamRow("model.layers.{layer}.self_attn.k_norm.weight", ("H",), "has_qk_norm", "Gemma 3"),
-    ParamRow("model.layers.{layer}.self_attn.o_proj.weight", ("D", "N*H")),
-    ParamRow("model.layers.{layer}.post_attention_layernorm.weight", ("D",),
-             note="Gemma 1: the pre-MLP norm; Gemma 2/3: the post-attention norm"),
-    ParamRow("model.layers.{layer}.pre_feedforward_layernorm.weight", ("D",), "has_sandwich_norms"),
-    ParamRow("model.layers.{layer}.post_feedforward_layernorm.weight", ("D",), "has_sandwich_norms"),
-    ParamRow("model.layers.{layer}.mlp.gate_proj.weight", ("F", "D"), note="GELU branch"),
-    ParamRow("model.layers.{layer}.mlp.up_proj.weight", ("F", "D"), note="linear branch"),
-    ParamRow("model.layers.{layer}.mlp.down_proj.weight", ("D", "F")),
-    ParamRow(FINAL_NORM, ("D",)),
-    ParamRow(LM_HEAD, ("V", "D"), "untied", "causal LM only; absent when tied to the embedding"),
-    ParamRow(SCORE, ("L", "D"), "classification", "sequence/token classification head"),
-    ParamRow(SCORE_BIAS, ("L",), "token-classification", "token classification only"),
+from gemma_core.layout_table import (  # noqa: F401  (re-exported: the layout's public names)
+    EMBED,
+    FINAL_NORM,
+    LAYOUT,
+    LM_HEAD,
+    NORMS,
+    ROLES,
+    SCORE,
+    SCORE_BIAS,
+    ParamRow,
+    applies,
+    fused_name,
+    fused_parts,
+    has_role,
+    param_name,
+    param_template,
+    role_of,
+    roles_of,
 )
+from gemma_core.quant import SCALE_SUFFIX, stored_dtype, stored_shapes
 
 
 def _symbols(config: GemmaConfig, num_labels: int = 0) -> dict[str, int]:
@@ -69,27 +50,15 @@ def _dim(symbol: str, values: Mapping[str, int]) -> int:
     return math.prod(values[s] for s in symbol.split("*"))
 
 
-def _applies(row: ParamRow, config: GemmaConfig, task: str) -> bool:
-    if row.when == "always":
-        return True
-    if row.when == "untied":
-        return task == "causal-lm" and not config.tie_word_embeddings
-    if row.when == "classification":
-        return task in ("sequence-classification", "token-classification")
-    if row.when == "token-classification":
-        return task == row.when
-    return bool(getattr(config, row.when))
-
-
 def iter_params(config: GemmaConfig, task: str = "causal-lm",
                 num_labels: int = 0) -> Iterator[tuple[str, tuple[int, ...], ParamRow]]:
     """Every tensor name of `config` (with `task`'s head) and its concrete shape, in layout order."""
     values = _symbols(config, num_labels)
     for row in LAYOUT:
-        if not _applies(row, config, task):
+        if not applies(row, config, task):
             continue
         shape = tuple(_dim(s, values) for s in row.shape)
-        if "{layer}" in row.name:
+        if row.per_layer:
             for layer in range(config.num_layers):
                 yield row.name.format(layer=layer), shape, row
         else:
@@ -182,12 +151,13 @@ def dtype_problems(config: GemmaConfig, weights: Mapping[str, Any]) -> list[str]
 def check_tensor_count(config: GemmaConfig, weights: Mapping[str, Any], task: str = "causal-lm") -> None:
     """Refuse at once a config that implies more tensors than the weights hold (a config.json or
     GGUF header claiming millions of layers), before anything of that size is listed or made."""
-    per_layer = sum(1 for row in LAYOUT if "{layer}" in row.name and _applies(row, config, task))
-    other = sum(1 for row in LAYOUT if "{layer}" not in row.name and _applies(row, config, task))
+    per_layer = sum(1 for row in LAYOUT if row.per_layer and applies(row, config, task))
+    other = sum(1 for row in LAYOUT if not row.per_layer and applies(row, config, task))
     needed = per_layer * config.num_layers + other
     if needed <= 2 * len(weights) + 64:  # a small gap is listed tensor by tensor by the caller
         return
-    layers = {name.split(".")[2] for name in weights if name.startswith("model.layers.")}
+    found = (role_of(name, config) for name in weights)
+    layers = {f[1] for f in found if f is not None and f[1] is not None}
     raise WeightError(f"num_hidden_layers: the config's {config.num_layers} layers need at least "
                       f"{needed} tensors, the weights hold {len(weights)} (for {len(layers)} layers)")
 
@@ -214,12 +184,12 @@ def key_set_problems(missing: list[str], unexpected: list[str], misshaped: list[
 
 
 def format_layout(config: GemmaConfig, task: str = "causal-lm", num_labels: int = 0) -> str:
-    """The layout table as text, one row per template."""
+    """The layout table as text, one row per template: name, role, shape, note."""
     values = _symbols(config, num_labels)
     lines = []
     for row in LAYOUT:
-        if not _applies(row, config, task):
+        if not applies(row, config, task):
             continue
         shape = ", ".join(f"{s}={_dim(s, values)}" for s in row.shape)
-        lines.append(f"{row.name:<58} [{shape}]" + (f"  # {row.note}" if row.note else ""))
+        lines.append(f"{row.name:<58} {row.role:<14} [{shape}]" + (f"  # {row.note}" if row.note else ""))
     return "\n".join(lines)

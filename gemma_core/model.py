@@ -16,6 +16,7 @@ from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError, InputError, WeightError
 from gemma_core.graph import TASKS, Graph, bind, build_graph, cache_name, fuse_projections, run_bound
 from gemma_core.layout import SCORE, iter_params, validate_weights
+from gemma_core.masks import layer_kinds
 from gemma_core.quant import SCALE_SUFFIX
 from gemma_core.step import Bookkeeping, step_inputs
 from gemma_core.weights import task_weights
@@ -83,6 +84,7 @@ class Model:
         self.dtype = dtype
         self.device = device
         self.graph: Graph = build_graph(config, task)
+        self.layer_kinds = layer_kinds(config)  # one attention mask per kind a step
         if self.backend.fuse_projections:
             shapes = {name: shape for name, shape, _ in iter_params(config, task, num_labels)}
             self.graph, groups = fuse_projections(self.graph, shapes)
@@ -160,9 +162,9 @@ class Model:
             raise InputError(f"input_ids: {start} cached + {t} new tokens exceed the cache's "
                              f"max_length {cache.max_length}")
         inputs, book = step_inputs(ids, mask, Bookkeeping(start, cache.valid, cache.seen),
-                                   last_only=last_only)
+                                   last_only=last_only, windows=self.layer_kinds)
         be, dev = self.backend, self.device
-        # valid is [B, max_length]: a fixed shape for compiled steps
+        # masks are [B,1,T,S], S fixed by the cache's max_length: a fixed shape for compiled steps
         env: dict[str, Any] = {name: be.asarray(value, dev) for name, value in inputs.items()}
         layers = cache.layers
         if not owned and self.mutates_cache:

@@ -21,7 +21,8 @@ CLASSIFICATION = "classification"
 # group -> op kinds. "core" is required of every backend; the others are declared when implemented.
 OP_GROUPS: dict[str, tuple[str, ...]] = {
     CORE: ("embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope_table", "rope",
-           "kv_cache", "attention", "split", "gelu_tanh", "mul", "add", "softcap", "gather_positions"),
+           "attention_bias", "kv_cache", "attention", "split", "gelu_tanh", "mul", "add", "softcap",
+           "gather_positions"),
     QUANTIZED: ("qlinear", "qembed"),  # quantised checkpoints (gemma_core.quant)
     CLASSIFICATION: ("pool_last_token",),  # the sequence-classification head
 }
@@ -29,8 +30,8 @@ REQUIRED_GROUPS: tuple[str, ...] = (CORE,)
 
 # Every op kind, in the vocabulary's order (gemma_core.graph re-exports this).
 OP_KINDS: tuple[str, ...] = (
-    "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope_table", "rope", "kv_cache",
-    "attention", "pool_last_token", "qlinear", "qembed", "split",
+    "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope_table", "rope", "attention_bias",
+    "kv_cache", "attention", "pool_last_token", "qlinear", "qembed", "split",
     "gelu_tanh", "mul", "add", "softcap", "gather_positions",
 )
 assert sorted(OP_KINDS) == sorted(k for kinds in OP_GROUPS.values() for k in kinds)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from gemma_core.errors import ConfigError, WeightError
+from gemma_core.layout_table import roles_of
 
 SCHEMES = ("int8", "int4", "nf4")
 GROUP_SIZES = (32, 64, 128)
@@ -51,7 +52,13 @@ FLOAT = "float"
 RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     "int4-mixed": ("int4", {"v_proj": "int8", "down_proj": "int8"}),
 }
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The projections as users name them (`--modules v_proj=int8`, transformers' module names), and
+# the layout role (gemma_core.layout_table) each one is.
+MODULE_ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+                "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+PROJECTIONS = tuple(MODULE_ROLES)
+_ROLE_MODULES = {role: module for module, role in MODULE_ROLES.items()}
+_EMBEDDING_ROLES = ("embedding", "lm_head")  # the embedding, or the untied head of its shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,22 +118,26 @@ class QuantConfig:
         """Bits per stored weight of the projections."""
         return bits_of(self.scheme)
 
+    def role_scheme(self, role: str) -> str | None:
+        """The scheme the tensors holding layout `role` (gemma_core.layout_table) are stored in;
+        None for float tensors (norms, the classification head, an override to "float")."""
+        scheme = self._scheme_or_float(role)
+        return None if scheme == FLOAT else scheme
+
+    def _scheme_or_float(self, role: str) -> str:
+        if role in _ROLE_MODULES:
+            return dict(self.modules).get(_ROLE_MODULES[role], self.scheme)
+        return str(self.embedding) if role in _EMBEDDING_ROLES else FLOAT
+
     def scheme_for(self, name: str) -> str | None:
-        """The scheme the canonical tensor `name` is stored in; None for float tensors. A fused
-        projection (`...{q,k,v}_proj.weight`, gemma_core.graph.fuse_projections) has its parts'
-        scheme, which fusion requires to be one."""
-        if name.endswith("_proj.weight") and name.startswith("model.layers."):
-            module = name.rsplit(".", 2)[-2]  # q_proj, or {q,k,v}_proj
-            parts = module[1:-len("}_proj")].split(",") if module.startswith("{") else [module[:-5]]
-            overrides = dict(self.modules)
-            schemes = {overrides.get(part + "_proj", self.scheme) for part in parts}
-            if len(schemes) != 1:
-                raise ConfigError(f"{name}: fused projections in different schemes {sorted(schemes)}")
-            scheme = schemes.pop()
-            return None if scheme == FLOAT else scheme
-        if name in ("model.embed_tokens.weight", "lm_head.weight") and self.embedding != FLOAT:
-            return str(self.embedding)
-        return None
+        """The scheme the canonical tensor `name` is stored in (that of its role); None for float
+        tensors and names outside the layout. A fused projection (`...{q,k,v}_proj.weight`,
+        gemma_core.graph.fuse_projections) has its parts' scheme, which fusion requires to be one."""
+        schemes = {self._scheme_or_float(role) for role in roles_of(name)}
+        if len(schemes) > 1:
+            raise ConfigError(f"{name}: fused projections in different schemes {sorted(schemes)}")
+        scheme = schemes.pop() if schemes else FLOAT
+        return None if scheme == FLOAT else scheme
 
     def group_for(self, scheme: str) -> int | None:
         """The group size of `scheme` (None for int8's per-channel scales)."""

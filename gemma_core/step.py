@@ -1,5 +1,5 @@
 """A step's inputs from (ids, mask, cache): the one place where RoPE positions, cache slots, the
-valid-slot mask and the logit index are computed.
+valid-slot mask, the attention masks and the logit index are computed.
 
 The rule is written once against an array namespace `xp` (numpy on the host by default; jax.numpy
 inside a traced decode loop, `keras.ops` inside a Keras model) and uses only functional array
@@ -8,15 +8,20 @@ operations, so it runs unchanged under tracing:
 - positions: the running count of real tokens, `seen + cumsum(mask) - 1`, 0 at pads (as
   transformers' generate computes them for left padding);
 - query_slots: `arange(start, start + T)`, the cache slots the new tokens take (pads included);
-- valid: the cache's valid slots with `valid[:, start:start + T] = mask`;
-- logit_index: `[T - 1]` when only the last position's logits are wanted, else `arange(T)`.
+- valid (bookkeeping, read by the masks): the cache's valid slots with `valid[:, start:start + T] = mask`;
+- logit_index: `[T - 1]` when only the last position's logits are wanted, else `arange(T)`;
+- one attention mask `[B,1,T,S]` per layer kind (`gemma_core.masks`: the cache layout and the
+  mask rule), named `masks.mask_name(window)`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from gemma_core import masks
 
 
 class Bookkeeping(NamedTuple):
@@ -34,11 +39,12 @@ class Bookkeeping(NamedTuple):
 
 
 def step_inputs(ids: Any, mask: Any, book: Bookkeeping | None = None, *, last_only: bool = False,
-                xp: Any = np) -> tuple[dict[str, Any], Bookkeeping]:
-    """The step inputs (`gemma_core.graph.GRAPH_INPUTS`) of `ids [B,T]` with `mask [B,T]` (bool,
-    True for real tokens) fed after `book`, and the bookkeeping after the step. `book=None`
-    means no cache: the step's own T slots, nothing seen before. Arrays are `xp`'s; the caller
-    checks that T new slots fit."""
+                windows: Sequence[int | None] = (), xp: Any = np) -> tuple[dict[str, Any], Bookkeeping]:
+    """The step inputs (`gemma_core.graph.GRAPH_INPUTS` and the masks of `windows`, the layer
+    kinds `masks.layer_kinds(config)`) of `ids [B,T]` with `mask [B,T]` (bool, True for real
+    tokens) fed after `book`, and the bookkeeping after the step. `book=None` means no cache:
+    the step's own T slots, nothing seen before, each layer attending over its new keys only.
+    Arrays are `xp`'s; the caller checks that T new slots fit."""
     t = xp.shape(ids)[1]
     count = xp.cumsum(xp.where(mask, 1, 0), axis=1)  # [B,T] real tokens up to each position
     if book is None:
@@ -49,12 +55,18 @@ def step_inputs(ids: Any, mask: Any, book: Bookkeeping | None = None, *, last_on
         fresh = (cols >= start) & (cols < start + t)
         placed = xp.take(mask, xp.clip(cols - start, 0, t - 1), axis=1)  # [B,M]: mask[:, col - start]
         valid = xp.where(fresh[None, :], placed, book.valid)  # [B,M]
+    query_slots = start + xp.arange(t)  # [T]
     inputs = {
         "ids": ids,
         "positions": xp.where(mask, seen + count - 1, 0),  # [B,T]
-        "query_slots": start + xp.arange(t),  # [T]
-        "valid": valid,
+        "query_slots": query_slots,
         "logit_index": xp.arange(t - 1, t) if last_only else xp.arange(t),  # [P]
     }
+    for window in windows:
+        if book is None:  # no cache: the new keys only
+            keys = query_slots
+        else:
+            keys = masks.key_slots(start, t, masks.capacity(window, book.max_length), window, xp)
+        inputs[masks.mask_name(window)] = masks.visible(keys, query_slots, valid, window, xp)
     new_seen = count[:, -1] if book is None else book.seen + count[:, -1]
     return inputs, Bookkeeping(start + t, valid, new_seen)

@@ -79,15 +79,25 @@ def test_dropped_softcap_fails_only_where_it_binds(monkeypatch: pytest.MonkeyPat
     assert res["gemma1-mqa-padded"].status == "pass"
 
 
-def test_ignored_window_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kv_cache_ignoring_its_window_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     def patch(t: dict[str, Any]) -> None:
-        attention = t["attention"]
-        t["attention"] = lambda *a, window=None, **kw: attention(*a, window=None, **kw)
+        kv_cache = t["kv_cache"]
+        t["kv_cache"] = lambda *a, window=None, **kw: kv_cache(*a, window=None, **kw)
 
-    res = _run_broken(monkeypatch, patch, ["op-attention", "gemma2-window-shorter-than-sequence"])
-    assert res["op-attention"].status == "fail"
-    assert "window=3" in res["op-attention"].detail
+    res = _run_broken(monkeypatch, patch, ["op-kv_cache", "gemma2-window-shorter-than-sequence"])
+    assert res["op-kv_cache"].status == "fail"
+    assert "window=4" in res["op-kv_cache"].detail
     assert res["gemma2-window-shorter-than-sequence"].status == "fail"
+
+
+def test_bias_ignoring_the_mask_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def patch(t: dict[str, Any]) -> None:
+        bias = t["attention_bias"]
+        t["attention_bias"] = lambda mask: bias(np.ones_like(mask))
+
+    res = _run_broken(monkeypatch, patch, ["op-attention_bias", "op-attention", "gemma1-mqa-padded"])
+    assert [r.case for r in res.values() if r.status == "fail"] == [
+        "op-attention_bias", "op-attention", "gemma1-mqa-padded"], res
 
 
 def test_missing_op_kind_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

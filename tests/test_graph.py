@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+import numpy as np
 import pytest
 
+import gemma_core
 from backends.numpy import backend as numpy_backend
+from backends.numpy.ops import make_op_table
 from gemma_core.errors import ConfigError
 from gemma_core.graph import (
     GRAPH_INPUTS,
@@ -16,13 +19,18 @@ from gemma_core.graph import (
     Graph,
     GraphError,
     Op,
+    bind,
     build_graph,
     format_graph,
     fuse_projections,
+    run_bound,
 )
 from gemma_core.layout import expected_shapes, iter_params
+from gemma_core.masks import layer_kinds
 from gemma_core.presets import PRESETS, get_preset
 from gemma_core.quant import SCALE_SUFFIX, QuantConfig
+from gemma_core.step import step_inputs
+from gemma_core.weights import random_weights
 
 
 def test_numpy_op_table_is_exactly_the_vocabulary() -> None:
@@ -77,13 +85,37 @@ def test_gemma3_per_layer_rope_and_window() -> None:
     assert sorted(tables.values()) == [(1e4, 1.0), (1e6, 8.0)]  # one table per distinct RoPE
     ropes = [op for op in ops if op.kind == "rope" and op.inputs[0] == "k"]
     attns = [op for op in ops if op.kind == "attention"]
-    for layer, (rope, attn) in enumerate(zip(ropes, attns, strict=True)):
+    caches = [op for op in ops if op.kind == "kv_cache"]
+    for layer, (rope, attn, cache) in enumerate(zip(ropes, attns, caches, strict=True)):
         if (layer + 1) % 6 == 0:
             assert tables[rope.inputs[1]] == (1e6, 8.0)
-            assert attn.attrs["window"] is None
+            assert cache.attrs["window"] is None and attn.inputs[-1] == "bias[global]"
         else:
             assert tables[rope.inputs[1]] == (1e4, 1.0)
-            assert attn.attrs["window"] == 1024
+            assert cache.attrs["window"] == 1024 and attn.inputs[-1] == "bias[window=1024]"
+    # one bias per layer kind, made once a step from the step's masks
+    biases = [op for op in ops if op.kind == "attention_bias"]
+    assert [(op.inputs, op.outputs) for op in biases] == [
+        (("mask[window=1024]",), ("bias[window=1024]",)), (("mask[global]",), ("bias[global]",))]
+
+
+def test_graph_without_a_cache_attends_over_the_new_keys() -> None:
+    config = get_preset("tiny-gemma3")
+    graph = build_graph(config, cache=False)
+    assert not any(op.kind == "kv_cache" for op in graph)
+    assert not any(name.startswith("cache.") for name in (*graph.inputs, *graph.outputs))
+    attn = next(op for op in graph if op.kind == "attention")
+    assert attn.inputs == ("q", "k", "v", "bias[window=8]")
+    # the same logits as the cached step from an empty cache
+    weights = random_weights(config, 0)
+    ids = np.array([[0, 5, 6, 7, 8, 9, 10, 11, 12, 13]])  # longer than the window of 8
+    mask = ids > 0
+    env, _ = step_inputs(ids, mask, windows=layer_kinds(config))
+    ours = run_bound(bind(graph, make_op_table("float32"), weights), env)["logits"]
+    model = gemma_core.Model(config, weights)
+    ref = model.forward(ids, mask).logits
+    # real positions only: a pad query sees no key, its (uniform) output depends on the key count
+    np.testing.assert_allclose(ours[mask], ref[mask], rtol=1e-5, atol=1e-5)
 
 
 def test_query_scale_in_attention_ops() -> None:
@@ -105,7 +137,10 @@ def test_format_graph_is_readable() -> None:
     assert text.startswith("# gemma3: 18 layers")
     assert "layer 0 (local window=512, rope theta=10000 scaling=1)" in text
     assert "layer 5 (global, rope theta=1e+06 scaling=1)" in text
-    assert "attention        q, keys, values, key_slots, query_slots, valid -> a" in text
+    assert "attention_bias   mask[window=512] -> bias[window=512]" in text
+    assert "kv_cache         k, v, cache.0, query_slots -> keys, values, cache.0  window=512" in text
+    assert "attention        q, keys, values, bias[window=512] -> a" in text
+    assert "attention        q, keys, values, bias[global] -> a" in text
     assert text.splitlines()[-1].strip().startswith("linear           h -> logits")
     assert "add              r, m -> x18" in text  # the residual stream after layer 17
 
@@ -125,7 +160,7 @@ def test_built_graph_declares_its_inputs_outputs_registers_and_params() -> None:
     config = get_preset("tiny-gemma")
     graph = build_graph(config)
     caches = ("cache.0", "cache.1")
-    assert graph.inputs == (*GRAPH_INPUTS, *caches)
+    assert graph.inputs == (*GRAPH_INPUTS, "mask[global]", *caches)  # Gemma 1: global layers only
     assert graph.outputs == ("logits", *caches)
     assert {"x0", "x1", "x2", "q", "keys", "logits", *caches} <= set(graph.registers)
     assert not set(graph.registers) & set(GRAPH_INPUTS)
@@ -146,9 +181,9 @@ def test_typo_in_an_op_input_fails_at_build_naming_the_op() -> None:
 
 def test_missing_graph_input_fails_at_build_naming_the_first_reader() -> None:
     graph = _tiny()
-    i = _first(graph, "attention")
-    inputs = tuple(n for n in graph.inputs if n != "valid")
-    with pytest.raises(GraphError, match=rf"op {i} \(attention, layer 0\): reads 'valid'"):
+    i = _first(graph, "kv_cache")
+    inputs = tuple(n for n in graph.inputs if n != "query_slots")
+    with pytest.raises(GraphError, match=rf"op {i} \(kv_cache, layer 0\): reads 'query_slots'"):
         Graph(graph.ops, inputs, graph.outputs)
 
 
@@ -219,7 +254,8 @@ def test_every_graph_verifies_and_reads_exactly_the_layout(name: str) -> None:
 
 def test_format_graph_lists_inputs_and_outputs() -> None:
     lines = format_graph(get_preset("gemma-3-270m")).splitlines()
-    assert lines[1] == "# inputs: ids, positions, query_slots, valid, logit_index, cache.{0..17}"
+    assert lines[1] == ("# inputs: ids, positions, query_slots, logit_index, mask[window=512], "
+                        "mask[global], cache.{0..17}")
     assert lines[2] == "# outputs: logits, cache.{0..17}"
     assert lines[3] == "input"
     base = format_graph(get_preset("tiny-gemma"), task="base").splitlines()

@@ -124,8 +124,8 @@ def test_rope_bf16_rounds_cos_sin(rng: np.random.Generator) -> None:
 def _attend(table, q, k, v, valid=None, window=None, softcap=None, scale=1.0):  # type: ignore[no-untyped-def]
     t, s = q.shape[2], k.shape[2]
     valid = np.ones((q.shape[0], s), bool) if valid is None else valid
-    return table["attention"](q, k, v, np.arange(s), np.arange(s - t, s), valid,
-                              scale=scale, softcap=softcap, window=window)
+    mask = attention_mask(np.arange(s), np.arange(s - t, s), valid, window)
+    return table["attention"](q, k, v, table["attention_bias"](mask), scale=scale, softcap=softcap)
 
 
 def test_gqa_query_head_reads_kv_head_h_div_group(rng: np.random.Generator) -> None:

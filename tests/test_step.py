@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gemma_core
+from gemma_core import masks
 from gemma_core.graph import GRAPH_INPUTS, cache_name
 from gemma_core.step import Bookkeeping, step_inputs
 
@@ -26,27 +27,39 @@ def test_step_inputs_left_padding_after_a_non_empty_cache() -> None:
     before = book.valid.copy()
     ids = np.array([[0, 7, 8], [4, 5, 6]])
     mask = np.array([[F, T, T], [T, T, T]])
-    inputs, after = step_inputs(ids, mask, book)
-    assert tuple(inputs) == GRAPH_INPUTS
+    inputs, after = step_inputs(ids, mask, book, windows=(None, 2))
+    assert tuple(inputs) == (*GRAPH_INPUTS, "mask[global]", "mask[window=2]")
     np.testing.assert_array_equal(inputs["ids"], ids)
     np.testing.assert_array_equal(inputs["positions"], [[0, 2, 3], [3, 4, 5]])  # 0 at the pad
     np.testing.assert_array_equal(inputs["query_slots"], [3, 4, 5])  # pads take slots too
-    np.testing.assert_array_equal(inputs["valid"], [[F, T, T, F, T, T, F, F], [T, T, T, T, T, T, F, F]])
     np.testing.assert_array_equal(inputs["logit_index"], [0, 1, 2])
     assert after.length == 6 and after.max_length == 8
     np.testing.assert_array_equal(after.seen, [4, 6])
-    assert after.valid is inputs["valid"]
+    np.testing.assert_array_equal(after.valid, [[F, T, T, F, T, T, F, F], [T, T, T, T, T, T, F, F]])
     np.testing.assert_array_equal(book.valid, before)  # the cache's bookkeeping is left as it was
+    # global: written first, the 8-slot buffer read (slots 0..5 held); pads invisible
+    np.testing.assert_array_equal(inputs["mask[global]"][:, 0], [
+        [[F, T, T, F, F, F, F, F], [F, T, T, F, T, F, F, F], [F, T, T, F, T, T, F, F]],
+        [[T, T, T, T, F, F, F, F], [T, T, T, T, T, F, F, F], [T, T, T, T, T, T, F, F]]])
+    # a ring of 2 the chunk wraps: the ring as it was (slots 2, 1), then the new slots 3, 4, 5;
+    # each query sees itself and the slot before it
+    np.testing.assert_array_equal(inputs["mask[window=2]"][:, 0], [
+        [[T, F, F, F, F], [F, F, F, T, F], [F, F, F, T, T]],
+        [[T, F, T, F, F], [F, F, T, T, F], [F, F, F, T, T]]])  # the cache's bookkeeping is left as it was
     last, _ = step_inputs(ids, mask, book, last_only=True)
     np.testing.assert_array_equal(last["logit_index"], [2])
 
 
 def test_step_inputs_without_a_cache() -> None:
     mask = np.array([[F, F, T, T], [T, T, T, T]])
-    inputs, after = step_inputs(np.zeros((2, 4), np.int64), mask)
+    inputs, after = step_inputs(np.zeros((2, 4), np.int64), mask, windows=(None, 2))
     np.testing.assert_array_equal(inputs["positions"], [[0, 0, 0, 1], [0, 1, 2, 3]])
     np.testing.assert_array_equal(inputs["query_slots"], [0, 1, 2, 3])
-    np.testing.assert_array_equal(inputs["valid"], mask)
+    np.testing.assert_array_equal(after.valid, mask)
+    causal = np.tril(np.ones((4, 4), bool))
+    np.testing.assert_array_equal(inputs["mask[global]"][:, 0], causal[None] & mask[:, None, :])
+    np.testing.assert_array_equal(inputs["mask[window=2]"][:, 0], (causal & ~np.tril(causal, -2))[None]
+                                  & mask[:, None, :])
     assert after.length == 4
     np.testing.assert_array_equal(after.seen, [2, 4])
 
@@ -56,15 +69,16 @@ def test_step_inputs_in_jax_equal_numpy_and_trace() -> None:
     jnp = jax.numpy
     book = _after_prefix()
     ids, mask = np.array([[9], [9]]), np.array([[T], [T]])
-    expected, after = step_inputs(ids, mask, book, last_only=True)
+    expected, after = step_inputs(ids, mask, book, last_only=True, windows=(None, 2))
 
     @jax.jit
     def traced(length: jax.Array, valid: jax.Array, seen: jax.Array) -> tuple[dict[str, Any], Bookkeeping]:
         return step_inputs(jnp.asarray(ids), jnp.asarray(mask), Bookkeeping(length, valid, seen),
-                           last_only=True, xp=jnp)
+                           last_only=True, windows=(None, 2), xp=jnp)
 
     got, got_after = traced(jnp.asarray(book.length), jnp.asarray(book.valid), jnp.asarray(book.seen))
-    for name in GRAPH_INPUTS:
+    assert set(got) == set(expected)
+    for name in expected:
         np.testing.assert_array_equal(np.asarray(got[name]), expected[name], err_msg=name)
     assert int(got_after.length) == after.length == 4
     np.testing.assert_array_equal(np.asarray(got_after.seen), after.seen)
@@ -78,8 +92,12 @@ def _hand_env(model: gemma_core.Model, ids: np.ndarray, mask: np.ndarray,
     valid = cache.valid.copy()
     valid[:, start:start + t] = mask
     positions = np.where(mask, cache.seen[:, None] + np.cumsum(mask, axis=1) - 1, 0)
-    env: dict[str, object] = {"ids": ids, "positions": positions, "query_slots": np.arange(start, start + t),
-                              "valid": valid, "logit_index": np.arange(t)}
+    slots = np.arange(start, start + t)
+    env: dict[str, object] = {"ids": ids, "positions": positions, "query_slots": slots,
+                              "logit_index": np.arange(t)}
+    for window in masks.layer_kinds(model.config):
+        keys = masks.key_slots(start, t, masks.capacity(window, cache.max_length), window)
+        env[masks.mask_name(window)] = masks.attention_mask(keys, slots, valid, window)
     env.update({cache_name(i): layer for i, layer in enumerate(model.copy_cache(cache).layers)})
     return env
 

@@ -16,7 +16,7 @@ the choice is spelled out here:
   writeable (`array_api_compat.is_writeable_array`), and rebuilt with `xp.where` otherwise
   (JAX): `make_op_table(xp, dtype, in_place)`.
 - RoPE's float32 inverse frequencies are host constants made as the NumPy reference makes them.
-- Slot bookkeeping (where the ring buffer starts) is read on the host: `int()` of a 0-d array.
+- The ring position a step writes from is read on the host: `int()` of a 0-d array.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from array_api_compat import device
+
+from gemma_core.masks import reads_after_write
 
 Array = Any  # an array of the namespace in use
 
@@ -83,17 +85,19 @@ def make_op_table(xp: Any, dtype: Any, in_place: bool) -> dict[str, Callable[...
         rotated = xp.concat([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
-    def kv_cache(k: Array, v: Array, layer: tuple[Array, Array],
-                 query_slots: Array) -> tuple[Array, Array, Array, Any]:
+    def attention_bias(mask: Array) -> Array:
+        dev = device(mask)
+        return xp.where(mask, xp.asarray(0, dtype=dt, device=dev), xp.asarray(fmin, dtype=dt, device=dev))
+
+    def kv_cache(k: Array, v: Array, layer: tuple[Array, Array], query_slots: Array, *,
+                 window: int | None) -> tuple[Array, Array, Any]:
         kbuf, vbuf = layer  # [B,K,C,H], slot s at s % C
         cap, start, t = kbuf.shape[2], int(query_slots[0]), k.shape[2]
         dev = device(kbuf)
-        first = max(0, start - cap + 1)  # the oldest cached slot the first query can see
-        prev = xp.asarray([s % cap for s in range(first, start)], dtype=ints, device=dev)
-        keys = xp.concat([xp.take(kbuf, prev, axis=2), k], axis=2)  # [B,K,S,H]
-        values = xp.concat([xp.take(vbuf, prev, axis=2), v], axis=2)
+        old = (kbuf, vbuf)
         kept = range(max(0, t - cap), t)  # only the last `cap` new tokens fit
         if in_place:
+            old = (xp.asarray(kbuf, copy=True), xp.asarray(vbuf, copy=True))  # written below
             src = kept.start if kept else 0
             for lo, hi in _runs([(start + i) % cap for i in kept]):  # at most two slices of the ring
                 kbuf[:, :, lo:hi, :] = k[:, :, src:src + hi - lo, :]
@@ -107,25 +111,21 @@ def make_op_table(xp: Any, dtype: Any, in_place: bool) -> dict[str, Callable[...
             written = xp.asarray([s >= 0 for s in source], device=dev)[:, None]  # [C,1]
             kbuf = xp.where(written, xp.take(k, index, axis=2), kbuf)
             vbuf = xp.where(written, xp.take(v, index, axis=2), vbuf)
-        key_slots = xp.arange(first, start + t, dtype=ints, device=dev)
-        return keys, values, key_slots, (kbuf, vbuf)
+        if reads_after_write(t, cap, window):
+            return kbuf, vbuf, (kbuf, vbuf)
+        keys = xp.concat([old[0], k], axis=2)  # [B,K,C+T,H]: the ring before the write, then the new keys
+        return keys, xp.concat([old[1], v], axis=2), (kbuf, vbuf)
 
-    def attention(q: Array, keys: Array, values: Array, key_slots: Array, query_slots: Array,
-                  valid: Array, *, scale: float, softcap: float | None, window: int | None) -> Array:
+    def attention(q: Array, keys: Array, values: Array, bias: Array, *, scale: float,
+                  softcap: float | None) -> Array:
         b, n, t, h = q.shape
         kv = keys.shape[1]
-        qs, ks = query_slots[:, None], key_slots[None, :]  # [T,1], [1,S]
-        visible = (ks >= 0) & (ks <= qs)
-        if window is not None:
-            visible = visible & (ks > qs - window)
-        real = xp.take(valid, xp.clip(key_slots, min=0), axis=1) & (key_slots >= 0)[None, :]  # [B,S]
-        mask = visible[None, None, None, ...] & real[:, None, None, None, :]  # [B,1,1,T,S]
         # query head h reads kv head h // (N/K): group the query heads under their kv head
         q5 = xp.reshape(q, (b, kv, n // kv, t, h))  # [B,K,G,T,H]
         scores = xp.matmul(q5, xp.matrix_transpose(keys)[:, :, None, ...]) * scale  # [B,K,G,T,S]
         if softcap is not None:
-            scores = down(xp.tanh(up(scores) / softcap) * softcap)  # before the mask (rule 4)
-        scores = up(xp.where(mask, scores, scores + fmin))  # softmax in float32
+            scores = down(xp.tanh(up(scores) / softcap) * softcap)  # before the bias (rule 4)
+        scores = up(scores + bias[:, :, None, ...])  # softmax in float32
         scores = scores - xp.max(scores, axis=-1, keepdims=True)
         probs = xp.exp(scores)
         probs = down(probs / xp.sum(probs, axis=-1, keepdims=True))
@@ -169,10 +169,11 @@ def make_op_table(xp: Any, dtype: Any, in_place: bool) -> dict[str, Callable[...
 
     return {
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
-        "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope, "kv_cache": kv_cache,
-        "attention": attention, "qlinear": qlinear, "qembed": qembed, "split": split,
-        "gelu_tanh": gelu_tanh, "mul": mul, "add": add, "softcap": softcap,
-        "gather_positions": gather_positions, "pool_last_token": pool_last_token,
+        "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope,
+        "attention_bias": attention_bias, "kv_cache": kv_cache, "attention": attention,
+        "qlinear": qlinear, "qembed": qembed, "split": split, "gelu_tanh": gelu_tanh, "mul": mul,
+        "add": add, "softcap": softcap, "gather_positions": gather_positions,
+        "pool_last_token": pool_last_token,
     }
 
 

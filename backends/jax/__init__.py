@@ -113,3 +113,11 @@ class JaxBackend(Backend):
 
 
 backend = JaxBackend()
+
+
+def as_function(model: Any, dtype: str | None = None, allow_float16: bool = False) -> tuple[Any, Any]:
+    """`(apply, params)`: a pure, jit-able, differentiable JAX function of a causal-LM model of any
+    backend and its weights under canonical names (backends.jax.function, imported on first use)."""
+    from backends.jax.function import as_function as make
+
+    return make(model, dtype, allow_float16)

@@ -55,7 +55,7 @@ def generate_loop(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens
         token = _choose(s["logits"], sub, temperature, top_k).astype(jnp.int32)
         # the forward pass's rule, traced: one real token per row
         env, book = step_inputs(token[:, None], jnp.ones((len(ids), 1), bool), s["book"],
-                                last_only=True, xp=jnp)
+                                last_only=True, windows=model.layer_kinds, xp=jnp)
         env.update({cache_name(j): s["caches"][j] for j in range(layers)})
         outs = model.raw_step(weights, env)
         return {"logits": outs["logits"][:, -1], "caches": tuple(outs[cache_name(j)] for j in range(layers)),

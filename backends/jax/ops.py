@@ -14,18 +14,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gemma_core.masks import reads_after_write
 from gemma_core.opset import OP_GROUPS, table_from
 from gemma_core.quant import NF4
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
           "float64": jnp.float64}
-
-
-def ring_slots(capacity: int, end: jax.Array) -> jax.Array:
-    """Absolute slot held by each ring position after `end` tokens (-1 where empty)."""
-    j = jnp.arange(capacity)
-    slots = j + capacity * jnp.floor_divide(end - 1 - j, capacity)
-    return jnp.where(slots < 0, -1, slots)
 
 
 def _rotate_half(x: jax.Array) -> jax.Array:
@@ -114,41 +108,31 @@ def rope(p: Policy, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + _rotate_half(x) * sin
 
 
+def attention_bias(p: Policy, mask: jax.Array) -> jax.Array:
+    return jnp.where(mask, jnp.asarray(0, p.dt), jnp.asarray(p.fmin, p.dt))
+
+
 def kv_cache(p: Policy, k: jax.Array, v: jax.Array, layer: tuple[jax.Array, jax.Array],
-             query_slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+             query_slots: jax.Array, *, window: int | None) -> tuple[jax.Array, jax.Array, Any]:
     kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C
     cap, t = kbuf.shape[2], k.shape[2]
-    start = query_slots[0]
-    if t == 1:  # decode: the slot written is outside every query's window, so write first
-        kbuf = kbuf.at[:, :, query_slots % cap].set(k)
-        vbuf = vbuf.at[:, :, query_slots % cap].set(v)
-        return kbuf, vbuf, ring_slots(cap, start + 1), (kbuf, vbuf)
-    keys = jnp.concatenate([kbuf, k], axis=2)
-    values = jnp.concatenate([vbuf, v], axis=2)
-    key_slots = jnp.concatenate([ring_slots(cap, start), query_slots])
     kept = slice(max(0, t - cap), t)  # only the last `cap` new tokens fit
-    kbuf = kbuf.at[:, :, query_slots[kept] % cap].set(k[:, :, kept])
-    vbuf = vbuf.at[:, :, query_slots[kept] % cap].set(v[:, :, kept])
-    return keys, values, key_slots, (kbuf, vbuf)
+    ring = query_slots[kept] % cap
+    written = kbuf.at[:, :, ring].set(k[:, :, kept]), vbuf.at[:, :, ring].set(v[:, :, kept])
+    if reads_after_write(t, cap, window):
+        return *written, written
+    return jnp.concatenate([kbuf, k], axis=2), jnp.concatenate([vbuf, v], axis=2), written
 
 
-def attention(p: Policy, q: jax.Array, keys: jax.Array, values: jax.Array, key_slots: jax.Array,
-              query_slots: jax.Array, valid: jax.Array, *, scale: float,
-              softcap: float | None, window: int | None) -> jax.Array:
-    qs, ks = query_slots[:, None], key_slots[None, :]
-    visible = (ks >= 0) & (ks <= qs)
-    if window is not None:
-        visible = visible & (ks > qs - window)
-    real = jnp.take(valid, jnp.maximum(key_slots, 0), axis=1)  # [B,S]
-    mask = visible[None, None] & real[:, None, None, :]  # [B,1,T,S]
+def attention(p: Policy, q: jax.Array, keys: jax.Array, values: jax.Array, bias: jax.Array, *,
+              scale: float, softcap: float | None) -> jax.Array:
     groups = q.shape[1] // keys.shape[1]
     keys = jnp.repeat(keys, groups, axis=1)  # query head h reads kv head h // groups
     values = jnp.repeat(values, groups, axis=1)
     scores = dot(p, "bnth,bnsh->bnts", q, keys) * jnp.asarray(scale, p.dt)
     if softcap is not None:
-        scores = jnp.tanh(scores / softcap) * softcap  # before the mask
-    scores = jnp.where(mask, scores, scores + p.fmin).astype(p.f32)
-    probs = jax.nn.softmax(scores, axis=-1).astype(p.dt)
+        scores = jnp.tanh(scores / softcap) * softcap  # before the bias
+    probs = jax.nn.softmax((scores + bias).astype(p.f32), axis=-1).astype(p.dt)
     return dot(p, "bnts,bnsh->bnth", probs, values)
 
 

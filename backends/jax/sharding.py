@@ -11,23 +11,24 @@ all-reduces) and places the cache buffers. Use:
 
 from __future__ import annotations
 
-import re
-
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gemma_core.errors import ConfigError
+from gemma_core.layout import roles_of
 from gemma_core.model import Model
 
-_ROWS = re.compile(r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight")  # [out, in]: split out
-_COLUMNS = re.compile(r".*\.(o_proj|down_proj)\.weight")  # [out, in]: split in
+_ROWS = frozenset({"q", "k", "v", "gate", "up"})  # layout roles, [out, in]: split out
+_COLUMNS = frozenset({"o", "down"})  # [out, in]: split in
 
 
 def weight_spec(name: str, axis: str) -> PartitionSpec:
-    """How one canonical weight is laid over the mesh axis `axis`."""
-    if _ROWS.fullmatch(name):
+    """How one canonical weight is laid over the mesh axis `axis`, by its layout role. A fused
+    weight (several roles; the jax backend does not fuse) is replicated."""
+    roles = roles_of(name)
+    if len(roles) == 1 and roles <= _ROWS:
         return PartitionSpec(axis, None)
-    if _COLUMNS.fullmatch(name):
+    if len(roles) == 1 and roles <= _COLUMNS:
         return PartitionSpec(None, axis)
     return PartitionSpec()  # replicated: embeddings, norms, heads
 

@@ -15,7 +15,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from gemma_core.masks import attention_mask
+from gemma_core.masks import reads_after_write
 from gemma_core.opset import OP_GROUPS, table_from
 from gemma_core.quant import dequantize
 
@@ -101,23 +101,26 @@ def rope(p: Policy, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarr
     return p.rnd(p.rnd(x * cos) + p.rnd(rotated * sin))
 
 
+def attention_bias(p: Policy, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, p.acc.type(0), p.fmin)
+
+
 def kv_cache(p: Policy, k: np.ndarray, v: np.ndarray, layer: tuple[np.ndarray, np.ndarray],
-             query_slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-    kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C
-    cap, start, t = kbuf.shape[2], int(query_slots[0]), k.shape[2]
-    prev = np.arange(max(0, start - cap + 1), start)  # cached keys the first query can see
-    keys = np.concatenate([kbuf[:, :, prev % cap], k], axis=2)  # [B,K,S,H]
-    values = np.concatenate([vbuf[:, :, prev % cap], v], axis=2)
-    kept = np.arange(max(0, t - cap), t)  # only the last `cap` new tokens fit
-    kbuf[:, :, (start + kept) % cap] = k[:, :, kept]
-    vbuf[:, :, (start + kept) % cap] = v[:, :, kept]
-    key_slots = np.arange(prev[0] if len(prev) else start, start + t)
-    return keys, values, key_slots, (kbuf, vbuf)
+             query_slots: np.ndarray, *, window: int | None) -> tuple[np.ndarray, np.ndarray, Any]:
+    kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C, written in place
+    cap, t = kbuf.shape[2], k.shape[2]
+    kept = slice(max(0, t - cap), t)  # only the last `cap` new tokens fit
+    ring = query_slots[kept] % cap
+    if reads_after_write(t, cap, window):
+        kbuf[:, :, ring], vbuf[:, :, ring] = k[:, :, kept], v[:, :, kept]
+        return kbuf, vbuf, (kbuf, vbuf)
+    keys, values = np.concatenate([kbuf, k], axis=2), np.concatenate([vbuf, v], axis=2)  # [B,K,C+T,H]
+    kbuf[:, :, ring], vbuf[:, :, ring] = k[:, :, kept], v[:, :, kept]
+    return keys, values, (kbuf, vbuf)
 
 
-def attention(p: Policy, q: np.ndarray, keys: np.ndarray, values: np.ndarray, key_slots: np.ndarray,
-              query_slots: np.ndarray, valid: np.ndarray, *, scale: float,
-              softcap: float | None, window: int | None) -> np.ndarray:
+def attention(p: Policy, q: np.ndarray, keys: np.ndarray, values: np.ndarray, bias: np.ndarray, *,
+              scale: float, softcap: float | None) -> np.ndarray:
     rnd, acc = p.rnd, p.acc
     groups = q.shape[1] // keys.shape[1]
     keys = np.repeat(keys, groups, axis=1)  # query head h reads kv head h // groups
@@ -125,8 +128,7 @@ def attention(p: Policy, q: np.ndarray, keys: np.ndarray, values: np.ndarray, ke
     scores = rnd(rnd(q @ keys.transpose(0, 1, 3, 2)) * acc.type(scale))  # [B,N,T,S]
     if softcap is not None:
         scores = rnd(rnd(np.tanh(rnd(scores / acc.type(softcap)))) * acc.type(softcap))
-    mask = attention_mask(key_slots, query_slots, valid, window)
-    scores = np.where(mask, scores, rnd(scores + p.fmin)).astype(np.promote_types(acc, np.float32))
+    scores = rnd(scores + bias).astype(np.promote_types(acc, np.float32))  # visible keys: + 0, exact
     scores = scores - scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs = rnd(probs / probs.sum(axis=-1, keepdims=True))

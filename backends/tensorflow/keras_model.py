@@ -17,9 +17,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from backends.tensorflow.ops import DTYPES
 from gemma_core.errors import BackendError
-from gemma_core.graph import bind, cache_name, run_bound
+from gemma_core.graph import bind, build_graph, run_bound
+from gemma_core.masks import layer_kinds
 from gemma_core.step import step_inputs
 
 OUTPUT = {"causal-lm": "logits", "sequence-classification": "logits",
@@ -37,7 +37,9 @@ class GemmaKerasModel(keras.Model):
             raise BackendError(f"as_keras_model needs a model on the tensorflow backend, got "
                                f"{model.backend.name!r}")
         super().__init__(name=kwargs.pop("name", "gemma"), **kwargs)
-        self._gemma = (model.config, model.graph, model.ops, model.dtype, model.task)
+        # the step without a cache: one pass over the whole input
+        graph = build_graph(model.config, model.task, cache=False)
+        self._gemma = (model.config, graph, model.ops, model.dtype, model.task)
         self._names = tuple(model.weights)
         # one tracked list of distinct variables, in graph order (save_weights keeps this order)
         distinct = {id(v): v for v in model.weights.values()}
@@ -50,14 +52,12 @@ class GemmaKerasModel(keras.Model):
             ids, mask = inputs["token_ids"], inputs.get("padding_mask")
         else:
             ids, mask = inputs, None
-        config, graph, ops, dtype, task = self._gemma
+        config, graph, ops, _, task = self._gemma
         ids = tf.cast(ids, tf.int64)
         shape = tf.shape(ids)
         mask = tf.ones(shape, tf.bool) if mask is None else tf.cast(mask, tf.bool)
         # the forward pass's rule with no cache, in keras.ops (dynamic batch and length)
-        env, _ = step_inputs(ids, mask, xp=keras.ops)
-        empty = tf.zeros([shape[0], config.num_kv_heads, 0, config.head_dim], DTYPES[dtype])
-        env.update({cache_name(i): (empty, empty) for i in range(config.num_layers)})
+        env, _ = step_inputs(ids, mask, windows=layer_kinds(config), xp=keras.ops)
         run_bound(bind(graph, ops, self._by_name), env)
         return env[OUTPUT[task]]
 

@@ -16,18 +16,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gemma_core.masks import reads_after_write
 from gemma_core.opset import OP_GROUPS, table_from
 from gemma_core.quant import NF4
 
 DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16,
           "float64": tf.float64}
-
-
-def ring_slots(capacity: int, end: tf.Tensor) -> tf.Tensor:
-    """Absolute slot held by each ring position after `end` tokens (-1 where empty)."""
-    j = tf.range(capacity, dtype=end.dtype)
-    slots = j + capacity * tf.math.floordiv(end - 1 - j, capacity)
-    return tf.where(slots < 0, tf.constant(-1, end.dtype), slots)
 
 
 def _rotate_half(x: tf.Tensor) -> tf.Tensor:
@@ -133,44 +127,32 @@ def rope(p: Policy, x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) -> tf.Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
+def attention_bias(p: Policy, mask: tf.Tensor) -> tf.Tensor:
+    return tf.where(mask, tf.constant(0, p.dt), tf.constant(p.fmin, p.dt))
+
+
 def kv_cache(p: Policy, k: tf.Tensor, v: tf.Tensor, layer: tuple[tf.Tensor, tf.Tensor],
-             query_slots: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, Any]:
+             query_slots: tf.Tensor, *, window: int | None) -> tuple[tf.Tensor, tf.Tensor, Any]:
     kbuf, vbuf = layer  # [B,K,C,H], slot t at t % C
     cap, t = kbuf.shape[2], k.shape[2]
-    if cap == 0:  # no cache (the Keras model's one-shot forward): attend to the new keys only
-        return k, v, query_slots, layer
-    start = query_slots[0]
-    if t == 1:  # decode: the slot written is outside every query's window, so write first
-        kbuf = _write_slots(kbuf, query_slots % cap, k)
-        vbuf = _write_slots(vbuf, query_slots % cap, v)
-        return kbuf, vbuf, ring_slots(cap, start + 1), (kbuf, vbuf)
-    keys = tf.concat([kbuf, k], axis=2)
-    values = tf.concat([vbuf, v], axis=2)
-    key_slots = tf.concat([ring_slots(cap, start), query_slots], axis=0)
     kept = slice(max(0, t - cap), t)  # only the last `cap` new tokens fit
-    kbuf = _write_slots(kbuf, query_slots[kept] % cap, k[:, :, kept])
-    vbuf = _write_slots(vbuf, query_slots[kept] % cap, v[:, :, kept])
-    return keys, values, key_slots, (kbuf, vbuf)
+    ring = query_slots[kept] % cap
+    written = _write_slots(kbuf, ring, k[:, :, kept]), _write_slots(vbuf, ring, v[:, :, kept])
+    if reads_after_write(t, cap, window):
+        return *written, written
+    return tf.concat([kbuf, k], axis=2), tf.concat([vbuf, v], axis=2), written
 
 
-def attention(p: Policy, q: tf.Tensor, keys: tf.Tensor, values: tf.Tensor, key_slots: tf.Tensor,
-              query_slots: tf.Tensor, valid: tf.Tensor, *, scale: float,
-              softcap: float | None, window: int | None) -> tf.Tensor:
-    qs, ks = query_slots[:, None], key_slots[None, :]
-    visible = (ks >= 0) & (ks <= qs)
-    if window is not None:
-        visible = visible & (ks > qs - window)
-    real = tf.gather(valid, tf.maximum(key_slots, 0), axis=1)  # [B,S]
-    mask = visible[None, None] & real[:, None, None, :]  # [B,1,T,S]
+def attention(p: Policy, q: tf.Tensor, keys: tf.Tensor, values: tf.Tensor, bias: tf.Tensor, *,
+              scale: float, softcap: float | None) -> tf.Tensor:
     groups = q.shape[1] // keys.shape[1]
     if groups > 1:  # query head h reads kv head h // groups
         keys = tf.repeat(keys, groups, axis=1)
         values = tf.repeat(values, groups, axis=1)
     scores = dot(p, "bnth,bnsh->bnts", q, keys) * tf.constant(scale, p.dt)
     if softcap is not None:
-        scores = tf.tanh(scores / softcap) * softcap  # before the mask
-    scores = tf.cast(tf.where(mask, scores, scores + p.fmin), p.f32)
-    probs = tf.cast(tf.nn.softmax(scores, axis=-1), p.dt)
+        scores = tf.tanh(scores / softcap) * softcap  # before the bias
+    probs = tf.cast(tf.nn.softmax(tf.cast(scores + bias, p.f32), axis=-1), p.dt)
     return dot(p, "bnts,bnsh->bnth", probs, values)
 
 

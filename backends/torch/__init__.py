@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from backends.torch.ops import DTYPES, dequantize, make_op_table
 from gemma_core.backend import FLOAT16_REFUSED, Backend, StepFn, per_weights
 from gemma_core.errors import BackendError
-from gemma_core.layout import EMBED
+from gemma_core.layout import roles_of
 
 
 class TorchBackend(Backend):
@@ -103,7 +103,7 @@ class TorchBackend(Backend):
                 fused = _cuda_int4_or_none(rows, row_scale, fused_scale, group_size or 0, name)
                 if fused is None:
                     return (None, _static(rows), _static(row_scale)), None
-        keep_rows = name == EMBED  # the embedding is gathered by rows as well
+        keep_rows = roles_of(name) == {"embedding"}  # the embedding is gathered by rows as well
         return ((_static(fused), _static(rows) if keep_rows else None,
                  _static(row_scale) if keep_rows else None), _static(fused_scale))
 
@@ -300,3 +300,10 @@ def _static(x: torch.Tensor) -> torch.Tensor:
 
 
 backend = TorchBackend()
+
+
+def as_module(model: Any, **kwargs: Any) -> torch.nn.Module:
+    """A trainable `torch.nn.Module` over `model`'s op list (`backends.torch.module.as_module`)."""
+    from backends.torch.module import as_module as make
+
+    return make(model, **kwargs)

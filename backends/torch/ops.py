@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gemma_core.masks import reads_after_write
 from gemma_core.opset import OP_GROUPS, table_from
 from gemma_core.quant import NF4 as NF4_CODES
 
@@ -19,13 +20,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def ring_slots(capacity: int, end: torch.Tensor | int, device: torch.device) -> torch.Tensor:
-    """Absolute slot held by each ring position after `end` tokens (-1 where empty)."""
-    j = torch.arange(capacity, device=device)
-    slots = j + capacity * torch.div(end - 1 - j, capacity, rounding_mode="floor")
-    return torch.where(slots < 0, -1, slots)
 
 
 NF4 = torch.from_numpy(NF4_CODES)
@@ -107,36 +101,29 @@ def rope(p: Policy, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return x * cos + _rotate_half(x) * sin
 
 
+def attention_bias(p: Policy, mask: torch.Tensor) -> torch.Tensor:
+    # additive finite minimum (as transformers' eager path): a fully masked pad row stays finite
+    return torch.where(mask, 0.0, p.fmin).to(p.dt)
+
+
 def kv_cache(p: Policy, k: torch.Tensor, v: torch.Tensor, layer: tuple[torch.Tensor, torch.Tensor],
-             query_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+             query_slots: torch.Tensor, *, window: int | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
     kbuf, vbuf = layer  # [B,K,C,H] static buffers, slot t at t % C, updated in place
     cap, t = kbuf.shape[2], k.shape[2]
-    start = query_slots[0]
-    if t == 1:  # decode: the slot written is outside every query's window, so write first
-        kbuf.index_copy_(2, query_slots % cap, k)
-        vbuf.index_copy_(2, query_slots % cap, v)
-        return kbuf, vbuf, ring_slots(cap, start + 1, k.device), (kbuf, vbuf)
-    # a chunk: attend over the old slots plus the new keys, then keep the last `cap` new ones
-    old_slots = ring_slots(cap, start, k.device)
-    keys, values = torch.cat([kbuf, k], dim=2), torch.cat([vbuf, v], dim=2)
-    key_slots = torch.cat([old_slots, query_slots])
-    kept = slice(max(0, t - cap), t)
-    kbuf.index_copy_(2, query_slots[kept] % cap, k[:, :, kept])
-    vbuf.index_copy_(2, query_slots[kept] % cap, v[:, :, kept])
-    return keys, values, key_slots, (kbuf, vbuf)
+    kept = slice(max(0, t - cap), t)  # only the last `cap` new tokens fit
+    ring = query_slots[kept] % cap
+    if reads_after_write(t, cap, window):
+        kbuf.index_copy_(2, ring, k[:, :, kept])
+        vbuf.index_copy_(2, ring, v[:, :, kept])
+        return kbuf, vbuf, (kbuf, vbuf)
+    keys, values = torch.cat([kbuf, k], dim=2), torch.cat([vbuf, v], dim=2)  # [B,K,C+T,H]
+    kbuf.index_copy_(2, ring, k[:, :, kept])
+    vbuf.index_copy_(2, ring, v[:, :, kept])
+    return keys, values, (kbuf, vbuf)
 
 
-def attention(p: Policy, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_slots: torch.Tensor,
-              query_slots: torch.Tensor, valid: torch.Tensor, *, scale: float,
-              softcap: float | None, window: int | None) -> torch.Tensor:
-    qs, ks = query_slots[:, None], key_slots[None, :]
-    visible = (ks >= 0) & (ks <= qs)
-    if window is not None:
-        visible = visible & (ks > qs - window)
-    real = valid.index_select(1, key_slots.clamp(min=0))  # [B,S]
-    mask = visible[None, None] & real[:, None, None, :]  # [B,1,T,S]
-    # additive finite minimum (as transformers' eager path): a fully masked pad row stays finite
-    bias = torch.where(mask, 0.0, p.fmin).to(q.dtype)
+def attention(p: Policy, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+              *, scale: float, softcap: float | None) -> torch.Tensor:
     groups = q.shape[1] // keys.shape[1]
     b, n, t, h = q.shape
     cpu_narrow = p.on_cpu(q) and p.upcast
@@ -145,7 +132,10 @@ def attention(p: Policy, q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     # matrix is small (CPU bf16 SDPA put the real 270M's decode logits 10x further from the
     # float64 oracle than the bf16 reference is: KL 3e-2 against 3e-3)
     small = cpu_narrow and t * keys.shape[2] <= SMALL_SCORES
-    if softcap is None and t > 1 and not small:
+    # not under autograd: SDPA's backward of a fully masked (pad) row is off by orders of
+    # magnitude from the softmax's own gradient (transformers' eager path), which training follows
+    grad = torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)
+    if softcap is None and t > 1 and not small and not grad:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
                                               enable_gqa=groups > 1)
     kv = keys.shape[1]

@@ -19,42 +19,56 @@ import numpy as np
 from gemma_core.config import Architecture, AttentionKind, GemmaConfig, default_layer_types
 from gemma_core.errors import CheckpointError, ConfigError
 from gemma_core.formats.gguf_file import TensorInfo, read_gguf
-from gemma_core.layout import validate_weights
+from gemma_core.layout import NORMS, has_role, param_template, validate_weights
 from gemma_core.quant import SCALE_SUFFIX, QuantConfig, quantize
 
 _ARCHS = {"gemma": Architecture.GEMMA, "gemma2": Architecture.GEMMA2, "gemma3": Architecture.GEMMA3}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_K", "Q6_K")
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+# GGUF tensor -> layout role (gemma_core.layout_table). ffn_norm is the pre-MLP norm in every
+# generation; the layout knows that Gemma 1 names it post_attention_layernorm.
+_GLOBAL_ROLES = {"token_embd.weight": "embedding", "output_norm.weight": "final_norm",
+                 "output.weight": "lm_head"}
+_BLOCK_ROLES = {
+    "attn_norm": "pre_attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm", "attn_output": "o", "post_attention_norm": "post_attn_norm",
+    "ffn_norm": "pre_mlp_norm", "post_ffw_norm": "post_mlp_norm", "ffn_gate": "gate", "ffn_up": "up",
+    "ffn_down": "down",
 }
-_BLOCK = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")  # GGUF's own names; canonical ones come from the layout
+_STAND_IN = {Architecture.GEMMA: "tiny-gemma", Architecture.GEMMA2: "tiny-gemma2",
+             Architecture.GEMMA3: "tiny-gemma3"}
 
 
-def canonical_name(name: str, arch: Architecture) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None if Gemma has no such tensor."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = _BLOCK_RE.fullmatch(name)
-    if m is None:
+def _generation(config: GemmaConfig | Architecture) -> GemmaConfig:
+    """`config`, or for a bare architecture a preset of it, untied so that every tensor the
+    generation can hold is listed (which rows hold depends on the generation and the tying only)."""
+    if isinstance(config, GemmaConfig):
+        return config
+    from gemma_core.presets import PRESETS
+
+    return PRESETS[_STAND_IN[Architecture(config)]].replace(tie_word_embeddings=False)
+
+
+def _mapped(name: str, config: GemmaConfig) -> tuple[str, str] | None:
+    """(canonical name, role) of a GGUF tensor, or None where `config` has no such tensor."""
+    layer: int | None = None
+    role = _GLOBAL_ROLES.get(name)
+    if role is None:
+        m = _BLOCK_RE.fullmatch(name)
+        role = _BLOCK_ROLES.get(m.group(2)) if m else None
+        layer = int(m.group(1)) if m else None
+    if role is None or not has_role(config, role):
         return None
-    layer, part = m.groups()
-    if part == "ffn_norm":  # the pre-MLP norm: HF calls it differently per generation
-        hf = "post_attention_layernorm" if arch is Architecture.GEMMA else "pre_feedforward_layernorm"
-    elif part in _BLOCK:
-        hf = _BLOCK[part]
-    else:
-        return None
-    return f"model.layers.{layer}.{hf}.weight"
+    # the file's layer index as it stands: validate_weights names any past num_layers
+    return param_template(config, role).format(layer=layer), role
+
+
+def canonical_name(name: str, config: GemmaConfig | Architecture) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None if Gemma (`config`, or any model of that
+    architecture) has no such tensor."""
+    found = _mapped(name, _generation(config))
+    return None if found is None else found[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +199,10 @@ def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
     out: dict[str, np.ndarray] = {}
     tensors = list(reader.tensors.values())
     for i, t in enumerate(tensors):
-        name = canonical_name(t.name, config.architecture)
-        if name is None:
+        found = _mapped(t.name, config)
+        if found is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for {config.architecture.value}")
+        name, role = found
         qtype = gguf.GGMLQuantizationType(t.type_id)
         if qtype.name not in SUPPORTED_TYPES:
             raise CheckpointError(f"{path}: tensor {t.name} has quantisation type {qtype.name}, not "
@@ -216,7 +231,7 @@ def read_weights(reader: _Reader, config: GemmaConfig, path: str = "",
             out[name + SCALE_SUFFIX] = np.concatenate([sc for _, sc in parts])
         else:
             w = dequantized(t.data, t.shape)
-            if name.endswith("norm.weight"):
+            if role in NORMS:
                 w = w - np.float32(1.0)  # GGUF stores 1 + w
             out[name] = w
         if progress is not None:

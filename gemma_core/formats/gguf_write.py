@@ -58,9 +58,9 @@ def check_config(config: GemmaConfig) -> None:
                           f"{config.rope_local_theta:g}")
 
 
-def _tensor_type(name: str, value: np.ndarray, qtype: str) -> str:
-    if value.ndim == 1 or name.endswith("norm.weight"):
-        return "F32"  # llama.cpp keeps 1-D tensors and norms in float32
+def _tensor_type(value: np.ndarray, qtype: str) -> str:
+    if value.ndim == 1:
+        return "F32"  # llama.cpp keeps 1-D tensors (every norm is one) in float32
     if qtype == "Q8_0" and value.shape[-1] % 32:
         return "F32"
     return qtype
@@ -113,7 +113,7 @@ def write(path: str | os.PathLike[str], ckpt: Checkpoint, qtype: str | None = No
     try:
         _write_metadata(w, gguf, config, ckpt.tokenizer_model)
         for i, (name, value) in enumerate(tensors.items()):
-            kind = _tensor_type(name, value, qtype)
+            kind = _tensor_type(value, qtype)
             q = gguf.GGMLQuantizationType[kind]
             if kind == "BF16" and value.dtype == np.dtype(ml_dtypes.bfloat16):
                 w.add_tensor(name, np.ascontiguousarray(value).view(np.uint8), raw_dtype=q)

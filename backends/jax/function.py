@@ -1,0 +1,151 @@
+"""The JAX face of a model: a pure `apply(params, input_ids, attention_mask=None, labels=None)` and
+its `params`, a dict of jnp arrays under the canonical (Hugging Face) names, unfused.
+
+`apply` is a thin adapter: it runs the model's op list without a cache (`gemma_core.graph.build_graph`
+with `cache=False`: each layer attends over the step's own keys, the training step) bound to the
+jax op table (`backends.jax.ops.make_op_table`) with the params it is given as the weights, from
+the step inputs of `gemma_core.step.step_inputs` (positions and one attention mask per layer kind,
+computed with jax.numpy, so they trace). Nothing about the architecture is written here; ops are
+dispatched by kind, whatever kinds the list holds.
+So `jax.jit(apply)` compiles the whole forward pass and `jax.grad` differentiates it, for training
+with plain JAX (or optax, or Flax NNX through `backends.jax.nnx`).
+
+Returned dict:
+- `logits`: [B, T, V] in the compute dtype (that of `params["model.embed_tokens.weight"]`; cast the
+  params, e.g. to bfloat16, to compute in another dtype);
+- `loss`: transformers' causal-LM loss when `labels` [B, T] is given, else None (a leafless pytree,
+  so `jax.jit(apply)` works with and without labels): the cross-entropy of `logits[:, :-1]` against
+  `labels[:, 1:]` in float32, positions labelled -100 ignored, the mean over the counted tokens
+  (0, not transformers' NaN, when none is counted, so a fully masked batch gives zero gradients).
+  Labels other than -100 must lie in [0, V): they are not checked (they may be traced).
+
+RoPE positions count real tokens (`attention_mask`, 1 real, 0 padding), as transformers' generate
+computes them for left padding; the positions of padding see no real key and their logits are not
+meaningful, so label them -100 (and the first real token of a padded row too, which a padding
+position would otherwise predict), as with transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from backends.jax import backend
+from backends.jax.ops import DTYPES, make_op_table
+from gemma_core.config import GemmaConfig
+from gemma_core.errors import ConfigError, InputError, WeightError
+from gemma_core.graph import bind, build_graph, fuse_projections, run_bound
+from gemma_core.layout import EMBED, iter_params
+from gemma_core.masks import layer_kinds
+from gemma_core.model import Model, check_dtype
+from gemma_core.step import step_inputs
+
+IGNORE_INDEX = -100  # transformers' ignored label
+ApplyFn = Callable[..., dict[str, Any]]
+
+
+def canonical_weights(model: Model) -> dict[str, np.ndarray]:
+    """The model's weights as float numpy arrays under the canonical names, unfused (a backend
+    that runs q/k/v and gate/up as one product holds them stacked; they are split back here)."""
+    config, task = model.config, model.task
+    shapes = {name: shape for name, shape, _ in iter_params(config, task)}
+    held = {name: model.to_numpy(w) for name, w in model.weights.items()}
+    if not set(shapes) <= set(held):
+        _, groups = fuse_projections(build_graph(config, task), shapes)
+        for fused, sources in groups.items():
+            if fused in held:
+                cuts = np.cumsum([shapes[s][0] for s in sources])[:-1]
+                held.update(zip(sources, np.split(held.pop(fused), cuts, axis=0), strict=True))
+    missing = sorted(set(shapes) - set(held))
+    misshaped = [f"{n}: {list(held[n].shape)} for {list(s)}" for n, s in shapes.items()
+                 if n in held and tuple(held[n].shape) != s]
+    if missing or misshaped:
+        raise WeightError(f"as_function: the {model.backend.name} model's weights are not in the "
+                          f"canonical layout (missing: {missing}; mis-shaped: {misshaped})")
+    return {name: held[name] for name in shapes}
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """transformers' shifted next-token cross-entropy, in float32: `logits[:, :-1]` against
+    `labels[:, 1:]`, -100 ignored, the mean over the counted tokens (0 when none is)."""
+    scores = logits[:, :-1].astype(jnp.float32)
+    targets = jnp.asarray(labels)[:, 1:]
+    counted = targets != IGNORE_INDEX
+    logp = jax.nn.log_softmax(scores, axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(counted, targets, 0)[..., None], axis=-1)[..., 0]
+    total = -jnp.sum(jnp.where(counted, picked, 0.0))
+    return total / jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)
+
+
+def _dtype_name(dtype: Any) -> str:
+    for name, dt in DTYPES.items():
+        if jnp.dtype(dt) == jnp.dtype(dtype):
+            return name
+    raise ConfigError(f"dtype: params in {dtype} (supported: {', '.join(DTYPES)})")
+
+
+def _refuse_quantized(config: GemmaConfig) -> None:
+    if config.quantization is not None:
+        raise ConfigError("as_function: quantised models are not supported yet (the (apply, params) "
+                          "face holds float weights to train); load the model unquantised")
+
+
+def make_apply(config: GemmaConfig, allow_float16: bool = False) -> ApplyFn:
+    """The pure `apply(params, input_ids, attention_mask=None, labels=None)` of `config`'s
+    causal-LM op list (see the module docstring)."""
+    _refuse_quantized(config)
+    graph = build_graph(config, "causal-lm", cache=False)
+    kinds = layer_kinds(config)  # one attention mask per layer kind, made by step_inputs
+    tables: dict[str, Mapping[str, Callable[..., Any]]] = {}  # one op table per compute dtype
+
+    def apply(params: Mapping[str, Any], input_ids: Any, attention_mask: Any = None,
+              labels: Any = None) -> dict[str, Any]:
+        missing = [name for name in graph.params if name not in params]
+        if missing:
+            raise WeightError(f"apply: params lack {len(missing)} tensors: {', '.join(missing[:8])}")
+        ids = jnp.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise InputError(f"input_ids: expected a non-empty [batch, length] array, got {ids.shape}")
+        b, t = ids.shape
+        if t > config.max_position_embeddings:
+            raise InputError(f"input_ids: {t} tokens exceed max_position_embeddings "
+                             f"{config.max_position_embeddings}")
+        mask = (jnp.ones((b, t), bool) if attention_mask is None
+                else jnp.asarray(attention_mask).astype(bool))
+        if mask.shape != (b, t):
+            raise InputError(f"attention_mask: shape {mask.shape} differs from input_ids {(b, t)}")
+        dtype = _dtype_name(params[EMBED].dtype)
+        check_dtype(config, dtype, allow_float16)
+        if dtype not in tables:
+            tables[dtype] = make_op_table(dtype)
+        env, _ = step_inputs(ids, mask, None, windows=kinds, xp=jnp)  # no cache: the step's own keys
+        unknown = [name for name in graph.inputs if name not in env]
+        if unknown:  # the op list reads a step input this adapter does not know how to make
+            raise ConfigError(f"apply: no value for graph inputs {unknown}")
+        run_bound(bind(graph, tables[dtype], params), env)
+        logits = env["logits"]
+        return {"logits": logits, "loss": None if labels is None else causal_lm_loss(logits, labels)}
+
+    return apply
+
+
+def as_function(model: Model, dtype: str | None = None,
+                allow_float16: bool = False) -> tuple[ApplyFn, dict[str, jax.Array]]:
+    """`(apply, params)` of a causal-LM `model` of any backend: its config's op list on the jax op
+    table, and its weights as jnp arrays in `dtype` (default the model's) under the canonical
+    names. `apply` is pure, jit-able and differentiable in `params` (module docstring)."""
+    if model.task != "causal-lm":
+        raise ConfigError(f"as_function: task {model.task!r} is not supported (causal-lm only)")
+    _refuse_quantized(model.config)
+    dtype = dtype or model.dtype
+    if dtype not in backend.dtypes:
+        raise ConfigError(f"dtype: {dtype!r} is not available to JAX here "
+                          f"(available: {', '.join(backend.dtypes)})")
+    check_dtype(model.config, dtype, allow_float16)
+    apply = make_apply(model.config, allow_float16)
+    params = {name: jnp.asarray(w, DTYPES[dtype]) for name, w in canonical_weights(model).items()}
+    return apply, params

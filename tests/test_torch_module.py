@@ -1,0 +1,276 @@
+"""The torch face (`backends.torch.as_module`): a trainable nn.Module over the bound op list,
+checked against the NumPy reference (logits), transformers (loss, every parameter's gradient,
+state dicts both ways) and itself (cache continuation, optimizers, bf16, autocast, compile)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gemma_core  # noqa: E402
+from backends.torch import as_module  # noqa: E402
+from gemma_core.cache import batch_ids  # noqa: E402
+from gemma_core.errors import ConfigError, InputError  # noqa: E402
+from gemma_core.presets import get_preset  # noqa: E402
+
+PRESETS = ("tiny-gemma", "tiny-gemma2", "tiny-gemma3")
+SEED = 5
+LENGTHS = (13, 9, 4)  # longer and shorter than the tiny windows (8), left-padded
+
+
+def _batch(vocab: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, labels): a left-padded batch; labels -100 at pads and at one real token."""
+    rng = np.random.default_rng(7)
+    ids, mask = batch_ids([list(rng.integers(3, vocab, n)) for n in LENGTHS])
+    labels = np.where(mask == 1, ids, -100)
+    labels[0, 5] = -100
+    return ids, mask, labels
+
+
+def _without_pad_logits(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`labels` with each row's first real token ignored too, so that no loss term reads a logit
+    computed at a padding position. Such a position's attention row is fully masked: its value
+    (uniform over the keys) agrees with transformers, but its gradient is an artefact of the
+    finite mask minimum (torch's SDPA backward recomputes the probabilities from a log-sum-exp
+    that rounds away log S at that magnitude: S times transformers' gradient), and transformers'
+    embedding drops the gradient of the pad token's row (padding_idx), which only such rows feed."""
+    out = labels.copy()
+    out[np.arange(len(out)), mask.argmax(1)] = -100
+    return out
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    return np.where(mask.astype(bool), np.cumsum(mask, axis=1) - 1, 0)
+
+
+def _f(x) -> float:  # type: ignore[no-untyped-def]
+    """A scalar tensor's value (detached: it may carry a graph)."""
+    return float(x.detach())
+
+
+def _t(x: np.ndarray):  # type: ignore[no-untyped-def]
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def preset(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_logits_equal_numpy_reference(preset: str) -> None:
+    ids, mask, _ = _batch()
+    ref = gemma_core.load(preset, seed=SEED).forward(ids, mask).logits
+    module = as_module(gemma_core.load(preset, backend="torch", seed=SEED))
+    out = module(_t(ids), _t(mask))
+    assert out.loss is None
+    got = out.logits.detach().numpy()
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_weights_from_any_backend_are_canonical_and_copied(preset: str) -> None:
+    """The torch backend runs stacked q/k/v and gate/up products: the module unstacks them, under
+    the canonical names, and owns its memory (training it leaves the source model alone)."""
+    source = gemma_core.load(preset, backend="torch", seed=SEED)
+    module = as_module(source)
+    ref = gemma_core.weights.random_weights(get_preset(preset), SEED)
+    params = dict(module.named_parameters())
+    assert set(params) == set(ref)
+    for name, p in params.items():
+        assert p.requires_grad and p.dtype == torch.float32
+        np.testing.assert_array_equal(p.detach().numpy(), ref[name], err_msg=name)
+    with torch.no_grad():
+        params["model.norm.weight"].add_(1.0)
+    ids, mask, _ = _batch()
+    want = gemma_core.load(preset, seed=SEED).forward(ids, mask).logits
+    np.testing.assert_allclose(source.to_numpy(source.forward(ids, mask).logits), want, rtol=1e-5, atol=1e-4)
+
+
+def test_runs_the_bound_op_list(preset: str) -> None:
+    """Every op of `build_graph(config)` runs once a forward pass, through the module's op
+    table: the module is an adapter, not a second model."""
+    from collections import Counter
+
+    module = as_module(gemma_core.load(preset, seed=SEED))
+    assert module.graph == gemma_core.build_graph(module.config)
+    table = module.op_table("float32")
+    calls: Counter[str] = Counter()
+
+    def counted(kind: str, fn):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    for kind, fn in list(table.items()):
+        table[kind] = counted(kind, fn)  # type: ignore[index]
+    ids, mask, _ = _batch()
+    module(_t(ids), _t(mask))
+    assert calls == Counter(op.kind for op in module.graph)
+
+
+@pytest.mark.transformers
+def test_loss_and_gradients_equal_transformers(preset: str) -> None:
+    pytest.importorskip("transformers")
+    from hf_reference import hf_model
+
+    ids, mask, labels = _batch()
+    hf = hf_model(get_preset(preset), seed=SEED)
+    module = as_module(gemma_core.load(preset, seed=SEED))
+    # the loss, with the first real token's label kept (the forward agrees at pads too)
+    want = hf(_t(ids), attention_mask=_t(mask), position_ids=_t(_positions(mask)), labels=_t(labels)).loss
+    got = module(_t(ids), _t(mask), labels=_t(labels)).loss
+    assert got.dtype == torch.float32
+    assert abs(_f(got) - _f(want)) <= 1e-5 * _f(want)
+    # every parameter's gradient
+    labels = _without_pad_logits(labels, mask)
+    hf(_t(ids), attention_mask=_t(mask), position_ids=_t(_positions(mask)), labels=_t(labels)).loss.backward()
+    module(_t(ids), _t(mask), labels=_t(labels)).loss.backward()
+    ref = dict(hf.named_parameters())
+    params = dict(module.named_parameters())
+    assert set(params) == set(ref)
+    for name, p in params.items():
+        g, h = p.grad, ref[name].grad
+        assert g is not None and g.dtype == torch.float32, name
+        assert float((g - h).abs().max()) <= 1e-5 * float(h.abs().max()), name
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("tied", [True, False])
+def test_state_dict_round_trips_with_transformers(tied: bool) -> None:
+    pytest.importorskip("transformers")
+    from hf_reference import hf_model
+
+    config = get_preset("tiny-gemma3").replace(tie_word_embeddings=tied)
+    ids, mask, _ = _batch()
+    hf = hf_model(config, seed=SEED)
+    module = as_module(gemma_core.Model(config, gemma_core.weights.random_weights(config, SEED + 1)))
+    hf_state = hf.state_dict()
+    assert ("lm_head.weight" in module.state_dict()) and set(module.state_dict()) == set(hf_state)
+    # transformers -> module (strict), then the same logits
+    module.load_state_dict(hf_state)
+    for name, p in module.named_parameters():
+        assert torch.equal(p, hf_state[name]), name
+    real = _t(mask.astype(bool))
+    with torch.no_grad():
+        want = hf(_t(ids), attention_mask=_t(mask), position_ids=_t(_positions(mask))).logits
+        got = module(_t(ids), _t(mask)).logits
+    assert float((got - want)[real].abs().max()) <= 1e-5 * float(want.abs().max())
+    # module -> transformers (strict)
+    other = hf_model(config, seed=SEED + 2)
+    other.load_state_dict(module.state_dict())
+    for name, p in other.state_dict().items():
+        assert torch.equal(p, hf_state[name]), name
+    if tied:  # a tied state dict may also leave the head out, as safetensors files do
+        module.load_state_dict({k: v for k, v in hf_state.items() if k != "lm_head.weight"})
+        with pytest.raises(RuntimeError, match=r"lm_head\.weight"):
+            module.load_state_dict({**hf_state, "lm_head.weight": hf_state["lm_head.weight"][:-1]})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_steps_lower_the_loss(optimizer: str) -> None:
+    ids, mask, labels = _batch()
+    labels = _without_pad_logits(labels, mask)  # see there: SDPA's gradient of a pad row explodes
+    module = as_module(gemma_core.load("tiny-gemma3", seed=SEED)).train()
+    opt = (torch.optim.SGD(module.parameters(), lr=0.1) if optimizer == "sgd"
+           else torch.optim.AdamW(module.parameters(), lr=3e-3))
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = module(_t(ids), _t(mask), labels=_t(labels)).loss
+        loss.backward()
+        opt.step()
+        losses.append(_f(loss))
+    with torch.no_grad():
+        final = float(module(_t(ids), _t(mask), labels=_t(labels)).loss)
+    assert all(np.isfinite(losses)) and final < losses[0] - 0.5, losses
+
+
+def test_past_key_values_continue_the_full_forward(preset: str) -> None:
+    ids, mask, _ = _batch()
+    module = as_module(gemma_core.load(preset, seed=SEED)).eval()
+    real = _t(mask.astype(bool))  # a pad's fully masked attention row averages whatever keys it has
+    with torch.no_grad():
+        full = module(_t(ids), _t(mask)).logits
+        # a prefix, then a chunk (the cache grows from the prefix's 10 slots to 13)
+        first = module(_t(ids[:, :10]), _t(mask[:, :10]))
+        past = first.past_key_values
+        before = [tuple(x.clone() for x in layer) for layer in past.layers]
+        rest = module(_t(ids[:, 10:]), _t(mask[:, 10:]), past_key_values=past)
+        assert rest.past_key_values.length == 13 and rest.past_key_values.max_length == 13
+        torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1)[real], full[real],
+                                   rtol=1e-5, atol=1e-5)
+        # the past is a value: continuing it again gives the same, its buffers unchanged
+        again = module(_t(ids[:, 10:]), _t(mask[:, 10:]), past_key_values=past)
+        torch.testing.assert_close(again.logits, rest.logits, rtol=0, atol=0)
+        for layer, old in zip(past.layers, before, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(layer, old, strict=True))
+        # token by token from a preallocated cache
+        out = module(_t(ids[:, :6]), _t(mask[:, :6]), max_length=13)
+        steps = [out.logits]
+        for i in range(6, 13):
+            out = module(_t(ids[:, i:i + 1]), _t(mask[:, i:i + 1]), past_key_values=out.past_key_values)
+            steps.append(out.logits)
+        assert out.past_key_values.max_length == 13
+        torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16(preset: str) -> None:
+    ids, mask, labels = _batch()
+    module = as_module(gemma_core.load(preset, seed=SEED))
+    with torch.no_grad():
+        ref = module(_t(ids), _t(mask), labels=_t(labels))
+    module.to(torch.bfloat16)
+    out = module(_t(ids), _t(mask), labels=_t(labels))
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    real = _t(mask.astype(bool))
+    agree = (out.logits.argmax(-1) == ref.logits.argmax(-1))[real].float().mean()
+    assert float(agree) >= 0.9 and abs(_f(out.loss) - _f(ref.loss)) < 0.05 * _f(ref.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 and bool(p.grad.isfinite().all())
+               for p in module.parameters())
+    # a bfloat16 model converts to a bfloat16 module
+    assert as_module(gemma_core.load(preset, backend="torch", dtype="bfloat16")).get_parameter(
+        "model.norm.weight").dtype == torch.bfloat16
+
+
+def test_autocast() -> None:
+    ids, mask, labels = _batch()
+    module = as_module(gemma_core.load("tiny-gemma3", seed=SEED))
+    with torch.no_grad():
+        ref = float(module(_t(ids), _t(mask), labels=_t(labels)).loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(_t(ids), _t(mask), labels=_t(labels))
+    assert out.logits.dtype == torch.bfloat16
+    assert abs(_f(out.loss) - ref) < 0.05 * ref
+    out.loss.backward()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 and bool(p.grad.isfinite().all())
+               for p in module.parameters())
+
+
+@pytest.mark.slow
+def test_torch_compile_forward_and_backward() -> None:
+    ids, mask, labels = _batch()
+    module = as_module(gemma_core.load("tiny-gemma", seed=SEED))
+    module(_t(ids), _t(mask), labels=_t(labels)).loss.backward()
+    eager = {n: p.grad.clone() for n, p in module.named_parameters()}
+    module.zero_grad()
+    compiled = torch.compile(module)
+    loss = compiled(_t(ids), _t(mask), labels=_t(labels)).loss
+    loss.backward()
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_refusals() -> None:
+    with pytest.raises(ConfigError, match="quantis"):
+        as_module(gemma_core.load("tiny-gemma", quantize="int8"))
+    module = as_module(gemma_core.load("tiny-gemma3", seed=SEED))
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        module(torch.tensor([[1, 512]]))
+    with pytest.raises(InputError, match="attention_mask"):
+        module(torch.tensor([[1, 2]]), torch.tensor([[1, 1, 1]]))
+    with pytest.raises(ConfigError, match="float16"):  # numerics rule 9, as every backend
+        module.half()(torch.tensor([[1, 2]]))
