@@ -33,15 +33,14 @@ B, T, PAD = 2, 12, 3  # row 1 is left-padded by PAD tokens: longer than tiny-gem
 
 
 def _batch(config: gemma_core.GemmaConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, mask, labels): labels are the ids, -100 at padding, at the first real token of the
-    padded row (a padding position would predict it) and at two more positions."""
+    """(ids, mask, labels): labels are the ids, -100 at padding and at two more positions (the
+    first real token of the padded row, predicted at a pad, counts)."""
     rng = np.random.default_rng(7)
     ids = rng.integers(1, config.vocab_size, (B, T)).astype(np.int32)
     mask = np.ones((B, T), np.int32)
     mask[1, :PAD] = 0
     ids[1, :PAD] = config.pad_token_id
     labels = np.where(mask == 1, ids, -100).astype(np.int32)
-    labels[1, PAD] = -100
     labels[0, 5] = labels[1, 8] = -100
     return ids, mask, labels
 

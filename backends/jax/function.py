@@ -20,9 +20,10 @@ Returned dict:
   Labels other than -100 must lie in [0, V): they are not checked (they may be traced).
 
 RoPE positions count real tokens (`attention_mask`, 1 real, 0 padding), as transformers' generate
-computes them for left padding; the positions of padding see no real key and their logits are not
-meaningful, so label them -100 (and the first real token of a padded row too, which a padding
-position would otherwise predict), as with transformers.
+computes them for left padding; the positions of padding see no real key (their attention is
+uniform, as transformers' eager attention) and their logits are not meaningful, so label them
+-100. The pad token's embedding row gets no gradient (transformers' `padding_idx`), so gradients
+equal transformers' on left-padded batches, the first real token's label (read at a pad) included.
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)
 
 
+def _frozen_pad_embed(pad_id: int, dtype: str) -> Callable[..., jax.Array]:
+    """The jax `embed` op with the pad token's row frozen (no gradient), as transformers' Gemma
+    embeddings (`nn.Embedding(padding_idx=pad_token_id)`); the values are the op's own."""
+    embed = make_op_table(dtype)["embed"]
+
+    def frozen(ids: jax.Array, table: jax.Array, *, scale: float) -> jax.Array:
+        rows = embed(ids, table, scale=scale)
+        return jnp.where((ids == pad_id)[..., None], jax.lax.stop_gradient(rows), rows)
+
+    return frozen
+
+
 def _dtype_name(dtype: Any) -> str:
     for name, dt in DTYPES.items():
         if jnp.dtype(dt) == jnp.dtype(dtype):
@@ -121,7 +134,7 @@ def make_apply(config: GemmaConfig, allow_float16: bool = False) -> ApplyFn:
         dtype = _dtype_name(params[EMBED].dtype)
         check_dtype(config, dtype, allow_float16)
         if dtype not in tables:
-            tables[dtype] = make_op_table(dtype)
+            tables[dtype] = {**make_op_table(dtype), "embed": _frozen_pad_embed(config.pad_token_id, dtype)}
         env, _ = step_inputs(ids, mask, None, windows=kinds, xp=jnp)  # no cache: the step's own keys
         unknown = [name for name in graph.inputs if name not in env]
         if unknown:  # the op list reads a step input this adapter does not know how to make

@@ -82,6 +82,16 @@ def as_module(model: Any, *, allow_float16: bool = False) -> GemmaForCausalLM:
     return module.to(torch_backend.device(device)) if device is not None else module
 
 
+def _frozen_pad_embed(pad_id: int) -> Callable[..., torch.Tensor]:
+    """The `embed` op with the pad token's row frozen (no gradient), as transformers' Gemma
+    embeddings (`nn.Embedding(padding_idx=pad_token_id)`); the values are the op's own."""
+
+    def embed(ids: torch.Tensor, table: torch.Tensor, *, scale: float) -> torch.Tensor:
+        return F.embedding(ids, table, padding_idx=pad_id) * table.new_tensor(scale)
+
+    return embed
+
+
 class _TiedHead(torch.nn.Module):
     """`lm_head` of a tied model: its `weight` is the embedding's Parameter (so `state_dict`
     carries `lm_head.weight`, as transformers' does, and `named_parameters` lists it once).
@@ -129,6 +139,7 @@ class GemmaForCausalLM(torch.nn.Module):
         validate_weights(config, weights)
         self.config, self.allow_float16 = config, allow_float16
         self.graph = build_graph(config)  # unfused: each canonical weight is one Parameter
+        self.graph_without_cache = build_graph(config, cache=False)  # training: no cache kept
         self.layer_kinds = layer_kinds(config)  # the attention masks a step's inputs hold
         for name, _, _ in iter_params(config):  # layout order: the embedding first
             *path, leaf = name.split(".")
@@ -143,7 +154,9 @@ class GemmaForCausalLM(torch.nn.Module):
         """The torch op table computing in `dtype`, built once per dtype. Not the backend's
         shared table: the module's is its own, so patching one does not change the other."""
         if dtype not in self._tables:
-            self._tables[dtype] = make_op_table(dtype)
+            table = dict(make_op_table(dtype))
+            table["embed"] = _frozen_pad_embed(self.config.pad_token_id)
+            self._tables[dtype] = table
         return self._tables[dtype]
 
     def compute_dtype(self, device: torch.device) -> str:
@@ -159,22 +172,42 @@ class GemmaForCausalLM(torch.nn.Module):
         return _DTYPE_NAMES[dt]
 
     def forward(self, input_ids: Any, attention_mask: Any = None, labels: Any = None,
-                past_key_values: KVCache | None = None, *,
+                past_key_values: KVCache | None = None, *, use_cache: bool | None = None,
                 max_length: int | None = None) -> CausalLMOutput:
         """Logits of `input_ids [B,T]` after what `past_key_values` holds, and with `labels [B,T]`
         transformers' shifted next-token loss (logits[:, :-1] against labels[:, 1:], -100 skipped,
         the mean over the counted tokens, in float32). `attention_mask` marks real tokens (1) and
         left padding (0); RoPE positions are the running count of real tokens. The cache returned
         has `max_length` slots (default: the past's plus T, at least its own max_length); the
-        cache passed is left as it was."""
+        cache passed is left as it was. `use_cache` (default: in eval mode, or with a past)
+        False runs the step without a cache (each layer attends over the T keys only, as
+        transformers' training forward) and returns no `past_key_values`."""
         device = self.get_parameter(EMBED).device
         dtype = self.compute_dtype(device)
         check_dtype(self.config, dtype, self.allow_float16)
-        env, book = self._host_step(input_ids, attention_mask, past_key_values, max_length, dtype, device)
-        env = self._step(env, dtype)
+        use_cache = (not self.training or past_key_values is not None) if use_cache is None else use_cache
+        if not use_cache and past_key_values is not None:
+            raise InputError("use_cache: False with past_key_values; continuing a cache keeps one")
+        if use_cache:
+            env, book = self._host_step(input_ids, attention_mask, past_key_values, max_length, dtype,
+                                        device)
+            env = self._step(self.graph, env, dtype)
+            cache: KVCache | None = self._cache_after(env, book)
+        else:
+            env = self._step(self.graph_without_cache, self._host_inputs_only(input_ids, attention_mask,
+                                                                             device), dtype)
+            cache = None
         logits = env["logits"]
         loss = None if labels is None else causal_lm_loss(logits, torch.as_tensor(labels, device=device))
-        return CausalLMOutput(logits=logits, loss=loss, past_key_values=self._cache_after(env, book))
+        return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache)
+
+    @torch.compiler.disable
+    def _host_inputs_only(self, input_ids: Any, attention_mask: Any,
+                          device: torch.device) -> dict[str, Any]:
+        """The step inputs without a cache (`step_inputs` with no bookkeeping), as tensors."""
+        ids, mask = self._host_inputs(input_ids, attention_mask)
+        inputs, _ = step_inputs(ids, mask, windows=self.layer_kinds)
+        return {k: torch.as_tensor(v, device=device) for k, v in inputs.items()}
 
     @torch.compiler.disable
     def _host_step(self, input_ids: Any, attention_mask: Any, past: KVCache | None,
@@ -197,11 +230,11 @@ class GemmaForCausalLM(torch.nn.Module):
         return KVCache(layers=[env[cache_name(i)] for i in range(self.config.num_layers)],
                        length=book.length, max_length=book.max_length, valid=book.valid, seen=book.seen)
 
-    def _step(self, env: dict[str, Any], dtype: str) -> dict[str, Any]:
+    def _step(self, graph: Any, env: dict[str, Any], dtype: str) -> dict[str, Any]:
         """The op list over the Parameters (bound per call: `.to()` and `load_state_dict` keep
         the Parameter objects, but a compiled trace must see them as it finds them)."""
         weights = dict(self.named_parameters())
-        run_bound(bind(self.graph, self.op_table(dtype), weights), env)
+        run_bound(bind(graph, self.op_table(dtype), weights), env)
         return env
 
     def _host_inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
