@@ -126,6 +126,10 @@ def kv_cache(p: Policy, k: jax.Array, v: jax.Array, layer: tuple[jax.Array, jax.
 
 def attention(p: Policy, q: jax.Array, keys: jax.Array, values: jax.Array, bias: jax.Array, *,
               scale: float, softcap: float | None) -> jax.Array:
+    if not p.cpu and softcap is None:  # XLA's fused attention (cuDNN where it applies); GQA native
+        out = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3),
+                                           values.transpose(0, 2, 1, 3), bias=bias, scale=scale)
+        return out.transpose(0, 2, 1, 3)  # [B,N,T,H]
     groups = q.shape[1] // keys.shape[1]
     keys = jnp.repeat(keys, groups, axis=1)  # query head h reads kv head h // groups
     values = jnp.repeat(values, groups, axis=1)
