@@ -288,3 +288,18 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("op-quantized", "qlinear", ("quant: int8 per channel, int4 and nf4 groups, dequantised "
                                        "exactly; embedding rows",), _quantized),
 )
+
+
+def _lora(h: Harness, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    x = _normal(rng, 2, 3, 48)
+    out = {}
+    # alpha / r, exact in every dtype, and rsLoRA's alpha / sqrt(r), which bf16 cannot hold
+    for r, scale in ((4, 2.0), (8, 16 / math.sqrt(8))):
+        a, b = _normal(rng, r, 48, scale=0.2), _normal(rng, 40, r, scale=0.5)
+        out[f"r={r}"] = h.np(h.table["lora"](h.f(x), h.f(a), h.f(b), scale=scale))
+    return out
+
+
+# LoRA adapters (gemma_core.lora): a backend not declaring the "lora" op group skips this case
+OP_CASES = (*OP_CASES, OpCase("op-lora", "lora", ("lora: (x @ A^T) @ B^T * scale, the scale applied "
+                                                  "in float32",), _lora))

@@ -6,9 +6,9 @@ import dataclasses
 import fnmatch
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from conformance.compare import compare_logits, compare_op, compare_tensor, logi
 from conformance.golden import GOLDEN_CASES, GOLDEN_DIR, GoldenCase, load_golden
 from conformance.tolerances import TOLERANCES, Tolerance, widen_cache, widen_logits
 from gemma_core.backend import Backend, get_backend, known_backends
-from gemma_core.cache import batch_ids
+from gemma_core.cache import CacheState, batch_ids
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import BackendError, ConfigError
 from gemma_core.graph import build_graph
@@ -110,60 +110,75 @@ def _prompt(case: ModelCase, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     return batch_ids([list(rng.integers(3, vocab, n)) for n in case.lengths])
 
 
-class _Oracle:
-    """For narrow dtypes, the float64 reference run on the same inputs beside the emulated one,
-    so that each bound can follow the reference's own error (tolerances.ORACLE_SLACK)."""
+class _RefStep(NamedTuple):
+    """One step of the reference run: its logits and exported cache, and for narrow dtypes the
+    float64 oracle's on the same inputs (so that each bound can follow the reference's own error,
+    tolerances.ORACLE_SLACK)."""
 
-    def __init__(self, config: GemmaConfig, weights: Any, tol: Tolerance) -> None:
-        narrow = tol.top1_agreement is not None
-        self.model = Model(config, weights, backend="numpy", dtype="float64") if narrow else None
-        self.out: Any = None
-        self.state: Any = None  # self.out's cache, exported
-        self.top1, self.kl = 1.0, 0.0  # the reference's largest logit error so far
+    logits: np.ndarray
+    state: CacheState
+    exact_logits: np.ndarray | None
+    exact_state: CacheState | None
 
-    def forward(self, ids: np.ndarray, mask: Any, max_length: int | None = None) -> None:
-        if self.model is None:
-            return
-        cache = self.model.new_cache(len(ids), max_length) if max_length else self.out.cache
-        self.out = self.model.forward(ids, mask, cache, last_only=max_length is None)
-        self.state = self.model.export_cache(self.out.cache)
 
-    def logits_tol(self, tol: Tolerance, ref_logits: np.ndarray, real: np.ndarray) -> Tolerance:
-        """The bounds loosened to the reference's own error: the largest of this run so far, as
-        a step of one or two positions alone estimates it poorly."""
-        if self.model is None:
+class _Reference(NamedTuple):
+    """A case's whole reference run: the tokens fed (prefill, then one per decode step; or one
+    run of tokens per fork) and the reference's step for each. It depends on the case, the
+    reference dtype and the reference op table only, not on the candidate, so it is computed once
+    and reused for every backend compared (`_reference`)."""
+
+    tokens: tuple[np.ndarray, ...]
+    steps: tuple[_RefStep, ...]
+
+
+class _Bounds:
+    """The narrow-dtype bounds loosened to the reference's own error against the oracle: the
+    largest of the run so far, as a step of one or two positions alone estimates it poorly."""
+
+    def __init__(self) -> None:
+        self.top1, self.kl = 1.0, 0.0
+
+    def logits(self, tol: Tolerance, step: _RefStep, real: np.ndarray) -> Tolerance:
+        if step.exact_logits is None:
             return tol
-        top1, kl = logit_distance(np.asarray(self.out.logits)[real], ref_logits[real])
+        top1, kl = logit_distance(step.exact_logits[real], step.logits[real])
         self.top1, self.kl = min(self.top1, top1), max(self.kl, kl)
         return widen_logits(tol, self.top1, self.kl)
 
-    def cache_tol(self, tol: Tolerance, ref_tensor: np.ndarray, kind: str, layer: int,
-                  pad: np.ndarray) -> Tolerance:
-        if self.model is None:
+    @staticmethod
+    def cache(tol: Tolerance, step: _RefStep, ref_tensor: np.ndarray, kind: str, layer: int,
+              pad: np.ndarray) -> Tolerance:
+        if step.exact_state is None:
             return tol
-        exact = (self.state.keys if kind == "keys" else self.state.values)[layer]
+        exact = (step.exact_state.keys if kind == "keys" else step.exact_state.values)[layer]
         return widen_cache(tol, relative_l2(np.where(pad, 0.0, exact), ref_tensor))
 
 
-def _compare_caches(ref: Model, cand: Model, ref_cache: Any, cand_cache: Any, step: str,
-                    tol: Tolerance, first: list[str], oracle: _Oracle) -> None:
-    r, c = ref.export_cache(ref_cache), cand.export_cache(cand_cache)
+def _compare_caches(step: _RefStep, cand: Model, cand_cache: Any, what: str, tol: Tolerance,
+                    first: list[str]) -> None:
+    r, c = step.state, cand.export_cache(cand_cache)
     for layer, (rk, ck, rv, cv) in enumerate(zip(r.keys, c.keys, r.values, c.values, strict=True)):
         # keys of pad tokens come from fully masked attention rows: implementation-defined
         pad = ~r.real[layer][:, None, :, None]
         rk, ck, rv, cv = (np.where(pad, 0.0, x) for x in (rk, ck, rv, cv))
         for kind, rt, ct in (("keys", rk, ck), ("values", rv, cv)):
-            _check(*compare_tensor(rt, ct, oracle.cache_tol(tol, rt, kind, layer, pad)),
-                   what=f"{step} cache {kind} layer {layer}", first=first)
+            _check(*compare_tensor(rt, ct, _Bounds.cache(tol, step, rt, kind, layer, pad)),
+                   what=f"{what} cache {kind} layer {layer}", first=first)
 
 
 _CHECKPOINTS: dict[str, tuple[GemmaConfig, dict[str, np.ndarray]]] = {}
+# (case, tolerance) -> (reference backend, its op table's functions, weights, run): reused while
+# the reference backend and its ops are the same objects (a test may swap or patch them) and,
+# for a checkpoint, while its weights are the ones loaded
+_REFERENCES: dict[tuple[str, Tolerance], tuple[Backend, tuple[Any, ...], Any, _Reference]] = {}
 
 
 def _checkpoint(path: str) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     if path not in _CHECKPOINTS:
         model = load(path)  # any supported format; the numpy backend keeps float32 host arrays
         _CHECKPOINTS.clear()  # hold one checkpoint at a time
+        for key in [k for k in _REFERENCES if k[0].startswith("model:")]:
+            del _REFERENCES[key]  # and only its reference runs (a real model's logits are large)
         _CHECKPOINTS[path] = (model.config, dict(model.weights))
     return _CHECKPOINTS[path]
 
@@ -182,6 +197,79 @@ def case_config(case: ModelCase) -> GemmaConfig:
     return get_preset(case.preset).replace(**case.changes)
 
 
+def _case_weights(case: ModelCase, config: GemmaConfig) -> dict[str, np.ndarray]:
+    return (_checkpoint(case.preset)[1] if case.name.startswith("model:")
+            else random_weights(config, case.seed))
+
+
+def _reference(case: ModelCase, config: GemmaConfig, weights: Mapping[str, np.ndarray],
+               tol: Tolerance) -> _Reference:
+    """The case's reference run (`_Reference`), computed once per case and tolerance."""
+    backend = get_backend("numpy")
+    ops = tuple(backend.op_table(tol.reference_dtype).values())
+    key = (f"{case.name}:{case.preset}" if case.name.startswith("model:") else repr(case), tol)
+    held = _REFERENCES.get(key)
+    if (held is not None and held[0] is backend and held[2] is (weights if case.name.startswith("model:")
+                                                                  else None)
+            and len(held[1]) == len(ops) and all(a is b for a, b in zip(held[1], ops, strict=True))):
+        return held[3]
+    run = (_reference_forks if case.forks else _reference_decode)(case, config, weights, tol)
+    _REFERENCES[key] = (backend, ops, weights if case.name.startswith("model:") else None, run)
+    return run
+
+
+def _reference_models(config: GemmaConfig, weights: Mapping[str, np.ndarray],
+                      tol: Tolerance) -> tuple[Model, Model | None]:
+    """The reference in its dtype, and for narrow dtypes the float64 oracle."""
+    ref = Model(config, weights, backend="numpy", dtype=tol.reference_dtype)
+    narrow = tol.top1_agreement is not None
+    return ref, Model(config, weights, backend="numpy", dtype="float64") if narrow else None
+
+
+def _ref_step(ref: Model, out: Any, exact: Model | None, exact_out: Any) -> _RefStep:
+    return _RefStep(np.asarray(out.logits), ref.export_cache(out.cache),
+                    None if exact is None else np.asarray(exact_out.logits),
+                    None if exact is None else exact.export_cache(exact_out.cache))
+
+
+def _reference_decode(case: ModelCase, config: GemmaConfig, weights: Mapping[str, np.ndarray],
+                      tol: Tolerance) -> _Reference:
+    """Prefill of the case's prompt, then greedy decode steps on the reference's own argmax."""
+    ref, exact = _reference_models(config, weights, tol)
+    ids, mask = _prompt(case, config.vocab_size)
+    max_length = ids.shape[1] + case.decode_steps
+    r = ref.forward(ids, mask, ref.new_cache(len(ids), max_length))
+    e = None if exact is None else exact.forward(ids, mask, exact.new_cache(len(ids), max_length))
+    tokens, steps = [ids], [_ref_step(ref, r, exact, e)]
+    for _ in range(case.decode_steps):
+        nxt = np.asarray(r.logits)[:, -1].argmax(-1)[:, None]
+        r = ref.forward(nxt, None, r.cache, last_only=True)
+        e = None if exact is None or e is None else exact.forward(nxt, None, e.cache, last_only=True)
+        tokens.append(nxt)
+        steps.append(_ref_step(ref, r, exact, e))
+    return _Reference(tuple(tokens), tuple(steps))
+
+
+def _reference_forks(case: ModelCase, config: GemmaConfig, weights: Mapping[str, np.ndarray],
+                     tol: Tolerance) -> _Reference:
+    """Per fork, the reference's full forward over the prefix and the fork's random tokens."""
+    ref, exact = _reference_models(config, weights, tol)
+    ids, mask = _prompt(case, config.vocab_size)
+    rows, prefix = ids.shape
+    max_length = prefix + max(sum(fork) for fork in case.forks)
+    rng = np.random.default_rng(case.seed + 2)
+    tokens, steps = [], []
+    for fork in case.forks:
+        fork_tokens = rng.integers(3, config.vocab_size, (rows, sum(fork)))
+        full_ids = np.concatenate([ids, fork_tokens], axis=1)
+        full_mask = np.concatenate([mask, np.ones(fork_tokens.shape, mask.dtype)], axis=1)
+        r = ref.forward(full_ids, full_mask, max_length=max_length)
+        e = None if exact is None else exact.forward(full_ids, full_mask, max_length=max_length)
+        tokens.append(fork_tokens)
+        steps.append(_ref_step(ref, r, exact, e))
+    return _Reference(tuple(tokens), tuple(steps))
+
+
 def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance,
                    device: str | None = None) -> str:
     """Prefill + greedy decode on reference and candidate (on `device`); logits and caches after
@@ -189,42 +277,34 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
     config = case_config(case)
     if case.task != "causal-lm":
         return _run_head_case(case, config, backend, dtype, tol, device)
-    weights = (_checkpoint(case.preset)[1] if case.name.startswith("model:")
-               else random_weights(config, case.seed))
-    ref = Model(config, weights, backend="numpy", dtype=tol.reference_dtype)
+    weights = _case_weights(case, config)
+    reference = _reference(case, config, weights, tol)
     cand = Model(config, weights, backend=backend, dtype=dtype, device=device)
-    oracle = _Oracle(config, weights, tol)
     if case.forks:
-        return _run_fork_case(case, ref, cand, oracle, tol)
+        return _run_fork_case(case, reference, cand, tol)
     ids, mask = _prompt(case, config.vocab_size)
     max_length = ids.shape[1] + case.decode_steps
     first: list[str] = []
-    r = ref.forward(ids, mask, ref.new_cache(len(ids), max_length))
-    oracle.forward(ids, mask, max_length)
+    bounds = _Bounds()
+    ref = reference.steps[0]
     c = cand.forward(ids, mask, cand.new_cache(len(ids), max_length), donate_cache=True)
     c_logits = cand.to_numpy(c.logits)
     real = mask.astype(bool)
-    prefill_tol = oracle.logits_tol(tol, np.asarray(r.logits), real)
-    _check(*compare_logits(np.asarray(r.logits), c_logits, real, prefill_tol), first=first,
+    prefill_tol = bounds.logits(tol, ref, real)
+    _check(*compare_logits(ref.logits, c_logits, real, prefill_tol), first=first,
            what="prefill logits")
-    _compare_caches(ref, cand, r.cache, c.cache, "prefill", tol, first, oracle)
+    _compare_caches(ref, cand, c.cache, "prefill", tol, first)
     steps = [c_logits]
-    tokens = [ids]
-    for step in range(case.decode_steps):
-        nxt = np.asarray(r.logits)[:, -1].argmax(-1)[:, None]
-        tokens.append(nxt)
-        r = ref.forward(nxt, None, r.cache, last_only=True)
-        oracle.forward(nxt, None)
+    for step, (nxt, ref) in enumerate(zip(reference.tokens[1:], reference.steps[1:], strict=True)):
         # handed over, as generation does: the in-place decode path (fork cases check the copy)
         c = cand.forward(nxt, None, c.cache, last_only=True, donate_cache=True)
         c_logits = cand.to_numpy(c.logits)
         steps.append(c_logits)
         real = np.ones(nxt.shape, bool)
-        _check(*compare_logits(np.asarray(r.logits), c_logits, real,
-                               oracle.logits_tol(tol, np.asarray(r.logits), real)),
+        _check(*compare_logits(ref.logits, c_logits, real, bounds.logits(tol, ref, real)),
                what=f"decode {step} logits", first=first)
-        _compare_caches(ref, cand, r.cache, c.cache, f"decode {step}", tol, first, oracle)
-    full_ids = np.concatenate(tokens, axis=1)
+        _compare_caches(ref, cand, c.cache, f"decode {step}", tol, first)
+    full_ids = np.concatenate(reference.tokens, axis=1)
     full_mask = np.concatenate([mask, np.ones((len(ids), case.decode_steps), mask.dtype)], axis=1)
     full = cand.to_numpy(cand.forward(full_ids, full_mask).logits)
     _check(*compare_logits(full, np.concatenate(steps, axis=1), full_mask.astype(bool), prefill_tol),
@@ -232,34 +312,30 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
     return f"{case.decode_steps} decode steps; first check: {first[0]}"
 
 
-def _run_fork_case(case: ModelCase, ref: Model, cand: Model, oracle: _Oracle, tol: Tolerance) -> str:
+def _run_fork_case(case: ModelCase, reference: _Reference, cand: Model, tol: Tolerance) -> str:
     """One prefix cache continued once per fork, each fork from the same cache object: its
     logits and final cache against the reference's full forward over prefix + fork; then the
     prefix cache's exported state must be exactly what it was."""
-    ids, mask = _prompt(case, ref.config.vocab_size)
+    ids, mask = _prompt(case, cand.config.vocab_size)
     rows, prefix = ids.shape
     max_length = prefix + max(sum(fork) for fork in case.forks)
     shared = cand.forward(ids, mask, cand.new_cache(rows, max_length)).cache
     before = cand.export_cache(shared)
-    rng = np.random.default_rng(case.seed + 2)
     first: list[str] = []
-    for n, fork in enumerate(case.forks):
-        tokens = rng.integers(3, ref.config.vocab_size, (rows, sum(fork)))
-        full_ids = np.concatenate([ids, tokens], axis=1)
+    bounds = _Bounds()
+    for n, (fork, tokens, ref) in enumerate(zip(case.forks, reference.tokens, reference.steps,
+                                                strict=True)):
         full_mask = np.concatenate([mask, np.ones(tokens.shape, mask.dtype)], axis=1)
-        r = ref.forward(full_ids, full_mask, max_length=max_length)
-        oracle.forward(full_ids, full_mask, max_length)
-        ref_logits = np.asarray(r.logits)
-        fork_tol = oracle.logits_tol(tol, ref_logits, full_mask.astype(bool))
+        fork_tol = bounds.logits(tol, ref, full_mask.astype(bool))
         cache, logits, at = shared, [], 0
         for size in fork:
             out = cand.forward(tokens[:, at:at + size], None, cache)
             cache, at = out.cache, at + size
             logits.append(cand.to_numpy(out.logits))
-        _check(*compare_logits(ref_logits[:, prefix:], np.concatenate(logits, axis=1),
+        _check(*compare_logits(ref.logits[:, prefix:], np.concatenate(logits, axis=1),
                                np.ones(tokens.shape, bool), fork_tol),
                what=f"fork {n} logits", first=first)
-        _compare_caches(ref, cand, r.cache, cache, f"fork {n}", tol, first, oracle)
+        _compare_caches(ref, cand, cache, f"fork {n}", tol, first)
     after = cand.export_cache(shared)
     for layer, (k0, k1, v0, v1) in enumerate(zip(before.keys, after.keys, before.values, after.values,
                                                  strict=True)):

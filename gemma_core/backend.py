@@ -3,7 +3,9 @@
 A backend realises the op vocabulary of `gemma_core.graph` once for its framework and decides how
 weights are placed. Built-in backends live in the top-level `backends` package; third-party ones
 register an object under the entry-point group `gemma_core.backends`. Nothing is imported until a
-backend is asked for, and several backends can be used in one process.
+backend is asked for, and several backends can be used in one process. `"<name>:<variant>"`
+names a variant a backend offers (`Backend.variant`), e.g. `"array_api:torch"`. The contract of
+every method and attribute: docs/backends.md.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ class Backend(abc.ABC):
     op_groups: tuple[str, ...] = tuple(OP_GROUPS)
     devices: tuple[str, ...] = ("cpu",)
     gaps: tuple[tuple[str, str, str], ...] = ()
+    # The variants `get_backend("<name>:<variant>")` knows to offer (`variant`), for messages.
+    variants: tuple[str, ...] = ()
+
+    def variant(self, name: str) -> Backend:
+        """The backend `get_backend("<self.name>:<name>")` gives: this backend in another
+        configuration (the Array-API backend on another namespace). By default there are none."""
+        raise BackendError(unknown_variant(self.name, name, self.variants))
 
     def known_gaps(self) -> list[tuple[str, str, str]]:
         """(case glob or "arch:<architecture>", dtype or "*", reason) rows: cases the conformance
@@ -185,6 +194,12 @@ def per_weights(make: Callable[[Mapping[str, Any]], Any]) -> Callable[[Mapping[s
     return get
 
 
+def unknown_variant(backend: str, variant: str, known: tuple[str, ...], more: str = "") -> str:
+    """The message of a variant `backend` does not offer, listing the `known` ones."""
+    listed = ", ".join(known) if known else "none"
+    return f"backend {backend!r} has no variant {variant!r} (known: {listed}{more})"
+
+
 def default_backend_name() -> str:
     """`GEMMA_BACKEND` if set, else numpy. An explicit argument always wins over this."""
     return os.environ.get("GEMMA_BACKEND") or DEFAULT_BACKEND
@@ -219,11 +234,15 @@ def _import_target(target: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def get_backend(name: str | None = None) -> Backend:
-    """The backend called `name` (default: `default_backend_name()`), imported on first use."""
-    name = name or default_backend_name()
-    if name in _LOADED:
-        return _LOADED[name]
+def _not_installed(name: str, e: ModuleNotFoundError) -> BackendError:
+    """Backend `name` needs the missing module of `e`: one line naming what to install."""
+    module = (e.name or "").split(".")[0]
+    hint = _INSTALL_HINTS.get(module, f"pip install {module}")
+    return BackendError(f"backend {name!r} needs {e.name}, which is not installed: {hint}")
+
+
+def _load(name: str) -> Backend:
+    """Import the backend registered as `name` (built in, or an entry point)."""
     try:
         if name in BUILTIN_BACKENDS:
             backend = _import_target(BUILTIN_BACKENDS[name])
@@ -235,11 +254,46 @@ def get_backend(name: str | None = None) -> Backend:
                 )
             backend = eps[name].load()
     except ModuleNotFoundError as e:
-        hint = _INSTALL_HINTS.get((e.name or "").split(".")[0])
-        if hint is None:
-            raise
-        raise BackendError(f"backend {name!r} needs {e.name}, which is not installed: {hint}") from None
+        if _INSTALL_HINTS.get((e.name or "").split(".")[0]) is None:
+            raise  # not a framework: a bug of the backend's own package, shown as it is
+        raise _not_installed(name, e) from None
     if callable(backend) and not isinstance(backend, Backend):
         backend = backend()
+    return backend
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """The backend called `name` (default: `default_backend_name()`), imported on first use.
+
+    `"<name>:<variant>"` (e.g. `"array_api:torch"`) is `get_backend(name).variant(variant)`,
+    unless a backend is registered under the whole string (which then wins)."""
+    name = name or default_backend_name()
+    if name in _LOADED:
+        return _LOADED[name]
+    base, colon, variant = name.partition(":")
+    if colon and name not in BUILTIN_BACKENDS and name not in _entry_points():
+        parent = get_backend(base)
+        offer = getattr(parent, "variant", None)
+        if offer is None:  # a plugin object that is not a `Backend` subclass
+            raise BackendError(unknown_variant(base, variant, ()))
+        try:
+            backend = offer(variant)
+        except ModuleNotFoundError as e:  # a known variant whose framework is not installed
+            raise _not_installed(name, e) from None
+    else:
+        backend = _load(name)
     _LOADED[name] = backend
     return backend
+
+
+class BackendChoices(list[str]):
+    """`known_backends()` as the CLI's `--backend` choices: a known name, or `name:variant` of
+    one (the variant is checked when the backend loads, by `get_backend`)."""
+
+    def __init__(self) -> None:
+        super().__init__(known_backends())
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        return list.__contains__(self, name) or list.__contains__(self, name.partition(":")[0])

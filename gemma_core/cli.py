@@ -1,4 +1,5 @@
-"""The `gemma` command line: generate, chat, classify, convert, quantize, info, graph, mask, conformance."""
+"""The `gemma` command line: generate, chat, classify, convert, quantize, finetune, info, graph,
+mask, conformance."""
 
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def _load_model(args: argparse.Namespace) -> Any:
     _import_backend(args)
     model = gemma_core.load(path, backend=args.backend, dtype=args.dtype, device=args.device,
                             progress=_Progress("loading"), quantize=quantize,
-                            allow_float16=args.allow_float16)
+                            allow_float16=args.allow_float16, adapter=getattr(args, "adapter", None))
     if args.tokenizer:
         model.tokenizer = GemmaTokenizer(args.tokenizer)
     if model.tokenizer is None:
@@ -231,7 +232,15 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     dtypes = args.dtypes.split(",")
     # an unknown case name is a ConfigError from run_conformance: one `gemma: error:` line, exit 2
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
-    results = run_conformance(backends, dtypes, cases or None, model=args.model, device=args.device)
+    if args.grad:  # the gradient cases (conformance.grad) in place of the forward ones
+        from conformance.grad import run_grad_conformance
+
+        if args.model or args.device:
+            raise GemmaError("--grad runs the random-weight gradient cases on the CPU; "
+                             "--model and --device do not apply")
+        results = run_grad_conformance(backends, dtypes, cases or None)
+    else:
+        results = run_conformance(backends, dtypes, cases or None, model=args.model, device=args.device)
     print(reports.as_json(results) if args.json else reports.as_text(results))
     for path, render in ((args.junit, reports.as_junit), (args.markdown, reports.as_markdown)):
         if path:
@@ -428,15 +437,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from gemma_core.backend import default_backend_name, known_backends
+    from gemma_core.backend import BackendChoices, default_backend_name
     from gemma_core.generation import DEFAULT_MAX_NEW_TOKENS
     from gemma_core.model import DTYPES
 
     p.add_argument("--model", help="checkpoint in any format convert reads (hf, keras-hub, flax, "
                                    "gemma-pytorch, gguf), 'embedded' or a preset (default: embedded)")
     p.add_argument("--tokenizer", help="a tokenizer.model file (for models that lack one)")
-    p.add_argument("--backend", default=None, choices=known_backends(),
-                   help=f"backend (default: {default_backend_name()}, or $GEMMA_BACKEND)")
+    p.add_argument("--backend", default=None, choices=BackendChoices(),
+                   help=f"backend, or NAME:VARIANT such as array_api:torch "
+                        f"(default: {default_backend_name()}, or $GEMMA_BACKEND)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     p.add_argument("--allow-float16", action="store_true",
                    help="run Gemma 2/3 in float16 anyway (their activations exceed its range)")
@@ -448,6 +458,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-modules", metavar="MODULE=SCHEME,...",
                    help="projections stored otherwise in every layer, e.g. v_proj=int8,down_proj=int8 "
                         "(more bits where 4 cost the most, as llama.cpp's Q4_K_M) or o_proj=float")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter folder in PEFT's format (adapter_config.json + "
+                        "adapter_model.safetensors), run unmerged over the model (QLoRA with --quantize)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="tokens to generate at most")
     p.add_argument("--temperature", type=float, help="sample at this temperature (0 = greedy)")
@@ -481,7 +494,7 @@ class _SubParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gemma_core.backend import known_backends
+    from gemma_core.backend import BackendChoices
     from gemma_core.model import DTYPES
 
     parser = argparse.ArgumentParser(prog="gemma", description="Gemma 1/2/3 on any backend.")
@@ -507,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="label a text with a sequence-classification checkpoint")
     p.add_argument("--model", required=True, help="a Hugging Face *ForSequenceClassification folder")
     p.add_argument("--tokenizer", help="a tokenizer.model file (for folders that lack one)")
-    p.add_argument("--backend", default=None, choices=known_backends())
+    p.add_argument("--backend", default=None, choices=BackendChoices())
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", default=None)
     p.add_argument("--top", type=_nonnegative_int, default=0, help="print only the N most likely labels")
@@ -550,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_quantize)
 
+    from gemma_core.cli_finetune import add_finetune_parser
+
+    add_finetune_parser(sub, _positive_int)
+
     p = sub.add_parser("graph", help="print a config's op list")
     p.add_argument("--config", default="embedded",
                    help="preset name, checkpoint (any format), config.json or 'embedded'")
@@ -571,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML (for CI systems)")
     p.add_argument("--markdown", metavar="FILE", help="also write a Markdown summary")
+    p.add_argument("--grad", action="store_true", help="run the gradient cases instead: every "
+                   "weight's loss gradient against the float64 NumPy oracle (conformance.grad)")
     p.set_defaults(func=cmd_conformance)
     return parser
 

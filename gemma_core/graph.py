@@ -3,7 +3,8 @@ in order (`run_bound`). `build_graph` returns a `Graph`: the ops with their inpu
 registers and params, verified when built (a misspelt name fails there, naming the op).
 
 Op vocabulary (every backend's op table implements exactly these, with these signatures;
-arrays are in the compute dtype unless noted, axis letters as in `gemma_core.config`):
+arrays are in the compute dtype unless noted, axis letters as in `gemma_core.config`; the backward
+of each kind, the float64 training oracle, is in `backends/numpy/vjp.py`):
 
 - embed(ids[B,T] int, table[V,D]; scale) -> [B,T,D]: rows times sqrt(D) rounded to the compute dtype.
 - rms_norm(x[...,E], w[E]; eps) -> [...,E]: in float32, x * rsqrt(mean(x^2) + eps) * (1 + w), one cast back.
@@ -33,6 +34,9 @@ arrays are in the compute dtype unless noted, axis letters as in `gemma_core.con
   the compute dtype. Backends may fuse the dequantisation into the product.
 - qembed(ids[B,T] int, values, scale; scheme, group_size, scale_by) -> [B,T,D]: `embed` on the
   dequantised rows of a quantised table.
+- lora(x[...,I], a[r,I], b[O,r]; scale) -> [...,O]: a LoRA adapter's delta (gemma_core.lora),
+  `(x @ a^T) @ b^T * scale` in the compute dtype, one rounding per product and one for the scale
+  (as PEFT evaluates it); `add` then sums it with the projection's output.
 - split(x[...,S]; sizes) -> tuple of [...,sizes[i]]: consecutive slices of the last axis (the
   outputs of projections fused by `fuse_projections`).
 - gelu_tanh(x) -> x: the tanh approximation of GELU.

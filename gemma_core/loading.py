@@ -21,7 +21,8 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
          dtype: str = "float32", device: str | None = None, *, seed: int = 0,
          allow_float16: bool = False, progress: Any = None, compile: bool | None = None,
          task: str = "causal-lm", num_labels: int = 2, quantize: Any = None,
-         allow_nonfinite: bool = False, **config_changes: Any) -> Model:
+         allow_nonfinite: bool = False, adapter: str | os.PathLike[str] | None = None,
+         **config_changes: Any) -> Model:
     """A model from any checkpoint `gemma convert` reads (a Hugging Face folder or a safetensors
     file beside its config.json, a keras-hub preset folder, a Flax orbax folder or flat
     `.safetensors` tree, a gemma_pytorch checkpoint, a `.gguf` file), "embedded" (the embedded
@@ -35,7 +36,8 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
     `quantize` ("int8", "int4", "nf4" or a `QuantConfig`) quantises the weights on load
     (gemma_core.quant); a checkpoint saved quantised loads quantised without it.
     Weights holding NaN or infinity are refused unless `allow_nonfinite=True` (quantising them
-    is refused regardless)."""
+    is refused regardless). `adapter` is a PEFT LoRA adapter folder (gemma_core.lora), run
+    unmerged over the weights as loaded (over quantised weights: QLoRA)."""
     from gemma_core.checkpoint import load_checkpoint, read_labels
     from gemma_core.presets import PRESETS
     from gemma_core.weights import random_weights
@@ -74,9 +76,14 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
     if task not in ("sequence-classification", "token-classification") or (
             labels is not None and len(labels) != rows):
         labels = None  # transformers writes two default labels even for causal LMs
+    lora, lora_weights = None, None
+    if adapter is not None:
+        from gemma_core.lora import load_peft
+
+        lora, lora_weights = load_peft(adapter, config)
     return Model(config, weights, backend=backend, dtype=dtype, device=device,
                  allow_float16=allow_float16, tokenizer=tokenizer, compile=compile, task=task,
-                 labels=labels)
+                 labels=labels, lora=lora, lora_weights=lora_weights)
 
 
 def find_tokenizer(path: str | os.PathLike[str], config: GemmaConfig) -> Any:

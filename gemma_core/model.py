@@ -64,7 +64,8 @@ class Model:
                  backend: str | Backend | None = None, dtype: str = "float32",
                  device: str | None = None, allow_float16: bool = False,
                  tokenizer: Any = None, compile: bool | None = None, task: str = "causal-lm",
-                 labels: Sequence[str] | None = None) -> None:
+                 labels: Sequence[str] | None = None, lora: Any = None,
+                 lora_weights: Mapping[str, np.ndarray] | None = None) -> None:
         check_dtype(config, dtype, allow_float16)
         if task not in TASKS:
             raise ConfigError(f"task: unknown value {task!r} (known: {', '.join(TASKS)})")
@@ -84,6 +85,17 @@ class Model:
         self.dtype = dtype
         self.device = device
         self.graph: Graph = build_graph(config, task)
+        self.lora = lora  # a gemma_core.lora.LoraConfig: the adapter runs unmerged (LoRA, QLoRA)
+        if lora is not None:
+            from gemma_core.lora import apply_lora, check_lora_weights
+
+            if "lora" not in self.backend.supported_groups():
+                raise ConfigError(f"lora: backend {self.backend.name!r} does not declare the 'lora' op group")
+            check_lora_weights(config, lora, lora_weights or {})
+            self.graph = apply_lora(self.graph, config, lora)  # before fusion: fuses base weights only
+            weights = {**weights, **(lora_weights or {})}
+        elif lora_weights:
+            raise ConfigError("lora_weights: given without the adapter's lora config")
         self.layer_kinds = layer_kinds(config)  # one attention mask per kind a step
         if self.backend.fuse_projections:
             shapes = {name: shape for name, shape, _ in iter_params(config, task, num_labels)}

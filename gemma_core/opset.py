@@ -17,6 +17,7 @@ from gemma_core.errors import BackendError
 CORE = "core"
 QUANTIZED = "quantized"
 CLASSIFICATION = "classification"
+LORA = "lora"
 
 # group -> op kinds. "core" is required of every backend; the others are declared when implemented.
 OP_GROUPS: dict[str, tuple[str, ...]] = {
@@ -25,13 +26,14 @@ OP_GROUPS: dict[str, tuple[str, ...]] = {
            "gather_positions"),
     QUANTIZED: ("qlinear", "qembed"),  # quantised checkpoints (gemma_core.quant)
     CLASSIFICATION: ("pool_last_token",),  # the sequence-classification head
+    LORA: ("lora",),  # LoRA / QLoRA adapters (gemma_core.lora)
 }
 REQUIRED_GROUPS: tuple[str, ...] = (CORE,)
 
 # Every op kind, in the vocabulary's order (gemma_core.graph re-exports this).
 OP_KINDS: tuple[str, ...] = (
     "embed", "rms_norm", "linear", "split_heads", "merge_heads", "rope_table", "rope", "attention_bias",
-    "kv_cache", "attention", "pool_last_token", "qlinear", "qembed", "split",
+    "kv_cache", "attention", "pool_last_token", "qlinear", "qembed", "lora", "split",
     "gelu_tanh", "mul", "add", "softcap", "gather_positions",
 )
 assert sorted(OP_KINDS) == sorted(k for kinds in OP_GROUPS.values() for k in kinds)

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from gemma_core.config import GemmaConfig
-from gemma_core.errors import ConfigError
+from gemma_core.errors import ConfigError, WeightError
+from gemma_core.graph import build_graph, fuse_projections
 from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, iter_params, validate_weights
 from gemma_core.quant import SCALE_SUFFIX, as_quant_config
 
@@ -70,3 +71,24 @@ def quantize_model(config: GemmaConfig, weights: Mapping[str, np.ndarray], quant
     validate_weights(config.replace(quantization=None), weights, task,
                      int(weights[SCORE].shape[0]) if SCORE in weights else 0)
     return config, quantize_weights(weights, quant, progress)
+
+
+def canonical_weights(model: Any) -> dict[str, np.ndarray]:
+    """The model's weights as float numpy arrays under the canonical names, unfused (a backend
+    that runs q/k/v and gate/up as one product holds them stacked; they are split back here)."""
+    config, task = model.config, model.task
+    shapes = {name: shape for name, shape, _ in iter_params(config, task)}
+    held = {name: model.to_numpy(w) for name, w in model.weights.items()}
+    if not set(shapes) <= set(held):
+        _, groups = fuse_projections(build_graph(config, task), shapes)
+        for fused, sources in groups.items():
+            if fused in held:
+                cuts = np.cumsum([shapes[s][0] for s in sources])[:-1]
+                held.update(zip(sources, np.split(held.pop(fused), cuts, axis=0), strict=True))
+    missing = sorted(set(shapes) - set(held))
+    misshaped = [f"{n}: {list(held[n].shape)} for {list(s)}" for n, s in shapes.items()
+                 if n in held and tuple(held[n].shape) != s]
+    if missing or misshaped:
+        raise WeightError(f"weights: the {model.backend.name} model's weights are not in the "
+                          f"canonical layout (missing: {missing}; mis-shaped: {misshaped})")
+    return {name: held[name] for name in shapes}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,18 @@ def _trim_after_real_weight_tests(request: pytest.FixtureRequest) -> Iterator[No
     yield
     if request.node.get_closest_marker("real_weights") is not None:
         _release_memory()
+
+
+# The exhaustive sweeps (every case of a long sweep, where the default run keeps a representative
+# subset proving the same rules) run only with GEMMA_EXHAUSTIVE=1; they are also marked slow.
+EXHAUSTIVE = os.environ.get("GEMMA_EXHAUSTIVE", "") not in ("", "0")
+
+
+def exhaustive(*values: object, id: str | None = None) -> object:
+    """A `pytest.param` of an exhaustive sweep: marked slow, skipped unless GEMMA_EXHAUSTIVE=1."""
+    return pytest.param(*values, id=id, marks=[
+        pytest.mark.slow,
+        pytest.mark.skipif(not EXHAUSTIVE, reason="exhaustive sweep: set GEMMA_EXHAUSTIVE=1")])
 
 
 @pytest.fixture
@@ -92,3 +105,14 @@ def tiny_model_folder(tmp_path_factory: pytest.TempPathFactory, spm_file: Path) 
     path = save_checkpoint(tmp_path_factory.mktemp("tiny") / "model", config, random_weights(config, 3))
     shutil.copy(spm_file, path / "tokenizer.model")
     return path
+
+
+@pytest.fixture(scope="module")
+def hf(face):  # type: ignore[no-untyped-def]
+    """transformers' loss and gradients (float32 autograd) on a test module's `face` (its
+    config, `random_weights(config, 0)` and batch)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from hf_reference import hf_loss_and_grads
+
+    return hf_loss_and_grads(face.config, 0, face.ids, face.mask, face.labels)

@@ -285,12 +285,16 @@ def _plugin(monkeypatch: pytest.MonkeyPatch, **backends: Any) -> None:
 
 def test_plugin_declaring_gaps_and_groups_passes(monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    """The example plugin has no float16, no quantised ops and one known gap: `gemma conformance`
-    skips exactly those cells, as declared by the backend, and exits 0."""
+    """The example plugin has no float16 and no quantised ops, and here one known gap: `gemma
+    conformance` skips exactly those cells, as declared by the backend, and exits 0."""
     _plugin(monkeypatch)
     import gemma_plugin_example
 
-    monkeypatch.setitem(registry._LOADED, "example", gemma_plugin_example.backend)
+    example = gemma_plugin_example.backend
+    assert example.known_gaps() == []  # it passes every case it declares (from-scratch op table)
+    monkeypatch.setattr(example, "gaps", (("gemma3-decode-past-ring", "*",
+                                           "example: decode past the sliding ring is not done yet"),))
+    monkeypatch.setitem(registry._LOADED, "example", example)
     code = main(["conformance", "--backends", "example", "--dtypes", "float32,float16", "--json",
                  "--cases", "float16-policy,op-linear,op-quantized,gemma1-mha,gemma2-int8,"
                  "gemma2-sequence-classification,gemma3-decode-past-ring"])
@@ -337,7 +341,7 @@ def test_known_gaps_are_declared_by_the_backend_object() -> None:
 
     assert known_gaps(numpy_backend) == numpy_backend.known_gaps()
     assert ("arch:gemma3", "float16") in {(p, d) for p, d, _ in numpy_backend.known_gaps()}
-    assert NumpyBackend.supported_groups(numpy_backend) == ("core", "quantized", "classification")
+    assert NumpyBackend.supported_groups(numpy_backend) == ("core", "quantized", "classification", "lora")
 
 
 def test_device_is_passed_to_every_load_and_undeclared_devices_skip(

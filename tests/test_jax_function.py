@@ -6,11 +6,13 @@ one jitted value-and-grad that also returns the logits)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
 import numpy as np
 import pytest
+from hf_reference import face_configs, left_padded_batch
 
 import gemma_core
 from gemma_core.errors import ConfigError
@@ -23,26 +25,12 @@ jnp = jax.numpy
 
 from backends.jax import as_function  # noqa: E402  (after the skip: needs jax)
 
-# tiny-gemma2 untied, so that an lm_head of its own is trained too
-CONFIGS = {
-    "tiny-gemma": gemma_core.get_preset("tiny-gemma"),
-    "tiny-gemma2-untied": gemma_core.get_preset("tiny-gemma2").replace(tie_word_embeddings=False),
-    "tiny-gemma3": gemma_core.get_preset("tiny-gemma3"),
-}
+CONFIGS = face_configs()
 B, T, PAD = 2, 12, 3  # row 1 is left-padded by PAD tokens: longer than tiny-gemma2/3's window 8
 
 
 def _batch(config: gemma_core.GemmaConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, mask, labels): labels are the ids, -100 at padding and at two more positions (the
-    first real token of the padded row, predicted at a pad, counts)."""
-    rng = np.random.default_rng(7)
-    ids = rng.integers(1, config.vocab_size, (B, T)).astype(np.int32)
-    mask = np.ones((B, T), np.int32)
-    mask[1, :PAD] = 0
-    ids[1, :PAD] = config.pad_token_id
-    labels = np.where(mask == 1, ids, -100).astype(np.int32)
-    labels[0, 5] = labels[1, 8] = -100
-    return ids, mask, labels
+    return left_padded_batch(config, B, T, PAD)
 
 
 class Face:
@@ -69,14 +57,8 @@ class Face:
         return float(loss), np.asarray(logits), {k: np.asarray(v) for k, v in grads.items()}
 
 
-_FACES: dict[str, Face] = {}
-
-
-def get_face(key: str) -> Face:
-    """The Face of `key`, built (and later compiled) once per module run."""
-    if key not in _FACES:
-        _FACES[key] = Face(key)
-    return _FACES[key]
+# one Face per config and module run (tests that change no variable share it)
+get_face = functools.lru_cache(maxsize=None)(Face)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -87,23 +69,6 @@ def face(request: pytest.FixtureRequest) -> Face:
 @pytest.fixture(scope="module")
 def compiled(face: Face) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
     return face.run()
-
-
-@pytest.fixture(scope="module")
-def hf(face: Face) -> tuple[float, dict[str, np.ndarray]]:
-    """transformers' loss and gradients (float32 autograd) on the same weights and batch."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from hf_reference import hf_model
-
-    model = hf_model(face.config, 0)
-    positions = np.where(face.mask == 1, np.cumsum(face.mask, axis=1) - 1, 0)  # as ours
-    ids, labels = (torch.from_numpy(a.astype(np.int64)) for a in (face.ids, face.labels))
-    out = model(ids, attention_mask=torch.from_numpy(face.mask), position_ids=torch.from_numpy(positions),
-                labels=labels)
-    out.loss.backward()
-    grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters() if p.grad is not None}
-    return float(out.loss.detach()), grads
 
 
 def test_params_are_canonical_unfused_float32(face: Face) -> None:

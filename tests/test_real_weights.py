@@ -34,8 +34,6 @@ def gguf_path() -> str:
     return default_model_path()
 
 
-
-
 # the framework backends; array_api (array-api-strict runs on numpy, 272 s for the greedy test
 # alone) is checked on the catalogue by tests/test_array_api_backend.py
 FRAMEWORK_BACKENDS = [b for b in gemma_core.installed_backends() if b != "array_api"]
@@ -59,6 +57,33 @@ def hf(gguf_path: str):  # type: ignore[no-untyped-def]
     return model, tok
 
 
+@pytest.fixture(scope="session")
+def hf_runs(hf):  # type: ignore[no-untyped-def]
+    """transformers' first-step logits and greedy continuation of a prompt's ids, each run once
+    and reused by every backend's test (the reference does not depend on the backend)."""
+    import torch
+
+    model, _ = hf
+    logits: dict[tuple[int, ...], np.ndarray] = {}
+    greedy: dict[tuple[int, ...], list[int]] = {}
+
+    def first_step(ids: list[int]) -> np.ndarray:
+        if tuple(ids) not in logits:
+            with torch.no_grad():
+                logits[tuple(ids)] = model(torch.tensor([ids])).logits.numpy()
+        return logits[tuple(ids)]
+
+    def continuation(ids: list[int]) -> list[int]:
+        if tuple(ids) not in greedy:
+            with torch.no_grad():
+                greedy[tuple(ids)] = model.generate(
+                    torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                    pad_token_id=0)[0, len(ids):].tolist()
+        return greedy[tuple(ids)]
+
+    return first_step, continuation
+
+
 def test_config_is_gemma_3_270m(ours: gemma_core.Model) -> None:
     ref = gemma_core.get_preset("gemma-3-270m")
     c = ours.config
@@ -77,31 +102,23 @@ def test_tokenizer_ids_equal_transformers(ours: gemma_core.Model, hf) -> None:  
         assert ours.tokenizer.decode(ids, skip_special_tokens=True) == expected
 
 
-def test_first_step_logits_equal_transformers(ours: gemma_core.Model, hf) -> None:  # type: ignore[no-untyped-def]
-    import torch
-
-    model, _ = hf
-    assert ours.tokenizer is not None
-    for prompt in PROMPTS:
-        ids = np.array([ours.tokenizer.encode(prompt)])
-        with torch.no_grad():
-            ref = model(torch.from_numpy(ids)).logits.numpy()
-        got = ours.to_numpy(ours.forward(ids).logits)
-        assert np.abs(got - ref).max() <= 1e-4 * ref.std(), prompt
-
-
-def test_greedy_continuations_equal_transformers(ours: gemma_core.Model, hf) -> None:  # type: ignore[no-untyped-def]
-    import torch
-
-    model, _ = hf
+def test_first_step_logits_equal_transformers(ours: gemma_core.Model, hf_runs) -> None:  # type: ignore[no-untyped-def]
+    first_step, _ = hf_runs
     assert ours.tokenizer is not None
     for prompt in PROMPTS:
         ids = ours.tokenizer.encode(prompt)
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        ref = first_step(ids)
+        got = ours.to_numpy(ours.forward(np.array([ids])).logits)
+        assert np.abs(got - ref).max() <= 1e-4 * ref.std(), prompt
+
+
+def test_greedy_continuations_equal_transformers(ours: gemma_core.Model, hf_runs) -> None:  # type: ignore[no-untyped-def]
+    _, continuation = hf_runs
+    assert ours.tokenizer is not None
+    for prompt in PROMPTS:
+        ids = ours.tokenizer.encode(prompt)
         got = ours.generate([ids], max_new_tokens=24, eos_token_ids=[]).token_ids[0]
-        assert got == ref, prompt
+        assert got == continuation(ids), prompt
 
 
 def test_embedded_default_generates_coherent_text(ours: gemma_core.Model) -> None:

@@ -89,7 +89,7 @@ def test_backend_declarations_and_their_defaults() -> None:
         gaps = ()
 
     for cls in (registry.Backend, Minimal):
-        assert cls.op_groups == ("core", "quantized", "classification")
+        assert cls.op_groups == ("core", "quantized", "classification", "lora")
     m = Minimal()
     m.op_groups = ("classification",)  # core is implied
     assert m.supported_groups() == ("core", "classification")

@@ -11,7 +11,9 @@ refuses anything the standard does not define; that is what proves the op table 
 "cupy", "dask", or any importable module such as "jax.numpy"); the op table then works on the
 namespace `array_api_compat.array_namespace` gives for them. `numpy_backend`, `torch_backend`
 and `jax_backend` are ready-made instances, named "array_api:<namespace>", which a package can
-register under a name of its own (entry point `"array_api:torch" = "backends.array_api:torch_backend"`).
+register under a name of its own (entry point `"array_api:torch" = "backends.array_api:torch_backend"`);
+without registering, `gemma_core.get_backend("array_api:torch")` (`--backend array_api:torch`)
+gives the same instance through `ArrayAPIBackend.variant`.
 
 Dtypes: the standard's real floats of the namespace (float32, float64), plus bfloat16 and
 float16 where the library has them as `xp.bfloat16` / `xp.float16` (not standard; torch, jax
@@ -31,7 +33,7 @@ import array_api_compat
 import numpy as np
 
 from backends.array_api.ops import make_op_table
-from gemma_core.backend import FLOAT16_REFUSED, Backend
+from gemma_core.backend import FLOAT16_REFUSED, Backend, unknown_variant
 from gemma_core.errors import BackendError
 from gemma_core.quant import dequantize
 
@@ -45,6 +47,9 @@ DEVICE_KINDS = {
     "numpy": ("cpu",), "torch": ("cpu", "cuda", "mps", "xpu"), "jax": ("cpu", "gpu", "cuda", "rocm", "tpu"),
 }
 STANDARD_FLOATS = ("float32", "float64")  # the standard's real floating dtypes
+# the namespaces `get_backend("array_api:<namespace>")` names in its messages; any other module
+# whose `asarray` makes Array-API arrays works too
+NAMESPACES = ("array_api_strict", "numpy", "torch", "jax", "cupy", "dask", "mlx")
 
 
 def namespace_of(name: str) -> Any:
@@ -64,7 +69,8 @@ def supported_dtypes(xp: Any) -> tuple[str, ...]:
 class ArrayAPIBackend(Backend):
     """The op vocabulary on one Array-API namespace; host arrays cross by DLPack."""
 
-    op_groups = ("core", "quantized", "classification")
+    op_groups = ("core", "quantized", "classification", "lora")
+    variants = NAMESPACES
 
     def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
         self.namespace = namespace
@@ -76,6 +82,22 @@ class ArrayAPIBackend(Backend):
         self.devices = DEVICE_KINDS.get(namespace, ("cpu",))
         # writeable arrays (numpy, torch, strict): kv_cache assigns slices; JAX: functional
         self.cache_in_place = array_api_compat.is_writeable_array(self.xp.zeros(1))
+
+    def variant(self, name: str) -> ArrayAPIBackend:
+        """`get_backend("array_api:<name>")`: the backend on namespace `name` (`for_namespace`).
+        A module that is not installed is an unknown variant, except for the namespaces listed
+        in `variants`, whose missing framework propagates (get_backend names what to install)."""
+        try:
+            return for_namespace(name)
+        except ModuleNotFoundError:
+            if name in self.variants:
+                raise
+            reason = "not installed"
+        except (ImportError, AttributeError, TypeError, ValueError) as e:
+            reason = f"not an Array-API library: {e}"  # e.g. a module without `asarray`
+        raise BackendError(unknown_variant(
+            "array_api", name, self.variants,
+            f"; or any module whose asarray makes Array-API arrays; {name!r}: {reason}"))
 
     def _dtype(self, dtype: str) -> Any:
         if dtype not in self.dtypes:

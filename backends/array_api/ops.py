@@ -139,6 +139,9 @@ def make_op_table(xp: Any, dtype: Any, in_place: bool) -> dict[str, Callable[...
                scale_by: float) -> Array:
         return embed(ids, values, scale=scale_by)
 
+    def lora(x: Array, a: Array, b: Array, *, scale: float) -> Array:
+        return down(up(linear(linear(x, a), b)) * scale)  # the scale in float32, one rounding
+
     def split(x: Array, *, sizes: tuple[int, ...]) -> tuple[Array, ...]:
         bounds = [0, *itertools.accumulate(sizes)]
         return tuple(x[..., lo:hi] for lo, hi in itertools.pairwise(bounds))
@@ -171,7 +174,8 @@ def make_op_table(xp: Any, dtype: Any, in_place: bool) -> dict[str, Callable[...
         "embed": embed, "rms_norm": rms_norm, "linear": linear, "split_heads": split_heads,
         "merge_heads": merge_heads, "rope_table": rope_table, "rope": rope,
         "attention_bias": attention_bias, "kv_cache": kv_cache, "attention": attention,
-        "qlinear": qlinear, "qembed": qembed, "split": split, "gelu_tanh": gelu_tanh, "mul": mul,
+        "qlinear": qlinear, "qembed": qembed, "lora": lora, "split": split, "gelu_tanh": gelu_tanh,
+        "mul": mul,
         "add": add, "softcap": softcap, "gather_positions": gather_positions,
         "pool_last_token": pool_last_token,
     }

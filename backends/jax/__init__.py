@@ -24,7 +24,7 @@ class JaxBackend(Backend):
     """Realises the op vocabulary with jax.numpy on the default JAX device."""
 
     name = "jax"
-    op_groups = ("core", "quantized", "classification")
+    op_groups = ("core", "quantized", "classification", "lora")
     devices = ("default", "cpu", "gpu", "cuda", "rocm", "tpu")
     gaps = FLOAT16_REFUSED
 
@@ -115,9 +115,11 @@ class JaxBackend(Backend):
 backend = JaxBackend()
 
 
-def as_function(model: Any, dtype: str | None = None, allow_float16: bool = False) -> tuple[Any, Any]:
+def as_function(model: Any, dtype: str | None = None, allow_float16: bool = False,
+                **lora: Any) -> tuple[Any, Any]:
     """`(apply, params)`: a pure, jit-able, differentiable JAX function of a causal-LM model of any
-    backend and its weights under canonical names (backends.jax.function, imported on first use)."""
+    backend and its weights under canonical names (backends.jax.function, imported on first use;
+    `lora=`, `lora_weights=`, `seed=` add a LoRA adapter)."""
     from backends.jax.function import as_function as make
 
-    return make(model, dtype, allow_float16)
+    return make(model, dtype, allow_float16, **lora)

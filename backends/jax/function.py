@@ -28,7 +28,7 @@ equal transformers' on left-padded batches, the first real token's label (read a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -39,35 +39,17 @@ from backends.jax import backend
 from backends.jax.ops import DTYPES, make_op_table
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import ConfigError, InputError, WeightError
-from gemma_core.graph import bind, build_graph, fuse_projections, run_bound
-from gemma_core.layout import EMBED, iter_params
+from gemma_core.graph import bind, build_graph, run_bound
+from gemma_core.layout import EMBED
+from gemma_core.lora import LoraConfig, apply_lora, check_lora_weights, init_lora_weights, model_adapter
 from gemma_core.masks import layer_kinds
 from gemma_core.model import Model, check_dtype
 from gemma_core.step import step_inputs
+from gemma_core.weights import canonical_weights
 
 IGNORE_INDEX = -100  # transformers' ignored label
 ApplyFn = Callable[..., dict[str, Any]]
 
-
-def canonical_weights(model: Model) -> dict[str, np.ndarray]:
-    """The model's weights as float numpy arrays under the canonical names, unfused (a backend
-    that runs q/k/v and gate/up as one product holds them stacked; they are split back here)."""
-    config, task = model.config, model.task
-    shapes = {name: shape for name, shape, _ in iter_params(config, task)}
-    held = {name: model.to_numpy(w) for name, w in model.weights.items()}
-    if not set(shapes) <= set(held):
-        _, groups = fuse_projections(build_graph(config, task), shapes)
-        for fused, sources in groups.items():
-            if fused in held:
-                cuts = np.cumsum([shapes[s][0] for s in sources])[:-1]
-                held.update(zip(sources, np.split(held.pop(fused), cuts, axis=0), strict=True))
-    missing = sorted(set(shapes) - set(held))
-    misshaped = [f"{n}: {list(held[n].shape)} for {list(s)}" for n, s in shapes.items()
-                 if n in held and tuple(held[n].shape) != s]
-    if missing or misshaped:
-        raise WeightError(f"as_function: the {model.backend.name} model's weights are not in the "
-                          f"canonical layout (missing: {missing}; mis-shaped: {misshaped})")
-    return {name: held[name] for name in shapes}
 
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -107,16 +89,21 @@ def _refuse_quantized(config: GemmaConfig) -> None:
                           "face holds float weights to train); load the model unquantised")
 
 
-def make_apply(config: GemmaConfig, allow_float16: bool = False) -> ApplyFn:
-    """The pure `apply(params, input_ids, attention_mask=None, labels=None)` of `config`'s
-    causal-LM op list (see the module docstring)."""
+def make_apply(config: GemmaConfig, allow_float16: bool = False, lora: LoraConfig | None = None) -> ApplyFn:
+    """The pure `apply(params, input_ids, attention_mask=None, labels=None, dropout_rng=None)`
+    of `config`'s causal-LM op list (see the module docstring), with the LoRA adapter `lora`
+    (`gemma_core.lora.apply_lora`; its weights are params too) if given. `dropout_rng` (a
+    `jax.random` key) turns on the adapter's input dropout, as PEFT in training."""
     _refuse_quantized(config)
     graph = build_graph(config, "causal-lm", cache=False)
+    if lora is not None:
+        graph = apply_lora(graph, config, lora)
+    adapters = sum(op.kind == "lora" for op in graph)
     kinds = layer_kinds(config)  # one attention mask per layer kind, made by step_inputs
     tables: dict[str, Mapping[str, Callable[..., Any]]] = {}  # one op table per compute dtype
 
     def apply(params: Mapping[str, Any], input_ids: Any, attention_mask: Any = None,
-              labels: Any = None) -> dict[str, Any]:
+              labels: Any = None, dropout_rng: Any = None) -> dict[str, Any]:
         missing = [name for name in graph.params if name not in params]
         if missing:
             raise WeightError(f"apply: params lack {len(missing)} tensors: {', '.join(missing[:8])}")
@@ -139,18 +126,26 @@ def make_apply(config: GemmaConfig, allow_float16: bool = False) -> ApplyFn:
         unknown = [name for name in graph.inputs if name not in env]
         if unknown:  # the op list reads a step input this adapter does not know how to make
             raise ConfigError(f"apply: no value for graph inputs {unknown}")
-        run_bound(bind(graph, tables[dtype], params), env)
+        table = tables[dtype]
+        if dropout_rng is not None and lora is not None and lora.dropout > 0:
+            table = {**table, "lora": _lora_with_dropout(table["lora"], lora.dropout,
+                                                        iter(jax.random.split(dropout_rng, adapters)))}
+        run_bound(bind(graph, table, params), env)
         logits = env["logits"]
         return {"logits": logits, "loss": None if labels is None else causal_lm_loss(logits, labels)}
 
     return apply
 
 
-def as_function(model: Model, dtype: str | None = None,
-                allow_float16: bool = False) -> tuple[ApplyFn, dict[str, jax.Array]]:
+def as_function(model: Model, dtype: str | None = None, allow_float16: bool = False, *,
+                lora: LoraConfig | None = None, lora_weights: Mapping[str, np.ndarray] | None = None,
+                seed: int = 0) -> tuple[ApplyFn, dict[str, jax.Array]]:
     """`(apply, params)` of a causal-LM `model` of any backend: its config's op list on the jax op
     table, and its weights as jnp arrays in `dtype` (default the model's) under the canonical
-    names. `apply` is pure, jit-able and differentiable in `params` (module docstring)."""
+    names. `apply` is pure, jit-able and differentiable in `params` (module docstring). With
+    `lora`, the adapter's weights (`lora_weights`, or fresh ones of `seed` as PEFT initialises
+    them) join `params` under their names (`gemma_core.lora.lora_shapes`): differentiate in those
+    alone to train the adapter."""
     if model.task != "causal-lm":
         raise ConfigError(f"as_function: task {model.task!r} is not supported (causal-lm only)")
     _refuse_quantized(model.config)
@@ -159,6 +154,25 @@ def as_function(model: Model, dtype: str | None = None,
         raise ConfigError(f"dtype: {dtype!r} is not available to JAX here "
                           f"(available: {', '.join(backend.dtypes)})")
     check_dtype(model.config, dtype, allow_float16)
-    apply = make_apply(model.config, allow_float16)
-    params = {name: jnp.asarray(w, DTYPES[dtype]) for name, w in canonical_weights(model).items()}
+    if lora is None:  # the adapter the model runs, if any, trains on
+        lora, held = model_adapter(model)
+        lora_weights = held if lora is not None and lora_weights is None else lora_weights
+    apply = make_apply(model.config, allow_float16, lora)
+    weights = canonical_weights(model)
+    if lora is not None:
+        adapter = init_lora_weights(model.config, lora, seed) if lora_weights is None else dict(lora_weights)
+        check_lora_weights(model.config, lora, adapter)
+        weights.update(adapter)
+    params = {name: jnp.asarray(w, DTYPES[dtype]) for name, w in weights.items()}
     return apply, params
+
+
+def _lora_with_dropout(lora: Callable[..., jax.Array], p: float,
+                       keys: Iterator[jax.Array]) -> Callable[..., jax.Array]:
+    """The `lora` op with PEFT's dropout of its input, one key per adapter of the step."""
+
+    def op(x: jax.Array, a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
+        keep = jax.random.bernoulli(next(keys), 1.0 - p, x.shape)
+        return lora(jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype), a, b, scale=scale)
+
+    return op

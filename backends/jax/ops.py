@@ -158,6 +158,11 @@ def qembed(p: Policy, ids: jax.Array, values: jax.Array, scale: jax.Array, *, sc
     return rows.astype(p.dt) * jnp.asarray(scale_by, p.dt)
 
 
+def lora(p: Policy, x: jax.Array, a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
+    # the scale applied in float32 (not rounded to a narrow dtype first), one rounding, as torch
+    return (linear(p, linear(p, x, a), b).astype(p.f32) * scale).astype(p.dt)
+
+
 def split(p: Policy, x: jax.Array, *, sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
     bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
     return tuple(jnp.split(x, bounds, axis=-1))

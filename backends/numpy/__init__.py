@@ -17,7 +17,7 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     dtypes = tuple(STORAGE)
-    op_groups = ("core", "quantized", "classification")
+    op_groups = ("core", "quantized", "classification", "lora")
     devices = ("cpu",)
     gaps = FLOAT16_REFUSED
 

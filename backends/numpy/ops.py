@@ -158,6 +158,10 @@ def qembed(p: Policy, ids: np.ndarray, values: np.ndarray, scale: np.ndarray, *,
     return embed(p, ids, dequantized_weight(p, values, scale, scheme, group_size), scale=scale_by)
 
 
+def lora(p: Policy, x: np.ndarray, a: np.ndarray, b: np.ndarray, *, scale: float) -> np.ndarray:
+    return p.rnd(linear(p, linear(p, x, a), b) * p.acc.type(scale))  # PEFT: B(A(x)) * scale
+
+
 def split(p: Policy, x: np.ndarray, *, sizes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
     return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=-1))
 

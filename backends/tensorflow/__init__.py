@@ -29,7 +29,7 @@ class TensorflowBackend(Backend):
 
     name = "tensorflow"
     dtypes = tuple(DTYPES)
-    op_groups = ("core", "quantized", "classification")
+    op_groups = ("core", "quantized", "classification", "lora")
     devices = ("default", "cpu", "gpu")
     gaps = FLOAT16_REFUSED
     cache_in_place = False  # kv_cache returns new tensors; the ones passed in are never changed
@@ -127,8 +127,9 @@ def _check_keras() -> None:
 backend = TensorflowBackend()
 
 
-def as_keras_model(model: Any) -> Any:
-    """The model (a `gemma_core.Model` on this backend) as a `keras.Model` sharing its variables."""
+def as_keras_model(model: Any, **kwargs: Any) -> Any:
+    """The model (a `gemma_core.Model` on this backend) as a `keras.Model` sharing its variables
+    (`kwargs`, such as `dtype="mixed_bfloat16"`: `keras_model.GemmaKerasModel`'s)."""
     from backends.tensorflow.keras_model import GemmaKerasModel
 
-    return GemmaKerasModel(model)
+    return GemmaKerasModel(model, **kwargs)

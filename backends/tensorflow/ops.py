@@ -176,6 +176,11 @@ def qembed(p: Policy, ids: tf.Tensor, values: tf.Tensor, scale: tf.Tensor, *, sc
     return tf.cast(rows, p.dt) * tf.constant(scale_by, p.dt)
 
 
+def lora(p: Policy, x: tf.Tensor, a: tf.Tensor, b: tf.Tensor, *, scale: float) -> tf.Tensor:
+    # the scale applied in float32 (not rounded to a narrow dtype first), one rounding, as torch
+    return tf.cast(tf.cast(linear(p, linear(p, x, a), b), p.f32) * scale, p.dt)
+
+
 def split(p: Policy, x: tf.Tensor, *, sizes: tuple[int, ...]) -> tuple[tf.Tensor, ...]:
     return tuple(tf.split(x, list(sizes), axis=-1))
 

@@ -24,7 +24,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     dtypes = tuple(DTYPES)
-    op_groups = ("core", "quantized", "classification")
+    op_groups = ("core", "quantized", "classification", "lora")
     devices = ("cpu", "cuda", "mps")
     gaps = FLOAT16_REFUSED
     fuse_projections = True  # 126 -> 72 weight products a step on Gemma 3 270M

@@ -28,6 +28,15 @@ from gemma_core.config import GemmaConfig
 from gemma_core.errors import ConfigError, InputError
 from gemma_core.graph import bind, build_graph, cache_name, fuse_projections, run_bound
 from gemma_core.layout import EMBED, LM_HEAD, iter_params, validate_weights
+from gemma_core.lora import (
+    LoraConfig,
+    apply_lora,
+    base_name,
+    check_lora_weights,
+    init_lora_weights,
+    lora_shapes,
+    model_adapter,
+)
 from gemma_core.masks import layer_kinds
 from gemma_core.model import check_dtype
 from gemma_core.step import Bookkeeping, step_inputs
@@ -61,6 +70,8 @@ def host_weights(model: Any) -> dict[str, np.ndarray]:
     _, groups = fuse_projections(build_graph(config), shapes)  # fused name -> its sources
     out: dict[str, np.ndarray] = {}
     for name, w in model.weights.items():
+        if base_name(name) is not None:
+            continue  # an adapter's weight (model_adapter)
         arr = np.array(model.to_numpy(w), copy=True)  # never share the source model's memory
         if name in groups and name not in shapes:
             sizes = np.cumsum([shapes[s][0] for s in groups[name]])[:-1]
@@ -71,14 +82,21 @@ def host_weights(model: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def as_module(model: Any, *, allow_float16: bool = False) -> GemmaForCausalLM:
+def as_module(model: Any, *, allow_float16: bool = False, lora: LoraConfig | None = None,
+              lora_weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> GemmaForCausalLM:
     """A trainable `GemmaForCausalLM` holding a copy of `model`'s weights (any backend's
     `gemma_core.Model`), in the model's dtype, on its device where the model is a torch one
-    (`.to(...)` moves it). `allow_float16` as in `gemma_core.load`."""
+    (`.to(...)` moves it). `allow_float16` as in `gemma_core.load`. With `lora`, the adapter's
+    weights (`lora_weights`, or fresh ones of `seed` as PEFT initialises them) are the only
+    trainable Parameters and the base weights are frozen."""
+    if lora is None:  # the adapter the model runs, if any, trains on
+        lora, held = model_adapter(model)
+        lora_weights = held if lora is not None and lora_weights is None else lora_weights
     dtype = DTYPES.get(model.dtype, torch.float32)
     device = model.device if getattr(model.backend, "name", None) == "torch" else None
     module = GemmaForCausalLM(model.config, host_weights(model), dtype=dtype,
-                              allow_float16=allow_float16)
+                              allow_float16=allow_float16, lora=lora, lora_weights=lora_weights,
+                              seed=seed)
     return module.to(torch_backend.device(device)) if device is not None else module
 
 
@@ -131,7 +149,9 @@ class GemmaForCausalLM(torch.nn.Module):
     Hugging Face names, the forward pass the bound op list of `build_graph(config)`."""
 
     def __init__(self, config: GemmaConfig, weights: Mapping[str, np.ndarray], *,
-                 dtype: torch.dtype = torch.float32, allow_float16: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, allow_float16: bool = False,
+                 lora: LoraConfig | None = None, lora_weights: Mapping[str, np.ndarray] | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         if config.quantization is not None:
             raise ConfigError("quantization: the torch module trains float weights only")
@@ -140,6 +160,10 @@ class GemmaForCausalLM(torch.nn.Module):
         self.config, self.allow_float16 = config, allow_float16
         self.graph = build_graph(config)  # unfused: each canonical weight is one Parameter
         self.graph_without_cache = build_graph(config, cache=False)  # training: no cache kept
+        self.lora = lora
+        if lora is not None:  # the adapter as a graph rewrite (gemma_core.lora)
+            self.graph = apply_lora(self.graph, config, lora)
+            self.graph_without_cache = apply_lora(self.graph_without_cache, config, lora)
         self.layer_kinds = layer_kinds(config)  # the attention masks a step's inputs hold
         for name, _, _ in iter_params(config):  # layout order: the embedding first
             *path, leaf = name.split(".")
@@ -148,7 +172,24 @@ class GemmaForCausalLM(torch.nn.Module):
             _container(self, path).register_parameter(leaf, param)
         if config.tie_word_embeddings:
             self.add_module("lm_head", _TiedHead(self.get_parameter(EMBED)))
+        if lora is not None:
+            adapter = init_lora_weights(config, lora, seed) if lora_weights is None else dict(lora_weights)
+            check_lora_weights(config, lora, adapter)
+            for param in self.parameters():
+                param.requires_grad_(False)  # only the adapter trains
+            for name, w in adapter.items():
+                *path, leaf = name.split(".")
+                value = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
+                _container(self, path).register_parameter(leaf, torch.nn.Parameter(value))
         self._tables: dict[str, Mapping[str, Callable[..., Any]]] = {}
+
+    def lora_weights(self) -> dict[str, np.ndarray]:
+        """The adapter's weights as float32 numpy arrays under their gemma_core names (for
+        `gemma_core.lora.save_peft`); empty without an adapter."""
+        if self.lora is None:
+            return {}
+        names = lora_shapes(self.config, self.lora)
+        return {n: self.get_parameter(n).detach().float().cpu().numpy().copy() for n in names}
 
     def op_table(self, dtype: str) -> Mapping[str, Callable[..., Any]]:
         """The torch op table computing in `dtype`, built once per dtype. Not the backend's
@@ -156,8 +197,18 @@ class GemmaForCausalLM(torch.nn.Module):
         if dtype not in self._tables:
             table = dict(make_op_table(dtype))
             table["embed"] = _frozen_pad_embed(self.config.pad_token_id)
+            if self.lora is not None and self.lora.dropout > 0:
+                table["lora"] = self._lora_with_dropout(table["lora"], self.lora.dropout)
             self._tables[dtype] = table
         return self._tables[dtype]
+
+    def _lora_with_dropout(self, lora: Callable[..., torch.Tensor], p: float) -> Callable[..., torch.Tensor]:
+        """The `lora` op with PEFT's dropout of its input in train mode (the identity in eval)."""
+
+        def op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, scale: float) -> torch.Tensor:
+            return lora(F.dropout(x, p, training=self.training), a, b, scale=scale)
+
+        return op
 
     def compute_dtype(self, device: torch.device) -> str:
         """The dtype name the step computes in (its op table and cache buffers): autocast's

@@ -174,6 +174,10 @@ def qembed(p: Policy, ids: torch.Tensor, values: Any, scale: Any, *, scheme: str
     return table.view(*ids.shape, -1) * table.new_tensor(scale_by)
 
 
+def lora(p: Policy, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, scale: float) -> torch.Tensor:
+    return F.linear(F.linear(x, a), b) * scale  # as PEFT: the scale in float32, one rounding
+
+
 def split(p: Policy, x: torch.Tensor, *, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.split(x, list(sizes), dim=-1))
 

@@ -1,0 +1,286 @@
+"""LoRA fine-tuning on any trainable backend (`gemma finetune`): one loop, one data order, one
+optimizer formula, so the same seed, data and settings give the same loss curve on torch, jax
+and tensorflow.
+
+The loop is backend-neutral: batches come from `gemma_core.data.Batches`, the adapter's fresh
+weights from `gemma_core.lora.init_lora_weights` (numpy, the same numbers for every backend),
+and a backend's `Trainer` (`backends.<name>.train`, over its trainable face) does the step:
+the loss of each micro-batch, gradients with respect to the adapter only, and AdamW. Every
+trainer runs the same AdamW, written out in `adamw_update` (torch.optim.AdamW's formula:
+decoupled weight decay, bias-corrected moments, `eps` added to the corrected root).
+
+Gradient accumulation weighs each micro-batch by its counted tokens: the step's loss is the mean
+over every token of the step's micro-batches, as one batch of them all would give.
+
+Checkpoints (`DIR/checkpoint-STEP/`): the adapter in PEFT's format, `optimizer.safetensors` (the
+moments of every adapter weight) and `trainer_state.json` (step, losses, the settings). A run
+started again with `resume=True` continues from the newest checkpoint whose settings match and
+computes exactly the steps an uninterrupted run would: the batches of step k are fixed by the
+seed. The finished adapter is written to `DIR` itself (`gemma generate --adapter DIR`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from gemma_core.data import IGNORE_INDEX, Batch, Batches, Example
+from gemma_core.errors import CheckpointError, ConfigError, InputError
+from gemma_core.lora import (
+    CONFIG_FILE,
+    PEFT_PREFIX,
+    WEIGHTS_FILE,
+    LoraConfig,
+    config_to_peft,
+    init_lora_weights,
+)
+
+TRAINABLE_BACKENDS = ("torch", "jax", "tensorflow")
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The settings of a run (all of them saved with each checkpoint; a resume must match)."""
+
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    epochs: int = 1
+    batch_size: int = 4
+    seq_len: int = 256
+    grad_accum: int = 1
+    pack: bool = True
+    seed: int = 0
+    max_steps: int | None = None
+    save_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len: must be at least 2, got {self.seq_len}")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.weight_decay < 0:
+            raise ConfigError(f"lr: must be positive and weight_decay non-negative, got {self.lr}, "
+                              f"{self.weight_decay}")
+        for name in ("max_steps", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {value}")
+
+    def as_json(self) -> dict[str, Any]:
+        """The settings as JSON values (the adapter's as PEFT writes them)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lora"}
+        out["betas"] = list(self.betas)
+        out["lora"] = config_to_peft(self.lora)
+        return out
+
+
+class Trainer(Protocol):
+    """What a backend's trainer provides (`backends.<name>.train.Trainer`)."""
+
+    def step(self, micro: Sequence[Batch], lr: float) -> float:
+        """One optimizer step over the micro-batches; returns the step's token-mean loss."""
+        ...
+
+    def loss(self, batch: Batch) -> tuple[float, int]:
+        """(summed token loss, counted tokens) of `batch`, without a gradient."""
+        ...
+
+    def lora_weights(self) -> dict[str, np.ndarray]:
+        """The adapter's weights, float32 numpy."""
+        ...
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """`{name + ".m"/".v": moments}` and `"step"`, float32/int64 numpy."""
+        ...
+
+
+def counted_tokens(labels: np.ndarray) -> int:
+    """Tokens a batch's loss counts: labels after the shift that are not ignored."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def adamw_update(xp: Any, p: Any, g: Any, m: Any, v: Any, step: int, lr: float, cfg: TrainConfig,
+                 ) -> tuple[Any, Any, Any]:
+    """torch.optim.AdamW's update of one weight, in any array namespace (`xp` gives `sqrt`):
+    returns (p', m', v') for the `step`-th update (1-based)."""
+    b1, b2 = cfg.betas
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * (g * g)
+    denom = xp.sqrt(v) / math.sqrt(1 - b2 ** step) + cfg.eps
+    p = p * (1 - lr * cfg.weight_decay) - (lr / (1 - b1 ** step)) * m / denom
+    return p, m, v
+
+
+def make_trainer(backend: str, model: Any, cfg: TrainConfig, lora_weights: Mapping[str, np.ndarray],
+                 optimizer_state: Mapping[str, np.ndarray] | None = None) -> Trainer:
+    """The trainer of `backend` over `model` (a `gemma_core.Model`, any backend's weights)."""
+    if backend not in TRAINABLE_BACKENDS:
+        raise ConfigError(f"backend: {backend!r} cannot train (trainable: {', '.join(TRAINABLE_BACKENDS)})")
+    module = importlib.import_module(f"backends.{backend}.train")
+    trainer: Trainer = module.Trainer(model, cfg, lora_weights, optimizer_state)
+    return trainer
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run did: the loss of every step (resumed steps included), the eval loss at the end
+    (None without eval data), tokens trained per second of this process, and the adapter folder."""
+
+    losses: list[float]
+    eval_loss: float | None
+    tokens_per_second: float
+    adapter: Path
+    steps: int
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    found = []
+    for child in out.glob("checkpoint-*") if out.is_dir() else ():
+        tail = child.name.removeprefix("checkpoint-")
+        if tail.isdigit() and (child / STATE_FILE).is_file():
+            found.append((int(tail), child))
+    return sorted(found)
+
+
+def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, trainer: Trainer, losses: list[float],
+                     extra: Mapping[str, Any]) -> Path:
+    from gemma_core.safetensors_io import write_safetensors
+    from gemma_core.transaction import write_transaction
+
+    folder = out / f"checkpoint-{step}"
+    weights = trainer.lora_weights()
+    with write_transaction(folder, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_to_peft(cfg.lora), indent=2, sort_keys=True) + "\n")
+        write_safetensors(tmp / WEIGHTS_FILE, {PEFT_PREFIX + k: v for k, v in weights.items()},
+                          metadata={"format": "pt"})
+        write_safetensors(tmp / OPTIMIZER_FILE, trainer.optimizer_state())
+        state = {"step": step, "losses": losses, "settings": cfg.as_json(), **extra}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    return folder
+
+
+def _save_adapter(out: Path, cfg: TrainConfig, weights: Mapping[str, np.ndarray], config: Any,
+                  state: Mapping[str, Any]) -> None:
+    """The finished adapter as PEFT files in `out` itself (beside its checkpoints), each file
+    written whole: the weights, then the config, then the run's state."""
+    from gemma_core.lora import check_lora_weights
+    from gemma_core.safetensors_io import write_safetensors
+    from gemma_core.transaction import write_transaction
+
+    check_lora_weights(config, cfg.lora, weights)
+    with write_transaction(out / WEIGHTS_FILE, overwrite=True) as tmp:
+        write_safetensors(tmp, {PEFT_PREFIX + k: v for k, v in weights.items()}, metadata={"format": "pt"})
+    with write_transaction(out / CONFIG_FILE, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(config_to_peft(cfg.lora), indent=2, sort_keys=True) + "\n")
+    with write_transaction(out / STATE_FILE, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+
+
+def _resume_from(out: Path, cfg: TrainConfig, extra: Mapping[str, Any],
+                 ) -> tuple[int, list[float], dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    from gemma_core.lora import load_peft
+    from gemma_core.safetensors_io import read_safetensors
+
+    found = _checkpoints(out)
+    if not found:
+        return None
+    step, folder = found[-1]
+    state = json.loads((folder / STATE_FILE).read_text())
+    want = {"settings": cfg.as_json(), **extra}
+    have = {k: state.get(k) for k in want}
+    if json.loads(json.dumps(want)) != have:
+        diff = [k for k in want["settings"] if want["settings"][k] != (have["settings"] or {}).get(k)]
+        diff += [k for k in extra if extra[k] != state.get(k)]
+        raise CheckpointError(f"{folder}: saved with other settings ({', '.join(diff) or 'settings'}); "
+                              "resume with the same ones, or write to a new --out")
+    _, weights = load_peft(folder)
+    return step, list(state["losses"]), dict(weights), dict(read_safetensors(folder / OPTIMIZER_FILE))
+
+
+def _progress(step: int, total: int, loss: float, tokens_per_second: float) -> None:
+    end = "\r" if sys.stderr.isatty() and step < total else "\n"
+    print(f"step {step}/{total}  loss {loss:.4f}  {tokens_per_second:,.0f} tok/s", end=end,
+          file=sys.stderr, flush=True)
+
+
+def finetune(model: Any, examples: Sequence[Example], out: str | os.PathLike[str], cfg: TrainConfig, *,
+             backend: str = "torch", eval_examples: Sequence[Example] = (), resume: bool = False,
+             progress: Callable[[int, int, float, float], None] | None = _progress,
+             data_id: str = "", stop_after: int | None = None) -> RunResult:
+    """Train a LoRA adapter of `cfg.lora` on `examples` over `model`'s frozen weights, on
+    `backend`; write checkpoints under `out` and the adapter to `out`. `data_id` names the data
+    (saved with checkpoints: a resume on other data is refused). `stop_after` ends the process's
+    work after that many steps of the run (an interruption, for tests and time-boxed jobs)."""
+    out = Path(out)
+    pad = model.config.pad_token_id
+    batches = Batches(examples, batch_size=cfg.batch_size, seq_len=cfg.seq_len, epochs=cfg.epochs,
+                      pack=cfg.pack, seed=cfg.seed, pad_id=pad)
+    total = len(batches) // cfg.grad_accum
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    if total == 0:
+        raise InputError(f"data: {len(batches)} batches make no step of {cfg.grad_accum} accumulated")
+    extra = {"data": data_id, "backend": backend, "dtype": model.dtype}
+    done, losses = 0, []
+    lora_weights = init_lora_weights(model.config, cfg.lora, cfg.seed)
+    optimizer: dict[str, np.ndarray] | None = None
+    if resume:
+        found = _resume_from(out, cfg, extra)
+        if found is not None:
+            done, losses, lora_weights, optimizer = found
+    elif _checkpoints(out):
+        raise CheckpointError(f"{out}: holds checkpoints of an earlier run; pass resume=True "
+                              "(--resume) to continue it, or write to a new folder")
+    trainer = make_trainer(backend, model, cfg, lora_weights, optimizer)
+    stream = iter(batches.from_step(done * cfg.grad_accum))
+    start, tokens = time.perf_counter(), 0
+    last = done
+    for step in range(done + 1, total + 1):
+        if stop_after is not None and step - done > stop_after:
+            break
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        losses.append(trainer.step(micro, cfg.lr))
+        tokens += sum(b.tokens for b in micro)
+        last = step
+        rate = tokens / max(time.perf_counter() - start, 1e-9)
+        if progress is not None:
+            progress(step, total, losses[-1], rate)
+        if cfg.save_every is not None and step % cfg.save_every == 0 and step < total:
+            _save_checkpoint(out, step, cfg, trainer, losses, extra)
+    eval_loss = evaluate(trainer, eval_examples, cfg, pad) if eval_examples else None
+    if last == total:
+        state = {"step": last, "losses": losses, "eval_loss": eval_loss, "settings": cfg.as_json(), **extra}
+        _save_adapter(out, cfg, trainer.lora_weights(), model.config, state)
+    else:
+        _save_checkpoint(out, last, cfg, trainer, losses, extra)
+    rate = tokens / max(time.perf_counter() - start, 1e-9)
+    return RunResult(losses, eval_loss, rate, out, last)
+
+
+def evaluate(trainer: Trainer, examples: Sequence[Example], cfg: TrainConfig, pad_id: int) -> float:
+    """The token-mean loss over `examples` (padded, one pass, in order)."""
+    batches = Batches(examples, batch_size=1, seq_len=cfg.seq_len, pack=False, seed=cfg.seed, pad_id=pad_id)
+    total, count = 0.0, 0
+    for batch in batches:
+        s, n = trainer.loss(batch)
+        total, count = total + s, count + n
+    if count == 0:
+        raise InputError("eval data: no token to evaluate")
+    return total / count

@@ -1,0 +1,116 @@
+"""LoRA fine-tuning (gemma_core.finetune): one loss curve on every trainable backend, an exact
+resume after an interruption, and an adapter that gemma_core and PEFT load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gemma_core
+from gemma_core.data import Example
+from gemma_core.errors import CheckpointError
+from gemma_core.finetune import RunResult, TrainConfig, finetune
+from gemma_core.lora import LoraConfig
+
+BACKENDS = [b for b in ("torch", "jax", "tensorflow") if b in gemma_core.installed_backends()]
+CFG = TrainConfig(lora=LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj")),
+                  lr=2e-2, batch_size=2, seq_len=16, grad_accum=2, save_every=2, max_steps=6, seed=3)
+
+
+def _examples(n: int = 40, seed: int = 0) -> list[Example]:
+    """Token runs with a pattern (each token the previous plus one): learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for length in rng.integers(6, 24, n):
+        start = int(rng.integers(3, 40))
+        ids = tuple(start + i for i in range(int(length)))
+        out.append(Example(ids, (False, *(True,) * (len(ids) - 1))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model() -> gemma_core.Model:
+    return gemma_core.load("tiny-gemma3", seed=1)
+
+
+@pytest.fixture(scope="module")
+def runs(model: gemma_core.Model, tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunResult]:
+    return {backend: finetune(model, _examples(), tmp_path_factory.mktemp(backend) / "run", CFG,
+                              backend=backend, eval_examples=_examples(4, seed=9), progress=None)
+            for backend in BACKENDS}
+
+
+def test_every_backend_trains_the_same_loss_curve(runs: dict[str, RunResult]) -> None:
+    curves = {b: r.losses for b, r in runs.items()}
+    ref = curves[BACKENDS[0]]
+    assert len(ref) == CFG.max_steps and ref[-1] < ref[0]
+    for backend, curve in curves.items():  # float32: AdamW amplifies only rounding, ~1e-6 here
+        np.testing.assert_allclose(curve, ref, rtol=1e-4, err_msg=backend)
+    evals = [r.eval_loss for r in runs.values()]
+    np.testing.assert_allclose(evals, evals[0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_resumed_run_equals_the_uninterrupted_one(model: gemma_core.Model, runs: dict[str, RunResult],
+                                                    tmp_path: Path, backend: str) -> None:
+    full = runs[backend]
+    folder = tmp_path / "run"
+    part = finetune(model, _examples(), folder, CFG, backend=backend, progress=None, stop_after=3)
+    assert part.steps == 3 and (folder / "checkpoint-3").is_dir()
+    assert not (folder / "adapter_model.safetensors").exists()  # not finished: no adapter yet
+    with pytest.raises(CheckpointError, match="pass resume=True"):
+        finetune(model, _examples(), folder, CFG, backend=backend, progress=None)
+    rest = finetune(model, _examples(), folder, CFG, backend=backend, progress=None, resume=True,
+                    eval_examples=_examples(4, seed=9))
+    assert rest.losses == full.losses and rest.eval_loss == full.eval_loss
+    other = dataclasses.replace(CFG, lr=1e-3)
+    with pytest.raises(CheckpointError, match=r"other settings \(lr\)"):
+        finetune(model, _examples(), folder, other, backend=backend, progress=None, resume=True)
+
+
+def test_the_adapter_loads_in_gemma_core_and_peft(model: gemma_core.Model,
+                                                  runs: dict[str, RunResult]) -> None:
+    result = runs[BACKENDS[0]]
+    adapter = result.adapter
+    state = json.loads((adapter / "trainer_state.json").read_text())
+    assert state["step"] == CFG.max_steps and state["losses"] == result.losses
+    tuned = gemma_core.load("tiny-gemma3", seed=1, adapter=adapter)
+    ids = np.array([[5, 6, 7, 8, 9, 10, 11]])
+    ours = tuned.forward(ids).logits
+    assert np.abs(ours - model.forward(ids).logits).max() > 1e-3  # the adapter changed the model
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    from hf_reference import hf_model
+
+    hf = peft.PeftModel.from_pretrained(hf_model(model.config, seed=1), str(adapter)).eval()
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(ids)).logits.float().numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+def test_cli_finetune_then_generate_with_the_adapter(tiny_model_folder: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from gemma_core.cli import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"the cat {i}"},
+                                                       {"role": "assistant", "content": "a dog sat"}]})
+                              for i in range(12)) + "\n")
+    out = tmp_path / "adapter"
+    args = ["finetune", "--model", str(tiny_model_folder), "--data", str(data), "--out", str(out),
+            "--max-steps", "3", "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2",
+            "--lora-rank", "2", "--target-modules", "all-linear", "--save-every", "2"]
+    assert main(args) == 0
+    assert f"{out}: LoRA adapter (r=2) after 3 steps" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    assert main(args) == 2  # the folder holds a run: refused without --resume
+    assert "pass resume=True (--resume)" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_model_folder), "--adapter", str(out),
+                 "--max-new-tokens", "3", "the cat"]) == 0
+    assert capsys.readouterr().out.strip()  # the continuation
+    assert main(["finetune", "--data", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
+    assert "--data: cannot read" in capsys.readouterr().err
