@@ -43,7 +43,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     data_id = _data_id(args.data)
     path = args.model or default_model_path()
     # the weights are read once on the host; the trainer holds them in its own framework
-    model = gemma_core.load(path, dtype=args.dtype)
+    quantize = None
+    if args.quantize:  # QLoRA: the adapter over quantised base weights (the torch trainer)
+        from gemma_core.quant import parse_scheme
+
+        quantize = parse_scheme(args.quantize, args.group_size)
+    model = gemma_core.load(path, dtype=args.dtype, quantize=quantize)
     if args.tokenizer:
         model.tokenizer = GemmaTokenizer(args.tokenizer)
     if model.tokenizer is None:
@@ -72,6 +77,9 @@ def add_finetune_parser(sub: Any, positive_int: Any) -> None:
     p.add_argument("--out", required=True, help="folder for the adapter and its checkpoints")
     p.add_argument("--backend", default="torch", choices=TRAINABLE_BACKENDS, help="framework that trains")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--quantize", choices=("int8", "int4", "int4-mixed", "nf4"),
+                   help="QLoRA: train the adapter over these quantised base weights (--backend torch)")
+    p.add_argument("--group-size", type=positive_int, help="int4/nf4 group size (default 32)")
     p.add_argument("--lora-rank", type=positive_int, default=8, help="adapter rank r")
     p.add_argument("--lora-alpha", type=float, help="adapter alpha (default: 2 x rank)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout of the adapter's input")

@@ -114,3 +114,18 @@ def test_cli_finetune_then_generate_with_the_adapter(tiny_model_folder: Path, tm
     assert capsys.readouterr().out.strip()  # the continuation
     assert main(["finetune", "--data", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
     assert "--data: cannot read" in capsys.readouterr().err
+
+
+def test_qlora_trains_on_torch_over_int4_weights(tmp_path: Path) -> None:
+    from gemma_core.errors import ConfigError
+
+    base = gemma_core.load("tiny-gemma3", seed=1, quantize="int4", hidden_size=64)
+    cfg = dataclasses.replace(CFG, max_steps=4, save_every=None)
+    result = finetune(base, _examples(), tmp_path / "q", cfg, backend="torch", progress=None)
+    assert len(result.losses) == 4 and all(np.isfinite(result.losses))
+    tuned = gemma_core.load("tiny-gemma3", seed=1, quantize="int4", hidden_size=64, adapter=result.adapter)
+    ids = np.array([[5, 6, 7, 8, 9, 10, 11]])
+    assert np.abs(tuned.forward(ids).logits - base.forward(ids).logits).max() > 1e-3
+    if "jax" in BACKENDS:  # the other trainers train over float weights only: said, not ignored
+        with pytest.raises(ConfigError, match="quantis"):
+            finetune(base, _examples(), tmp_path / "j", cfg, backend="jax", progress=None)

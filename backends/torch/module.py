@@ -27,7 +27,7 @@ from gemma_core.cache import KVCache, check_cache_fits, layer_capacity
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import ConfigError, InputError
 from gemma_core.graph import bind, build_graph, cache_name, fuse_projections, run_bound
-from gemma_core.layout import EMBED, LM_HEAD, iter_params, validate_weights
+from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD, iter_params, validate_weights
 from gemma_core.lora import (
     LoraConfig,
     apply_lora,
@@ -39,6 +39,7 @@ from gemma_core.lora import (
 )
 from gemma_core.masks import layer_kinds
 from gemma_core.model import check_dtype
+from gemma_core.quant import SCALE_SUFFIX
 from gemma_core.step import Bookkeeping, step_inputs
 
 IGNORE_INDEX = -100  # label ids the loss skips, as transformers
@@ -59,11 +60,13 @@ class CausalLMOutput:
 def host_weights(model: Any) -> dict[str, np.ndarray]:
     """A `gemma_core.Model`'s weights as canonical numpy arrays (own copies, unfused: a backend
     that runs stacked q/k/v and gate/up products has its stacks split back along the output
-    axis). Quantised models and heads other than the causal LM are refused."""
+    axis; a quantised model's values and scales as gemma_core.quant stores them, which only a
+    backend holding that layout gives back: numpy). Heads other than the causal LM are refused."""
     config: GemmaConfig = model.config
-    if config.quantization is not None:
-        raise ConfigError(f"quantization: the torch module trains float weights only; this model is "
-                          f"quantised ({config.quantization.scheme}); load it without quantize=")
+    backend = getattr(getattr(model, "backend", None), "name", "numpy")
+    if config.quantization is not None and backend != "numpy":
+        raise ConfigError(f"quantization: a quantised base for the torch module (QLoRA) is read in "
+                          f"gemma-core's layout: load it on the numpy backend, not {backend!r}")
     if getattr(model, "task", "causal-lm") != "causal-lm":
         raise ConfigError(f"task: the torch module is a causal LM; this model's task is {model.task!r}")
     shapes = {name: shape for name, shape, _ in iter_params(config)}
@@ -153,8 +156,6 @@ class GemmaForCausalLM(torch.nn.Module):
                  lora: LoraConfig | None = None, lora_weights: Mapping[str, np.ndarray] | None = None,
                  seed: int = 0) -> None:
         super().__init__()
-        if config.quantization is not None:
-            raise ConfigError("quantization: the torch module trains float weights only")
         weights = {k: v for k, v in weights.items() if not (config.tie_word_embeddings and k == LM_HEAD)}
         validate_weights(config, weights)
         self.config, self.allow_float16 = config, allow_float16
@@ -165,12 +166,23 @@ class GemmaForCausalLM(torch.nn.Module):
             self.graph = apply_lora(self.graph, config, lora)
             self.graph_without_cache = apply_lora(self.graph_without_cache, config, lora)
         self.layer_kinds = layer_kinds(config)  # the attention masks a step's inputs hold
+        quant = config.quantization
+        self.quantized: tuple[str, ...] = ()  # names held as (values, scale) buffers: QLoRA's base
         for name, _, _ in iter_params(config):  # layout order: the embedding first
             *path, leaf = name.split(".")
+            if quant is not None and quant.scheme_for(name) is not None:
+                # frozen values and their float32 scales, the scales stored bit-cast to int32 so
+                # that `.to(dtype)` (which casts floating buffers) leaves them exact
+                values = torch.from_numpy(np.array(weights[name]))
+                scale = torch.from_numpy(np.array(weights[name + SCALE_SUFFIX], np.float32))
+                _container(self, path).register_buffer(leaf, values)
+                _container(self, path).register_buffer(leaf + SCALE_SUFFIX, scale.view(torch.int32))
+                self.quantized += (name,)
+                continue
             w = np.ascontiguousarray(weights[name], dtype=np.float32)
             param = torch.nn.Parameter(torch.from_numpy(w.copy()).to(dtype))
             _container(self, path).register_parameter(leaf, param)
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and EMBED not in self.quantized:
             self.add_module("lm_head", _TiedHead(self.get_parameter(EMBED)))
         if lora is not None:
             adapter = init_lora_weights(config, lora, seed) if lora_weights is None else dict(lora_weights)
@@ -217,7 +229,7 @@ class GemmaForCausalLM(torch.nn.Module):
         if torch.is_autocast_enabled(device.type):
             dt = torch.get_autocast_dtype(device.type)
         else:
-            dt = self.get_parameter(EMBED).dtype
+            dt = self.get_parameter(FINAL_NORM).dtype  # a norm: float in every model
         if dt not in _DTYPE_NAMES:
             raise ConfigError(f"dtype: the parameters are {dt}; supported: {', '.join(DTYPES)}")
         return _DTYPE_NAMES[dt]
@@ -233,7 +245,7 @@ class GemmaForCausalLM(torch.nn.Module):
         cache passed is left as it was. `use_cache` (default: in eval mode, or with a past)
         False runs the step without a cache (each layer attends over the T keys only, as
         transformers' training forward) and returns no `past_key_values`."""
-        device = self.get_parameter(EMBED).device
+        device = self.get_parameter(FINAL_NORM).device
         dtype = self.compute_dtype(device)
         check_dtype(self.config, dtype, self.allow_float16)
         use_cache = (not self.training or past_key_values is not None) if use_cache is None else use_cache
@@ -284,7 +296,11 @@ class GemmaForCausalLM(torch.nn.Module):
     def _step(self, graph: Any, env: dict[str, Any], dtype: str) -> dict[str, Any]:
         """The op list over the Parameters (bound per call: `.to()` and `load_state_dict` keep
         the Parameter objects, but a compiled trace must see them as it finds them)."""
-        weights = dict(self.named_parameters())
+        weights: dict[str, Any] = dict(self.named_parameters())
+        for name in self.quantized:  # as the torch backend binds a weight without its kernel
+            values = self.get_buffer(name)
+            scale = self.get_buffer(name + SCALE_SUFFIX).view(torch.float32)
+            weights[name], weights[name + SCALE_SUFFIX] = (None, values, scale), scale
         run_bound(bind(graph, self.op_table(dtype), weights), env)
         return env
 
