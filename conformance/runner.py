@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 import json
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -447,14 +447,16 @@ def case_names(model: str | None = None) -> list[str]:
 
 def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str] = DEFAULT_DTYPES,
                     cases: Iterable[str] | None = None, model: str | None = None,
-                    device: str | None = None) -> list[Result]:
+                    device: str | None = None,
+                    progress: Callable[[Result], None] | None = None) -> list[Result]:
     """The full matrix. Backends named explicitly must load; by default every known backend is
     tried and one that is not installed is reported as skipped. With `model` (a checkpoint in
     any supported format), the model-level comparisons run on its weights instead of the
     catalogue's random ones; with `device`, every candidate model and op input is placed there
     (the reference stays on the CPU). Cases listed in a backend's known gaps are skipped with the
     reason; so are cases needing a dtype, op group or device the backend does not declare.
-    A name in `cases` that is not in `case_names(model)` raises `ConfigError` before anything runs."""
+    A name in `cases` that is not in `case_names(model)` raises `ConfigError` before anything runs.
+    `progress` is called with each result as it is made (the CLI's per-case line)."""
     explicit = backends is not None
     names = list(backends) if backends is not None else known_backends()
     wanted = set(cases) if cases is not None else None
@@ -465,51 +467,56 @@ def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str]
             raise ConfigError(f"cases: unknown case{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join(map(repr, unknown))} (known: {', '.join(known)})")
     results: list[Result] = []
+
+    def add(result: Result) -> None:
+        results.append(result)
+        if progress is not None:
+            progress(result)
     model_cases = MODEL_CASES if model is None else checkpoint_cases(model)
     for name in names:
         try:
             backend = get_backend(name)
         except BackendError as e:
-            results.append(Result("load", name, "-", "fail" if explicit else "skip", str(e)))
+            add(Result("load", name, "-", "fail" if explicit else "skip", str(e)))
             continue
         if not backend.supports_device(device):
-            results.append(Result("*", name, "-", "skip", f"{UNSUPPORTED}: device {device!r} "
+            add(Result("*", name, "-", "skip", f"{UNSUPPORTED}: device {device!r} "
                                   f"(devices: {', '.join(backend.devices)})"))
             continue
         gaps = known_gaps(backend)
         if "float16" in backend.dtypes:
-            results.append(_cell(check_float16_policy, "float16-policy", name, "float16", backend,
+            add(_cell(check_float16_policy, "float16-policy", name, "float16", backend,
                                  device))
         else:
-            results.append(Result("float16-policy", name, "float16", "skip", f"{UNSUPPORTED}: float16"))
+            add(Result("float16-policy", name, "float16", "skip", f"{UNSUPPORTED}: float16"))
         for dtype in dtypes:
             if dtype not in TOLERANCES:
                 raise ConfigError(f"dtype: no tolerance for {dtype!r} (known: {', '.join(TOLERANCES)})")
             if dtype not in backend.dtypes:
-                results.append(Result("*", name, dtype, "skip", f"{UNSUPPORTED}: {dtype}"))
+                add(Result("*", name, dtype, "skip", f"{UNSUPPORTED}: {dtype}"))
                 continue
             tol = TOLERANCES[dtype]
-            results.append(_cell(_op_table_check, "op-table", name, dtype, backend, dtype))
+            add(_cell(_op_table_check, "op-table", name, dtype, backend, dtype))
             for op_case in OP_CASES if model is None else ():
                 if wanted is None or op_case.name in wanted:
                     reason = _unsupported(backend, {op_case.kind})
                     if reason is not None:
-                        results.append(Result(op_case.name, name, dtype, "skip", reason))
+                        add(Result(op_case.name, name, dtype, "skip", reason))
                         continue
-                    results.append(_cell(run_op_case, op_case.name, name, dtype, op_case, backend,
+                    add(_cell(run_op_case, op_case.name, name, dtype, op_case, backend,
                                          dtype, tol, device))
             for golden in GOLDEN_CASES if model is None and dtype == "float32" else ():
                 if wanted is not None and golden.name not in wanted:
                     continue
                 reason = _gap(gaps, golden.name, golden.config().architecture, dtype)
                 if reason is not None:
-                    results.append(Result(golden.name, name, dtype, "skip", f"known gap: {reason}"))
+                    add(Result(golden.name, name, dtype, "skip", f"known gap: {reason}"))
                     continue
                 reason = _unsupported(backend, _graph_kinds(golden.config()))
                 if reason is not None:
-                    results.append(Result(golden.name, name, dtype, "skip", reason))
+                    add(Result(golden.name, name, dtype, "skip", reason))
                     continue
-                results.append(_cell(run_golden_case, golden.name, name, dtype, golden, backend, dtype,
+                add(_cell(run_golden_case, golden.name, name, dtype, golden, backend, dtype,
                                      tol, device))
             for case in model_cases:
                 if (wanted is not None and case.name not in wanted) or (
@@ -517,12 +524,12 @@ def run_conformance(backends: Sequence[str] | None = None, dtypes: Sequence[str]
                     continue
                 reason = _gap(gaps, case.name, case_config(case).architecture, dtype)
                 if reason is not None:
-                    results.append(Result(case.name, name, dtype, "skip", f"known gap: {reason}"))
+                    add(Result(case.name, name, dtype, "skip", f"known gap: {reason}"))
                     continue
                 reason = _unsupported(backend, _graph_kinds(case_config(case), case.task))
                 if reason is not None:
-                    results.append(Result(case.name, name, dtype, "skip", reason))
+                    add(Result(case.name, name, dtype, "skip", reason))
                     continue
-                results.append(_cell(run_model_case, case.name, name, dtype, case, backend, dtype, tol,
+                add(_cell(run_model_case, case.name, name, dtype, case, backend, dtype, tol,
                                      device))
     return results

@@ -224,6 +224,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _case_progress() -> Any:
+    """A line on stderr per conformance cell as it ends, with its time (no silence over cases
+    that compile for seconds)."""
+    import time
+
+    last = [time.perf_counter()]
+
+    def show(result: Any) -> None:
+        now = time.perf_counter()
+        print(f"  {result.backend} {result.dtype} {result.case}: {result.status} ({now - last[0]:.1f} s)",
+              file=sys.stderr, flush=True)
+        last[0] = now
+
+    return show
+
+
 def cmd_conformance(args: argparse.Namespace) -> int:
     from conformance import reports
     from conformance.runner import run_conformance
@@ -240,7 +256,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
                              "--model and --device do not apply")
         results = run_grad_conformance(backends, dtypes, cases or None)
     else:
-        results = run_conformance(backends, dtypes, cases or None, model=args.model, device=args.device)
+        results = run_conformance(backends, dtypes, cases or None, model=args.model, device=args.device,
+                                  progress=_case_progress() if sys.stderr.isatty() or args.verbose else None)
     print(reports.as_json(results) if args.json else reports.as_text(results))
     for path, render in ((args.junit, reports.as_junit), (args.markdown, reports.as_markdown)):
         if path:

@@ -371,3 +371,10 @@ def test_device_is_passed_to_every_load_and_undeclared_devices_skip(
     assert cells[("numpy", "*")] == {
         "case": "*", "backend": "numpy", "dtype": "-", "status": "skip",
         "detail": "not supported (declared by the backend): device 'fake:1' (devices: cpu)"}
+
+
+def test_progress_sees_every_result_as_it_is_made() -> None:
+    seen: list[Result] = []
+    results = run_conformance(["numpy"], ("float32",), ["op-rope", "gemma1-mha"], progress=seen.append)
+    assert seen == results
+    assert [r.case for r in seen] == ["float16-policy", "op-table", "op-rope", "gemma1-mha"]
