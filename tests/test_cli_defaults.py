@@ -76,3 +76,26 @@ def test_tensorflow_logs_nothing_by_default(folder: Path) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
+
+
+@pytest.mark.parametrize(("flags", "backend", "dtype", "compile"), [
+    (["--dtype", "auto"], "numpy", "float32", None),  # the reference's bfloat16 is an emulation
+    (["--dtype", "auto", "--backend", "torch", "--compile"], "torch", "bfloat16", True),
+    (["--dtype", "auto", "--backend", "array_api:numpy"], "array_api:numpy", "float32", None),
+    (["--backend", "jax", "--no-compile"], "jax", "float32", False),
+])
+def test_dtype_auto_and_compile_reach_load(monkeypatch: pytest.MonkeyPatch, folder: Path,
+                                           flags: list[str], backend: str, dtype: str,
+                                           compile: bool | None) -> None:
+    seen: dict[str, object] = {}
+    real = gemma_core.load
+
+    def load(path, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(kwargs)
+        return real(path, **{**kwargs, "backend": "numpy", "dtype": "float32", "compile": None})
+
+    monkeypatch.setattr(gemma_core, "load", load)
+    monkeypatch.setattr("gemma_core.cli._import_backend", lambda args: None)
+    assert main(["generate", "--model", str(folder), "--max-new-tokens", "2", *flags, "hi"]) == 0
+    assert (seen["backend"], seen["dtype"], seen["compile"]) == (backend if "--backend" in flags else None,
+                                                                 dtype, compile)
