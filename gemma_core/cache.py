@@ -13,6 +13,13 @@ A cache is a value: `Model.forward(ids, cache=c)` never changes `c` (a backend w
 buffers in place, or donates them, runs on a copy), so `c` can be continued twice (a forked
 prefix). `forward(..., donate_cache=True)` skips the copy for speed and leaves `c` spent: any
 later use of it is refused with an `InputError` rather than computing on clobbered buffers.
+
+A dynamic cache (the one `forward` makes when given neither a cache nor a max_length) grows
+when a step overflows it: a new static cache of `grown_length` slots takes the old contents.
+Only layers whose capacity changes are rewritten, and those never wrapped (a ring that wrapped
+is at its full window, whose size does not depend on `max_length`), so token `t` stays in slot
+`t`. `crop_length` checks that a cache can drop its tokens after the first `n` (transformers'
+`DynamicCache.crop`).
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ class KVCache:
     valid: np.ndarray  # [B, max_length] bool: slot holds a real (non-pad) token
     seen: np.ndarray  # [B] int: real tokens per row so far
     spent: bool = dataclasses.field(default=False, compare=False)  # handed to a step to reuse
+    # grows when a step overflows it (`grown_length`), as transformers' DynamicCache: the caches
+    # `Model.forward` makes unsized; sized ones (`new_cache(batch, max_length)`) refuse overflow
+    dynamic: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -123,3 +133,66 @@ def batch_ids(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
         ids[row, width - len(seq):] = seq
         mask[row, width - len(seq):] = 1
     return ids, mask
+
+
+def reorder_cache(backend: Any, cache: KVCache, rows: np.ndarray, dtype: str,
+                  device: str | None) -> KVCache:
+    """A new cache whose row `i` is row `rows[i]` of `cache` (beam search: each beam continues
+    its parent's cache; `rows` may repeat rows or change the batch size). `cache` is untouched.
+
+    A backend may offer `reorder_cache_layer(state, rows) -> state` to gather on its device;
+    otherwise each layer goes through numpy (`export_cache_layer`, then `convert_weight`, or
+    `asarray` for float64, whose values `convert_weight` would round through float32), which
+    needs the layer state to be a (keys, values) pair as every built-in backend keeps it."""
+    cache.check_usable()
+    rows = np.asarray(rows, np.int64)
+    if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= cache.batch_size)):
+        raise InputError(f"rows: expected indices of the cache's {cache.batch_size} rows, got {rows!r}")
+    hook = getattr(backend, "reorder_cache_layer", None)
+    layers = []
+    for state in cache.layers:
+        if hook is not None:
+            layers.append(hook(state, rows))
+            continue
+        if not (isinstance(state, tuple) and len(state) == 2):
+            raise InputError(f"backend {backend.name!r}: its cache layers are not (keys, values) "
+                             "pairs; it needs a reorder_cache_layer method for beam search")
+        k, v = backend.export_cache_layer(state)  # [B, K, S, H] numpy
+        if dtype == "float64":
+            layers.append((backend.asarray(k[rows], device), backend.asarray(v[rows], device)))
+        else:
+            layers.append((backend.convert_weight(k[rows], dtype, device),
+                           backend.convert_weight(v[rows], dtype, device)))
+    return dataclasses.replace(cache, layers=layers, valid=cache.valid[rows].copy(),
+                               seen=cache.seen[rows].copy())
+
+
+def grown_length(max_length: int, needed: int, max_positions: int) -> int:
+    """The `max_length` a dynamic cache of `max_length` slots grows to for `needed` tokens: the
+    next power of two (amortised growth, few compiled shapes), capped at `max_positions`."""
+    if needed > max_positions:
+        raise InputError(f"input_ids: {needed} tokens exceed max_position_embeddings {max_positions}")
+    size = 1 << max(needed - 1, 1).bit_length()
+    return max(min(size, max_positions), needed, max_length)
+
+
+def crop_length(config: GemmaConfig, cache: KVCache, n: int) -> int:
+    """The length a crop to `n` leaves (`n < 0` drops the last `-n` tokens; past the length it is
+    the length). Raises `InputError` where a sliding ring has wrapped: the tokens the crop's
+    window needs were overwritten."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
+        raise InputError(f"crop: expected an integer token count, got {n!r}")
+    length = cache.length
+    keep = length + int(n) if n < 0 else min(int(n), length)
+    if keep < 0:
+        raise InputError(f"crop: cannot drop {-int(n)} tokens from a cache of {length}")
+    if keep == length:
+        return keep
+    for layer in range(config.num_layers):
+        capacity = layer_capacity(config, layer, cache.max_length)
+        if length > capacity:  # only sliding layers: a global one holds max_length >= length
+            raise InputError(
+                f"crop: layer {layer} is a sliding ring of {capacity} slots that has wrapped ({length} "
+                f"tokens fed), so tokens before {length - capacity} are overwritten and a crop to {keep} "
+                f"cannot restore its window; crop while the cache holds at most {capacity} tokens")
+    return keep

@@ -319,8 +319,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = model.tokenizer.encode(prompt, add_special_tokens=False)
     else:
         ids = model.tokenizer.encode(prompt)
-    model.generate([ids], max_new_tokens=args.max_new_tokens, seed=args.seed,
-                   stop_strings=args.stop or (), streamer=_printer, **kwargs)
+    if args.num_beams > 1:  # beams cannot stream: the best is known at the end
+        res = model.generate([ids], max_new_tokens=args.max_new_tokens, stop_strings=args.stop or (),
+                             num_beams=args.num_beams, **kwargs)
+        sys.stdout.write(res.texts[0])
+    else:
+        model.generate([ids], max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       stop_strings=args.stop or (), streamer=_printer, **kwargs)
     sys.stdout.write("\n")
     return 0
 
@@ -546,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user turn")
+    p.add_argument("--num-beams", type=_positive_int, default=1,
+                   help="beam search over this many beams (greedy; prints the best beam at the end)")
     p.add_argument("prompt", nargs="?")
     p.set_defaults(func=cmd_generate)
 

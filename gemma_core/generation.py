@@ -1,7 +1,9 @@
 """Autoregressive generation on any backend: prefill once, then one token per step from the cache.
 
 Apart from the model on purpose (gpt-fast's `generate.py` shape): the model only maps ids to
-logits; choosing tokens, stopping and streaming text live here, on host numpy.
+logits; choosing tokens, stopping and streaming text live here, on host numpy (processors and
+stopping criteria in `gemma_core.processors`, beam search in `gemma_core.beam`, what both share
+in `gemma_core.decoding`).
 """
 
 from __future__ import annotations
@@ -12,26 +14,29 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gemma_core.beam import beam_search
+from gemma_core.decoding import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationResult,
+    Prompt,
+    check_stop_strings,
+    check_top_logprobs,
+    default_eos_ids,
+    pairs,
+    plan_cache,
+    prepare_inputs,
+    stop_cut,
+)
 from gemma_core.errors import InputError
-from gemma_core.sampling import SamplingConfig, choose, process
+from gemma_core.processors import ProcessorConfig, apply_all, log_softmax, stopped, top_entries
+from gemma_core.sampling import SamplingConfig, choose
 
 if TYPE_CHECKING:
     from gemma_core.model import Model
     from gemma_core.tokenizer import GemmaTokenizer
 
-Prompt = str | Sequence[int]
-DEFAULT_MAX_NEW_TOKENS = 64  # the API's and the CLI's default
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    """Per row: the generated ids (a stopping eos included), their text, and why it stopped."""
-
-    prompt_ids: list[list[int]]
-    token_ids: list[list[int]]
-    texts: list[str] | None
-    finish_reasons: list[str]  # "eos", "stop_string" or "length"
-    cache: Any = None  # holds the prompt and every generated token but the last
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationResult", "StepEvent", "default_eos_ids", "generate",
+           "generate_stream"]
 
 
 @dataclasses.dataclass
@@ -41,50 +46,6 @@ class StepEvent:
     step: int
     tokens: list[int | None]
     text_deltas: list[str] | None
-
-
-def _encode_prompts(prompts: Prompt | Sequence[Prompt], tokenizer: GemmaTokenizer | None) -> list[list[int]]:
-    batch: list[Any]
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                    and all(isinstance(t, (int, np.integer)) for t in prompts)):
-        batch = [prompts]
-    elif isinstance(prompts, Sequence) and prompts:
-        batch = list(prompts)
-    else:
-        raise InputError("prompts: expected a prompt or a non-empty list of prompts")
-    rows = []
-    for p in batch:
-        if isinstance(p, str):
-            if not p:
-                raise InputError("prompt: empty")
-            if tokenizer is None:
-                raise InputError("prompt: this model has no tokenizer; pass token ids instead of text")
-            rows.append(tokenizer.encode(p))
-        else:
-            ids = [int(t) for t in p]
-            if not ids:
-                raise InputError("prompt: empty")
-            rows.append(ids)
-    return rows
-
-
-def _bucket(n: int, smallest: int = 16) -> int:
-    """The next power of two at or above `n` (at least `smallest`)."""
-    return max(smallest, 1 << (n - 1).bit_length())
-
-
-def _left_pad(ids: np.ndarray, mask: np.ndarray, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    extra = width - ids.shape[1]
-    if extra <= 0:
-        return ids, mask
-    rows = len(ids)
-    return (np.concatenate([np.full((rows, extra), pad_id, ids.dtype), ids], axis=1),
-            np.concatenate([np.zeros((rows, extra), mask.dtype), mask], axis=1))
-
-
-def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(cuts) if cuts else None
 
 
 def _safe_end(text: str, stops: Sequence[str]) -> int:
@@ -132,7 +93,7 @@ class _Rows:
 
     def final_text(self, row: int) -> str:
         text = self._decode(self.ids[row])  # once, whole: a trailing partial character shows
-        cut = _stop_cut(text, self.stops)
+        cut = stop_cut(text, self.stops)
         return text if cut is None else text[:cut]
 
     def delta(self, row: int) -> str:
@@ -147,63 +108,53 @@ class _Rows:
         return out
 
 
-def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *,
+def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt] | None = None, *,
                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                     sampling: SamplingConfig | None = None, seed: int | None = None,
                     eos_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
                     result: list[GenerationResult] | None = None,
-                    cache: Any = None, donate_cache: bool = False) -> Iterator[StepEvent]:
+                    cache: Any = None, donate_cache: bool = False, input_ids: Any = None,
+                    attention_mask: Any = None, processors: ProcessorConfig | None = None,
+                    output_scores: bool = False, top_logprobs: int = 0) -> Iterator[StepEvent]:
     """Yield a `StepEvent` per decode step; append the `GenerationResult` to `result` at the end.
 
+    The prompt: `prompts`, or transformers-style `input_ids`/`attention_mask` (`prepare_inputs`).
     With `cache`, the prompt continues what the cache holds (multi-turn chat); the cache is left
     as it was (the prefill runs on a copy) unless `donate_cache` hands it over. The caches of
-    the decode steps are this loop's own, updated in place."""
+    the decode steps are this loop's own, updated in place. `processors` and the stopping
+    criteria see the prompt as given (left pads included) and the tokens generated, with the
+    pad id appended to rows that have finished, as transformers' `input_ids`."""
     if cache is not None:
         cache.check_usable()
     sampling = sampling or SamplingConfig()
+    procs = processors or ProcessorConfig()
     tokenizer = model.tokenizer
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
-    if isinstance(stop_strings, str):
-        raise InputError("stop_strings: expected a list of strings, got one string")
-    if any(not isinstance(s, str) or not s for s in stop_strings):
-        raise InputError(f"stop_strings: each must be a non-empty string (an empty one would stop "
-                         f"at once), got {list(stop_strings)!r}")
-    if stop_strings and tokenizer is None:
-        raise InputError("stop_strings: need a tokenizer to decode text")
+    check_top_logprobs(top_logprobs, model.config.vocab_size)
+    check_stop_strings(model, stop_strings)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise InputError(f"seed: must be a non-negative integer, got {seed!r}")
-    rows_ids = _encode_prompts(prompts, tokenizer)
-    from gemma_core.cache import batch_ids
-
-    ids, mask = batch_ids(rows_ids, model.config.pad_token_id)
-    past = 0 if cache is None else cache.length
-    total = past + ids.shape[1] + max_new_tokens
-    limit = model.config.max_position_embeddings if cache is None else cache.max_length
-    if model.static_shapes and cache is None and total <= limit:
-        # compiled steps specialise on shapes: left-pad the prompt to a bucket (positions come
-        # from the mask, so the logits do not change) and round the cache up, so that prompts
-        # of similar lengths reuse one compiled prefill and one compiled decode step
-        width = min(_bucket(ids.shape[1]), limit - max_new_tokens)
-        ids, mask = _left_pad(ids, mask, width, model.config.pad_token_id)
-        total = min(_bucket(width + max_new_tokens), limit)
-    if cache is not None and len(rows_ids) != cache.batch_size:
-        raise InputError(f"prompts: {len(rows_ids)} rows for a cache of {cache.batch_size}")
-    if total > limit:
-        held = f"{past} cached and " if past else ""
-        raise InputError(f"prompt: {held}{ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} "
-                         f"exceed the {'model' if cache is None else 'cache'}'s context of {limit} tokens")
-    eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(model))
+    rows_ids, ids, mask = prepare_inputs(model, prompts, input_ids, attention_mask)
+    seq, pads = ids.copy(), (mask == 0).sum(axis=1)  # what processors see, as transformers' input_ids
+    ids, mask, total = plan_cache(model, ids, mask, max_new_tokens, cache)
+    eos_list = list(eos_token_ids if eos_token_ids is not None else default_eos_ids(model))
+    eos = set(eos_list)
     rng = np.random.default_rng(seed)
     rows = _Rows(len(rows_ids), tokenizer, tuple(stop_strings))
-    history = [list(r) for r in rows_ids]
+    logprobs: list[list[float]] = [[] for _ in rows_ids]
+    tops: list[list[list[tuple[int, float]]]] = [[] for _ in rows_ids]
     owned = cache is None or donate_cache
     if cache is None:
         cache = model.new_cache(len(rows_ids), total)
     out = model.forward(ids, mask, cache, last_only=True, donate_cache=owned)
     for step in range(max_new_tokens):
-        scores = model.to_numpy(out.logits)[:, -1].astype(np.float32)  # [B,V]
-        nxt = choose(process(scores, sampling, history), sampling, rng)
+        logits = model.to_numpy(out.logits)[:, -1].astype(np.float32)  # [B,V]
+        scores = apply_all(seq, logits, pads, step, sampling, procs, eos_list)
+        nxt = choose(scores, sampling, rng)
+        seq = np.concatenate([seq, np.where([r is None for r in rows.reasons], nxt,
+                                            model.config.pad_token_id)[:, None]], axis=1)
+        hits = stopped(procs, seq, scores) if procs.stopping_criteria else None
+        lp = log_softmax(scores) if output_scores else None
+        top = top_entries(lp, top_logprobs) if lp is not None and top_logprobs else None
         tokens: list[int | None] = []
         for row, token in enumerate(int(t) for t in nxt):
             if rows.reasons[row] is not None:
@@ -211,10 +162,15 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *,
                 continue
             tokens.append(token)
             rows.ids[row].append(token)
-            history[row].append(token)
+            if lp is not None:
+                logprobs[row].append(float(lp[row, token]))
+                if top is not None:
+                    tops[row].append(pairs(top[0][row], top[1][row]))
             if token in eos:
                 rows.reasons[row] = "eos"
-            elif stop_strings and _stop_cut(rows.text(row), stop_strings) is not None:
+            elif hits is not None and hits[row]:
+                rows.reasons[row] = "stopping_criteria"
+            elif stop_strings and stop_cut(rows.text(row), stop_strings) is not None:
                 rows.reasons[row] = "stop_string"
             elif step == max_new_tokens - 1:
                 rows.reasons[row] = "length"
@@ -226,33 +182,46 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt], *,
         out = model.forward(feed, None, out.cache, last_only=True, donate_cache=True)
     if result is not None:
         texts = [rows.final_text(r) for r in range(len(rows_ids))] if tokenizer is not None else None
-        result.append(GenerationResult(rows_ids, rows.ids, texts,
-                                       [r or "length" for r in rows.reasons], out.cache))
+        result.append(GenerationResult(rows_ids, rows.ids, texts, [r or "length" for r in rows.reasons],
+                                       out.cache, logprobs if output_scores else None,
+                                       tops if output_scores else None))
 
 
-def generate(model: Model, prompts: Prompt | Sequence[Prompt], *,
+def generate(model: Model, prompts: Prompt | Sequence[Prompt] | None = None, *,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              sampling: SamplingConfig | None = None, seed: int | None = None,
              eos_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
              streamer: Callable[[StepEvent], Any] | None = None, cache: Any = None,
-             donate_cache: bool = False) -> GenerationResult:
+             donate_cache: bool = False, input_ids: Any = None, attention_mask: Any = None,
+             processors: ProcessorConfig | None = None, output_scores: bool = False,
+             top_logprobs: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | str = False, num_return_sequences: int = 1) -> GenerationResult:
     """Generate for one prompt or a batch (left-padded); `streamer` is called after every step.
-    `cache` and `donate_cache` as for `generate_stream`."""
+    The other arguments as for `generate_stream`. `num_beams > 1` runs beam search
+    (`gemma_core.beam.beam_search`: `length_penalty`, `early_stopping`, `num_return_sequences`,
+    no streaming); otherwise `num_return_sequences` must be 1."""
+    if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+        raise InputError(f"num_beams: must be a positive integer, got {num_beams!r}")
+    if num_beams > 1:
+        if streamer is not None:
+            raise InputError("streamer: beam search keeps several hypotheses until the end; "
+                             "it cannot stream (use num_beams=1)")
+        return beam_search(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                           eos_token_ids=eos_token_ids, stop_strings=stop_strings, cache=cache,
+                           donate_cache=donate_cache, input_ids=input_ids, attention_mask=attention_mask,
+                           processors=processors, output_scores=output_scores, top_logprobs=top_logprobs,
+                           num_beams=int(num_beams), length_penalty=length_penalty,
+                           early_stopping=early_stopping, num_return_sequences=num_return_sequences)
+    if num_return_sequences != 1:
+        raise InputError(f"num_return_sequences: {num_return_sequences!r} needs beam search "
+                         "(num_beams >= num_return_sequences); greedy and sampling return one per prompt")
     result: list[GenerationResult] = []
     for event in generate_stream(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                  seed=seed, eos_token_ids=eos_token_ids, stop_strings=stop_strings,
-                                 result=result, cache=cache, donate_cache=donate_cache):
+                                 result=result, cache=cache, donate_cache=donate_cache,
+                                 input_ids=input_ids, attention_mask=attention_mask,
+                                 processors=processors, output_scores=output_scores,
+                                 top_logprobs=top_logprobs):
         if streamer is not None:
             streamer(event)
     return result[0]
-
-
-def default_eos_ids(model: Model) -> tuple[int, ...]:
-    """The config's eos ids, plus the tokenizer's eos and end-of-turn (chat models stop there)."""
-    ids = list(model.config.eos_token_ids)
-    tok = model.tokenizer
-    if tok is not None:
-        ids.append(tok.eos_id)
-        if tok.end_of_turn_id is not None:
-            ids.append(tok.end_of_turn_id)
-    return tuple(dict.fromkeys(ids))

@@ -11,11 +11,19 @@ from typing import Any
 import numpy as np
 
 from gemma_core.backend import Backend, get_backend
-from gemma_core.cache import CacheState, KVCache, check_cache_fits, layer_capacity, ring_order
+from gemma_core.cache import (
+    CacheState,
+    KVCache,
+    check_cache_fits,
+    crop_length,
+    grown_length,
+    layer_capacity,
+    ring_order,
+)
 from gemma_core.config import Architecture, GemmaConfig
 from gemma_core.errors import ConfigError, InputError, WeightError
-from gemma_core.graph import TASKS, Graph, bind, build_graph, cache_name, fuse_projections, run_bound
-from gemma_core.layout import SCORE, iter_params, validate_weights
+from gemma_core.graph import TASKS, Graph, Op, bind, build_graph, cache_name, fuse_projections, run_bound
+from gemma_core.layout import FINAL_NORM, SCORE, iter_params, validate_weights
 from gemma_core.masks import layer_kinds
 from gemma_core.quant import SCALE_SUFFIX
 from gemma_core.step import Bookkeeping, step_inputs
@@ -49,12 +57,18 @@ class ForwardOutput:
     """Backend arrays and the updated cache. `logits`: causal-lm [B, T or 1, V],
     sequence-classification [B, labels], token-classification [B, T, labels]; None for base.
     `last_hidden_state` [B, T, D] (after the final norm) and `hidden_states` (the embeddings,
-    then each layer's output, the last one normed: L + 1 arrays, as transformers) for base."""
+    then each layer's output, the last one normed: L + 1 arrays, as transformers) for base, and
+    for the other tasks when `forward(..., output_hidden_states=True)` asks for them."""
 
     logits: Any
     cache: KVCache
     last_hidden_state: Any = None
     hidden_states: tuple[Any, ...] | None = None
+
+    @property
+    def past_key_values(self) -> KVCache:
+        """`cache`, under the name transformers gives it."""
+        return self.cache
 
 
 class Model:
@@ -116,6 +130,8 @@ class Model:
         options = {"compile": compile, "device": device, "dtype": dtype}
         self.raw_step = step  # the uncompiled step, for backends that trace it into larger loops
         self._step = self.backend.compile_step(step, options)
+        self._step_options = options
+        self._hidden_step: tuple[Any, Any] | None = None  # (op table, step): built when first asked
         self.static_shapes = self.backend.static_shapes(options)
         self.mutates_cache = self.backend.mutates_cache(options)  # forward copies a caller's cache
 
@@ -129,8 +145,11 @@ class Model:
         self._ops = table
         self._plan = bind(self.graph, table, self.weights)
 
-    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """An empty static cache for `batch_size` rows and up to `max_length` tokens."""
+    def new_cache(self, batch_size: int, max_length: int, *, dynamic: bool = False) -> KVCache:
+        """An empty static cache for `batch_size` rows and up to `max_length` tokens. A step
+        past `max_length` is refused, unless `dynamic` (what `forward` makes when given neither a
+        cache nor a max_length): the cache then grows (`gemma_core.cache.grown_length`), as transformers'
+        DynamicCache, at the price of a new shape (a recompile on compiled backends) per size."""
         if max_length > self.config.max_position_embeddings:
             raise InputError(f"max_length: {max_length} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -143,36 +162,52 @@ class Model:
         ]
         return KVCache(layers=layers, length=0, max_length=max_length,
                        valid=np.zeros((batch_size, max_length), bool),
-                       seen=np.zeros(batch_size, np.int64))
+                       seen=np.zeros(batch_size, np.int64), dynamic=dynamic)
 
     def forward(self, input_ids: Any, attention_mask: Any = None, cache: KVCache | None = None,
                 *, last_only: bool = False, max_length: int | None = None,
-                donate_cache: bool = False) -> ForwardOutput:
+                donate_cache: bool = False, output_hidden_states: bool = False,
+                past_key_values: KVCache | None = None) -> ForwardOutput:
         """Run `input_ids [B, T]` after whatever `cache` holds.
 
-        `attention_mask [B, T]` marks real tokens (1) and left padding (0); RoPE positions are
-        the running count of real tokens, as transformers' generate computes them. Without a
-        cache, one of `max_length` (default T) slots is made. `last_only` computes logits for the
-        last position only (decode).
+        `input_ids` and `attention_mask` may be numpy arrays, lists or any backend's tensors;
+        the outputs are this backend's arrays. `attention_mask [B, T]` marks real tokens (1) and
+        left padding (0); RoPE positions are the running count of real tokens, as transformers'
+        generate computes them. Without a cache, one is made: a dynamic one of T slots, which
+        later steps grow as they need (transformers' DynamicCache), or with `max_length` a static
+        one of that size; a cache from `new_cache(batch, max_length)` is static too and refuses to
+        overflow. `past_key_values` is `cache` under transformers' name. `last_only` computes
+        logits for the last position only (decode). `output_hidden_states` also returns the
+        residual stream (`ForwardOutput`), from a second step compiled when first asked.
 
         `cache` is left as it was (the step runs on a copy where the backend updates or donates
         buffers in place), so it can be continued again. `donate_cache=True` hands it over
         instead: no copy, and `cache` is spent (refused by every later use); decode loops that
         own their cache pass it to update it in place.
         """
+        if past_key_values is not None:
+            if cache is not None:
+                raise InputError("past_key_values: given with cache; they are one argument")
+            cache = past_key_values
         ids = self._check_ids(input_ids)
         b, t = ids.shape
         mask = _check_mask(attention_mask, ids.shape, self.to_numpy)
         owned = cache is None or donate_cache
         if cache is None:
-            cache = self.new_cache(b, max_length or t)
+            cache = self.new_cache(b, max_length or t, dynamic=max_length is None)
         cache.check_usable()
         if cache.batch_size != b:
             raise InputError(f"input_ids: batch of {b} rows for a cache of {cache.batch_size}")
-        start = cache.length
+        given, start = cache, cache.length
         if start + t > cache.max_length:
-            raise InputError(f"input_ids: {start} cached + {t} new tokens exceed the cache's "
-                             f"max_length {cache.max_length}")
+            if not cache.dynamic:
+                raise InputError(
+                    f"input_ids: {start} cached + {t} new tokens exceed the cache's max_length "
+                    f"{cache.max_length}; a cache sized by new_cache(batch, max_length) or "
+                    "forward(..., max_length=) is static: make it larger, or use new_cache(..., "
+                    "dynamic=True) or forward without max_length, whose cache grows")
+            cache = self._grow_cache(cache, start + t, share=owned or not self.mutates_cache)
+            owned = True  # the grown cache's layers are new or copied
         inputs, book = step_inputs(ids, mask, Bookkeeping(start, cache.valid, cache.seen),
                                    last_only=last_only, windows=self.layer_kinds)
         be, dev = self.backend, self.device
@@ -183,43 +218,150 @@ class Model:
             layers = [be.copy_cache_layer(layer) for layer in layers]
         env.update({cache_name(i): layer for i, layer in enumerate(layers)})
         if donate_cache:
-            cache.spent = True  # from here on its buffers may be overwritten or freed
-        env = self._step(self.weights, env)
+            given.spent = True  # from here on its buffers may be overwritten or freed
+        hidden = self.task == "base" or output_hidden_states
+        step = self._step if self.task == "base" or not hidden else self._hidden_states_step()
+        env = step(self.weights, env)
         new_cache = KVCache(
             layers=[env[cache_name(i)] for i in range(self.config.num_layers)],
             length=book.length, max_length=cache.max_length, valid=book.valid, seen=book.seen,
+            dynamic=cache.dynamic,
         )
-        if self.task != "base":
-            return ForwardOutput(logits=env["logits"], cache=new_cache)
-        hidden = tuple(env[f"x{i}"] for i in range(self.config.num_layers))
-        return ForwardOutput(logits=None, cache=new_cache, last_hidden_state=env["hidden"],
-                             hidden_states=(*hidden, env["hidden"]))
+        logits = None if self.task == "base" else env["logits"]
+        if not hidden:
+            return ForwardOutput(logits=logits, cache=new_cache)
+        stream = tuple(env[f"x{i}"] for i in range(self.config.num_layers))
+        return ForwardOutput(logits=logits, cache=new_cache, last_hidden_state=env["hidden"],
+                             hidden_states=(*stream, env["hidden"]))
 
-    def __call__(self, input_ids: Any, attention_mask: Any = None,
-                 cache: KVCache | None = None) -> ForwardOutput:
-        return self.forward(input_ids, attention_mask, cache)
+    def __call__(self, input_ids: Any, attention_mask: Any = None, cache: KVCache | None = None,
+                 **kwargs: Any) -> ForwardOutput:
+        """`forward`, so `model(**tokenizer(texts, return_tensors=...))` runs as in transformers."""
+        return self.forward(input_ids, attention_mask, cache, **kwargs)
 
-    def generate(self, prompts: Any, *, max_new_tokens: int = 64, do_sample: bool | None = None,
+    def _hidden_states_step(self) -> Any:
+        """The step whose graph also outputs the residual stream `x0..x{L-1}` and `hidden`
+        (the final norm over every position), compiled like the plain step on first use."""
+        table = self._ops
+        if self._hidden_step is None or self._hidden_step[0] is not table:
+            graph = _with_hidden_states(self.graph, self.config)
+            bound: list[Any] = [None, None]  # (weights, plan): bound once per weight set
+
+            def step(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+                if weights is not self.weights:  # traced (jit): bind the traced weights
+                    plan = bind(graph, table, weights)
+                else:  # eager: the model's weights, rebound if they were replaced (sharding)
+                    if bound[0] is not weights:
+                        bound[:] = [weights, bind(graph, table, weights)]
+                    plan = bound[1]
+                run_bound(plan, env)
+                return {k: env[k] for k in graph.outputs}
+
+            self._hidden_step = (table, self.backend.compile_step(step, self._step_options))
+        return self._hidden_step[1]
+
+    def _grow_cache(self, cache: KVCache, needed: int, share: bool) -> KVCache:
+        """`cache` (dynamic) as a larger static cache holding its contents, for `needed` tokens.
+
+        A layer whose capacity grows never wrapped (its old capacity was the old max_length,
+        which the length never exceeds), so its slots are copied to the same slots of a new
+        layer by the backend's own `kv_cache` op; a ring at its full window keeps its layer
+        (`share`, else a `copy_cache_layer` copy: the step may write it in place)."""
+        c, be, dev = self.config, self.backend, self.device
+        size = grown_length(cache.max_length, needed, c.max_position_embeddings)
+        check_cache_fits(c, cache.batch_size, size, self.dtype, dev)
+        write = self._ops["kv_cache"]
+        layers = []
+        for i, state in enumerate(cache.layers):
+            old, new = layer_capacity(c, i, cache.max_length), layer_capacity(c, i, size)
+            if new == old:
+                layers.append(state if share else be.copy_cache_layer(state))
+                continue
+            keys, values = self._cache_arrays(state)
+            fresh = be.new_cache_layer(cache.batch_size, c.num_kv_heads, new, c.head_dim, self.dtype, dev)
+            # window=None: a plain write at slots 0..old-1 (no wrap: old < new)
+            layers.append(write(keys, values, fresh, be.asarray(np.arange(old), dev), window=None)[2])
+        valid = np.zeros((cache.batch_size, size), bool)
+        valid[:, :cache.max_length] = cache.valid
+        return KVCache(layers=layers, length=cache.length, max_length=size, valid=valid,
+                       seen=cache.seen.copy(), dynamic=True)
+
+    def _cache_arrays(self, state: Any) -> tuple[Any, Any]:
+        """A layer's (keys, values) slot buffers as backend arrays: the built-in `(keys, values)`
+        pair as it is; another state through numpy (`export_cache_layer`, then `convert_weight`,
+        or `asarray` for float64, which `convert_weight` would round through float32)."""
+        if isinstance(state, tuple) and len(state) == 2:
+            return state
+        k, v = self.backend.export_cache_layer(state)
+        if self.dtype == "float64":
+            return self.backend.asarray(k, self.device), self.backend.asarray(v, self.device)
+        return (self.backend.convert_weight(k, self.dtype, self.device),
+                self.backend.convert_weight(v, self.dtype, self.device))
+
+    def crop_cache(self, cache: KVCache, n: int, *, donate_cache: bool = False) -> KVCache:
+        """`cache` without its tokens after the first `n` (`n < 0`: without its last `-n`), as
+        transformers' `DynamicCache.crop`; static or dynamic as `cache` was. Global layers always
+        allow it; a sliding ring only while it has not wrapped (else `InputError`: the tokens its
+        window needs were overwritten). `cache` is left as it was (its layers copied where the
+        step writes in place) unless `donate_cache=True` hands them over."""
+        cache.check_usable()
+        keep = crop_length(self.config, cache, n)
+        if keep == cache.length:
+            return cache
+        valid = cache.valid.copy()
+        valid[:, keep:] = False  # slots past `keep` are masked out and overwritten when fed again
+        layers = cache.layers
+        if donate_cache:
+            cache.spent = True
+        elif self.mutates_cache:
+            layers = [self.backend.copy_cache_layer(layer) for layer in layers]
+        return KVCache(layers=list(layers), length=keep, max_length=cache.max_length, valid=valid,
+                       seen=valid[:, :keep].sum(axis=1).astype(np.int64), dynamic=cache.dynamic)
+
+    def generate(self, prompts: Any = None, *, input_ids: Any = None, attention_mask: Any = None,
+                 max_new_tokens: int = 64, do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, eos_token_ids: Sequence[int] | None = None,
                  stop_strings: Sequence[str] = (), streamer: Any = None, cache: KVCache | None = None,
-                 donate_cache: bool = False) -> Any:
-        """Generate for a prompt or a batch of prompts (text, or token id lists).
+                 donate_cache: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
+                 early_stopping: bool | str = False, num_return_sequences: int = 1,
+                 output_scores: bool = False, top_logprobs: int = 0, min_new_tokens: int | None = None,
+                 no_repeat_ngram_size: int | None = None,
+                 bad_words_ids: Sequence[Sequence[int]] | None = None,
+                 logits_processor: Sequence[Any] | None = None,
+                 stopping_criteria: Sequence[Any] | None = None) -> Any:
+        """Generate for a prompt or a batch of prompts (text, or token id lists), or, as
+        transformers takes them, for `input_ids [B, T]` (numpy, lists, or this backend's arrays;
+        an array given as `prompts` counts as input_ids) with left-padded `attention_mask`.
 
         Greedy unless sampling is asked for: `do_sample=True`, or any of temperature (> 0),
-        top_k, top_p, min_p given; `temperature=0` means greedy. Returns a `GenerationResult`.
+        top_k, top_p, min_p given; `temperature=0` means greedy. `num_beams > 1`: beam search
+        with transformers' `length_penalty`, `early_stopping` (True, False, "never") and
+        `num_return_sequences`. `output_scores`: each token's logprob and its `top_logprobs`
+        best alternatives in the result. `min_new_tokens`, `no_repeat_ngram_size`,
+        `bad_words_ids`, `logits_processor=[f(ids, scores) -> scores]` and
+        `stopping_criteria=[f(ids, scores) -> bool or per-row bools]` (numpy in, numpy out) act
+        as transformers' do, in its order. Returns a `GenerationResult`.
         A `cache` to continue is left as it was unless `donate_cache=True` hands it over (see
         `forward`); the result's cache holds the continuation.
         """
         from gemma_core.generation import generate
+        from gemma_core.processors import processor_config
         from gemma_core.sampling import sampling_config
 
         sampling = sampling_config(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repetition_penalty=repetition_penalty)
+        processors = processor_config(min_new_tokens=min_new_tokens,
+                                      no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
+                                      logits_processor=logits_processor,
+                                      stopping_criteria=stopping_criteria)
         return generate(self, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                         eos_token_ids=eos_token_ids, stop_strings=stop_strings, streamer=streamer,
-                        cache=cache, donate_cache=donate_cache)
+                        cache=cache, donate_cache=donate_cache, input_ids=input_ids,
+                        attention_mask=attention_mask, processors=processors, output_scores=output_scores,
+                        top_logprobs=top_logprobs, num_beams=num_beams, length_penalty=length_penalty,
+                        early_stopping=early_stopping, num_return_sequences=num_return_sequences)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """Any backend array as numpy (float32 for float dtypes narrower than float32)."""
@@ -231,7 +373,7 @@ class Model:
         cache.check_usable()
         return KVCache(layers=[self.backend.copy_cache_layer(layer) for layer in cache.layers],
                        length=cache.length, max_length=cache.max_length, valid=cache.valid.copy(),
-                       seen=cache.seen.copy())
+                       seen=cache.seen.copy(), dynamic=cache.dynamic)
 
     def export_cache(self, cache: KVCache) -> CacheState:
         """The cache in the contract layout: per layer the last tokens it holds, oldest first."""
@@ -246,8 +388,10 @@ class Model:
         return CacheState(tuple(keys), tuple(values), cache.length, cache.seen.copy(), tuple(real))
 
     def _check_ids(self, input_ids: Any) -> np.ndarray:
-        ids = input_ids if isinstance(input_ids, np.ndarray) else self.to_numpy(input_ids)
-        ids = np.asarray(ids)
+        try:  # lists, numpy, this or another framework's tensors (to_numpy falls back to numpy's)
+            ids = np.asarray(input_ids if isinstance(input_ids, np.ndarray) else self.to_numpy(input_ids))
+        except (ValueError, TypeError) as e:
+            raise InputError(f"input_ids: not a [batch, length] array of token ids ({e})") from None
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2 or ids.shape[1] == 0:
@@ -259,6 +403,21 @@ class Model:
             raise InputError(f"input_ids: token id {int(ids[bad][0])} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
         return ids.astype(np.int64)
+
+
+def _with_hidden_states(graph: Graph, config: GemmaConfig) -> Graph:
+    """`graph` also outputting the residual stream `x0..x{L-1}` and `hidden` (the final norm of
+    `x{L}` at every position; causal-lm normalises only the gathered logit positions, so the op
+    is added there), before the caches. The base task's graph has them already."""
+    layers = config.num_layers
+    stream = tuple(f"x{i}" for i in range(layers))
+    ops = tuple(graph.ops)
+    if "hidden" not in {name for op in ops for name in op.outputs}:
+        ops += (Op("rms_norm", (f"x{layers}",), ("hidden",), (FINAL_NORM,), {"eps": config.rms_norm_eps}),)
+    caches = tuple(cache_name(i) for i in range(layers) if cache_name(i) in graph.outputs)
+    head = tuple(name for name in graph.outputs if name not in caches)
+    extra = tuple(name for name in ("hidden", *stream) if name not in head)
+    return Graph(ops, graph.inputs, (*head, *extra, *caches))
 
 
 def _check_mask(mask: Any, shape: tuple[int, ...], to_numpy: Any) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 Order (transformers `_get_logits_processor`): repetition penalty, then the warpers temperature,
 top-k, top-p, min-p, then a draw from softmax. All on host numpy float32 logits `[B, V]`.
+`gemma_core.processors` adds the other processors between the penalty and the warpers.
 """
 
 from __future__ import annotations
@@ -119,6 +120,12 @@ def process(scores: np.ndarray, cfg: SamplingConfig, history: list[list[int]]) -
     scores = np.asarray(scores, np.float32)
     if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
         scores = repetition_penalty(scores, history, cfg.repetition_penalty)
+    return warp(scores, cfg)
+
+
+def warp(scores: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """The sampling warpers of `cfg` (temperature, top-k, top-p, min-p, in transformers' order);
+    none for greedy decoding."""
     if not cfg.do_sample:
         return scores
     if cfg.temperature != 1.0:

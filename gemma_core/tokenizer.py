@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,12 +28,37 @@ GEMMA3_START_OF_TURN = 105
 SPECIAL_MARKERS = re.compile(r"<start_of_turn>|<end_of_turn>|<mask>|<unused\d+>|<2mass>|\[@BOS@\]")
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchEncoding:
-    """Left-padded `input_ids [B, T]` and `attention_mask [B, T]` (1 for real tokens)."""
+PADDING = (True, False, "longest", "max_length", "do_not_pad")
+TENSOR_TYPES = ("np", "pt", "jax", "tf")
 
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BatchEncoding:
+    """`input_ids [B, T]` and `attention_mask [B, T]` (1 for real tokens): numpy arrays, a
+    framework's tensors (`return_tensors`) or, unpadded, lists. Reads as a mapping too
+    (`enc["input_ids"]`, `model(**enc)`), as transformers' BatchEncoding."""
+
+    input_ids: Any
+    attention_mask: Any
+
+    def keys(self) -> tuple[str, ...]:
+        """The field names, so `**enc` passes them as keyword arguments."""
+        return ("input_ids", "attention_mask")
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def items(self) -> list[tuple[str, Any]]:
+        """(name, value) pairs, as a dict's."""
+        return [(k, getattr(self, k)) for k in self.keys()]
 
 
 class GemmaTokenizer:
@@ -55,6 +80,8 @@ class GemmaTokenizer:
             raise CheckpointError(f"tokenizer: {source} is not a readable SentencePiece model "
                                   f"({str(e).strip() or type(e).__name__})") from None
         self.add_bos = add_bos
+        self.padding_side = "left"  # transformers' Gemma default, and what generation needs
+        self.truncation_side = "right"
         self._control = _special_pieces(self.sp.serialized_model_proto())
         self._control_ids = frozenset(self._control.values())
         pattern = "|".join(re.escape(p) for p in sorted(self._control, key=len, reverse=True) if p)
@@ -113,26 +140,74 @@ class GemmaTokenizer:
                 ids.extend(self.sp.encode(piece))
         return ids
 
-    def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = True) -> BatchEncoding:
-        """Encode one text or a batch, left-padded with the pad id."""
+    def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = True, *,
+                 padding: bool | str = True, max_length: int | None = None,
+                 truncation: bool | str = False, return_tensors: str | None = None,
+                 padding_side: str | None = None, pad_to_multiple_of: int | None = None) -> BatchEncoding:
+        """Encode one text or a batch as transformers' tokenizers do.
+
+        `truncation` cuts rows to `max_length` tokens (on `truncation_side`, BOS included);
+        `padding` True/"longest" pads to the longest row, "max_length" to `max_length`, False
+        not at all, with the pad id on `padding_side` (default `self.padding_side`, "left").
+        `return_tensors`: "np", "pt" (torch), "jax" or "tf"; None gives numpy arrays [B, T]
+        when padded (even for one text: unlike transformers' lists) and transformers' lists
+        when not (a flat list for one text)."""
         batch = [texts] if isinstance(texts, str) else list(texts)
         if not batch:
             raise InputError("texts: expected at least one text")
+        padding, truncate = _padding_strategy(padding), _truncation(truncation)
+        side = self.padding_side if padding_side is None else padding_side
+        if side not in ("left", "right"):
+            raise InputError(f"padding_side: expected 'left' or 'right', got {side!r}")
+        if return_tensors is not None and return_tensors not in TENSOR_TYPES:
+            raise InputError(f"return_tensors: unknown value {return_tensors!r} "
+                             f"(known: {', '.join(TENSOR_TYPES)})")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise InputError(f"max_length: expected a positive integer, got {max_length!r}")
+        if padding == "max_length" and max_length is None:
+            raise InputError("padding='max_length' needs max_length")
         rows = [self.encode(t, add_special_tokens) for t in batch]
+        if truncate and max_length is not None:  # no limit otherwise: the model's is ~1e30
+            left = self.truncation_side == "left"
+            rows = [r[max(0, len(r) - max_length):] if left else r[:max_length] for r in rows]
+        if not padding:
+            masks = [[1] * len(r) for r in rows]
+            if return_tensors is None:
+                if isinstance(texts, str):
+                    return BatchEncoding(rows[0], masks[0])
+                return BatchEncoding(rows, masks)
+            if len({len(r) for r in rows}) > 1:
+                raise InputError("return_tensors: rows of different lengths need padding=True")
+            return BatchEncoding(_tensor(rows, return_tensors), _tensor(masks, return_tensors))
         width = max(len(r) for r in rows)
+        if padding == "max_length":
+            if width > max_length:  # type: ignore[operator]
+                raise InputError(f"max_length: a row of {width} tokens is longer than {max_length}; "
+                                 "pass truncation=True to cut it")
+            width = int(max_length)  # type: ignore[arg-type]
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         ids = np.full((len(rows), width), self.pad_id, np.int64)
         mask = np.zeros((len(rows), width), np.int64)
         for i, row in enumerate(rows):
             if row:
-                ids[i, width - len(row):] = row
-                mask[i, width - len(row):] = 1
-        return BatchEncoding(ids, mask)
+                at = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+                ids[i, at] = row
+                mask[i, at] = 1
+        return BatchEncoding(_tensor(ids, return_tensors), _tensor(mask, return_tensors))
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        """`decode` of each row of `sequences` (a [B, T] array or tensor, or id lists)."""
+        rows = _host(sequences)
+        if isinstance(rows, np.ndarray) and rows.ndim != 2:
+            raise InputError(f"sequences: expected [batch, length] ids, got shape {rows.shape}")
+        return [self.decode(row, skip_special_tokens) for row in rows]
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; control tokens are written as their strings unless skipped."""
         out: list[str] = []
         run: list[int] = []
-        for token in (int(i) for i in np.asarray(ids).reshape(-1)):
+        for token in (int(i) for i in np.asarray(_host(ids)).reshape(-1)):
             if not 0 <= token < self.vocab_size:
                 raise InputError(f"ids: token id {token} is outside the vocabulary [0, {self.vocab_size})")
             if token in self._control_ids:
@@ -160,6 +235,52 @@ class GemmaTokenizer:
         text = render_chat(messages, self.chat_format, add_generation_prompt,
                            bos=self.sp.id_to_piece(self.bos_id))
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _padding_strategy(padding: bool | str) -> bool | str:
+    """`padding` as False, "longest" or "max_length" (transformers' spellings accepted)."""
+    if padding not in PADDING:
+        raise InputError(f"padding: unknown value {padding!r} (known: True, False, 'longest', "
+                         "'max_length', 'do_not_pad')")
+    if padding in (False, "do_not_pad"):
+        return False
+    return "max_length" if padding == "max_length" else "longest"
+
+
+def _truncation(truncation: bool | str) -> bool:
+    """`truncation` as a flag: True or transformers' single-sequence strategies, or False."""
+    known = (True, False, "longest_first", "only_first", "do_not_truncate")
+    if truncation not in known:
+        raise InputError(f"truncation: unknown value {truncation!r} (known: {', '.join(map(repr, known))})")
+    return truncation not in (False, "do_not_truncate")
+
+
+def _tensor(x: Any, kind: str | None) -> Any:
+    """Integer rows as numpy (`kind` None or "np") or the framework's tensor, imported only here."""
+    x = np.asarray(x, np.int64)
+    if kind in (None, "np"):
+        return x
+    if kind == "pt":
+        import torch
+
+        return torch.from_numpy(x)
+    if kind == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(x)  # int32 unless jax runs with x64, as jax's own arrays
+    import tensorflow as tf
+
+    return tf.constant(x)
+
+
+def _host(ids: Any) -> Any:
+    """Token ids as numpy or lists: a framework tensor (on any device) copied to the host."""
+    if isinstance(ids, (np.ndarray, list, tuple)) or not hasattr(ids, "__array__"):
+        return ids
+    try:
+        return np.asarray(ids)
+    except (TypeError, RuntimeError):  # a torch tensor on an accelerator
+        return np.asarray(ids.cpu())
 
 
 def _special_pieces(proto: bytes) -> dict[str, int]:

@@ -116,3 +116,16 @@ def hf(face):  # type: ignore[no-untyped-def]
     from hf_reference import hf_loss_and_grads
 
     return hf_loss_and_grads(face.config, 0, face.ids, face.mask, face.labels)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """With GEMMA_RSS_LOG=FILE, append each test's resident memory after it (VmRSS, VmHWM in
+    MiB) to FILE: where the suite's peak comes from."""
+    log = os.environ.get("GEMMA_RSS_LOG")
+    if not log:
+        return
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    mib = {k: int(v.split()[0]) // 1024 for k, v in fields.items()}
+    with open(log, "a") as f:
+        f.write(f"{mib.get('VmRSS', 0)}\t{mib.get('VmHWM', 0)}\t{item.nodeid}\n")

@@ -40,7 +40,7 @@ def test_help_shows_defaults_and_choices(capsys) -> None:
         main(["generate", "--help"])
     out = capsys.readouterr().out
     assert "(default: 64)" in out and "(default: float32)" in out
-    assert "{float32,bfloat16,float16,float64}" in out and "--allow-float16" in out
+    assert "{float32,bfloat16,float16,float64,auto}" in out and "--allow-float16" in out
 
 
 def test_allow_float16_is_a_flag(folder: Path, capsys) -> None:

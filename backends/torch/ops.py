@@ -103,7 +103,9 @@ def rope(p: Policy, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 def attention_bias(p: Policy, mask: torch.Tensor) -> torch.Tensor:
     # additive finite minimum (as transformers' eager path): a fully masked pad row stays finite
-    return torch.where(mask, 0.0, p.fmin).to(p.dt)
+    # both made in the dtype: float64's minimum overflows the float32 a Python scalar becomes
+    zero = torch.zeros((), dtype=p.dt, device=mask.device)
+    return torch.where(mask, zero, torch.full((), p.fmin, dtype=p.dt, device=mask.device))
 
 
 def kv_cache(p: Policy, k: torch.Tensor, v: torch.Tensor, layer: tuple[torch.Tensor, torch.Tensor],
