@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from decode import _peak_mb  # this process's peak resident memory (benchmarks/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("transformers+peft", "torch", "jax", "tensorflow")
 
@@ -46,14 +48,6 @@ def _cfg(args: argparse.Namespace) -> Any:
     # the text is ~2k tokens: epochs enough for the steps asked (max_steps ends the run)
     return TrainConfig(lora=LoraConfig(r=8, alpha=16), lr=2e-4, batch_size=args.batch_size,
                        seq_len=args.seq_len, max_steps=args.steps, seed=0, epochs=args.steps)
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _ours(engine: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from gemma_core.lora import (
     LoraConfig,
     config_to_peft,
     init_lora_weights,
+    write_peft_files,
 )
 
 TRAINABLE_BACKENDS = ("torch", "jax", "tensorflow")
@@ -127,6 +128,26 @@ def adamw_update(xp: Any, p: Any, g: Any, m: Any, v: Any, step: int, lr: float, 
     return p, m, v
 
 
+def saved_moments(state: Mapping[str, np.ndarray] | None, shapes: Mapping[str, tuple[int, ...]],
+                  ) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(step count, first and second AdamW moments) of the weights of `shapes`, float32 numpy:
+    from a checkpoint's `optimizer_state` (`moments_state` wrote it), or zeros for a new run."""
+    state = state or {}
+    count = int(np.asarray(state["step"]).reshape(-1)[0]) if "step" in state else 0
+    moments = [{n: np.array(state.get(n + suffix, np.zeros(shape, np.float32)), np.float32)
+                for n, shape in shapes.items()} for suffix in (".m", ".v")]
+    return count, moments[0], moments[1]
+
+
+def moments_state(count: int, m: Mapping[str, np.ndarray], v: Mapping[str, np.ndarray],
+                  ) -> dict[str, np.ndarray]:
+    """A trainer's `optimizer_state`: `{name + ".m"/".v": moments}` and `"step"`."""
+    out = {"step": np.asarray([count], np.int64)}
+    for n in m:
+        out[n + ".m"], out[n + ".v"] = np.array(m[n], np.float32), np.array(v[n], np.float32)
+    return out
+
+
 def make_trainer(backend: str, model: Any, cfg: TrainConfig, lora_weights: Mapping[str, np.ndarray],
                  optimizer_state: Mapping[str, np.ndarray] | None = None) -> Trainer:
     """The trainer of `backend` over `model` (a `gemma_core.Model`, any backend's weights)."""
@@ -167,9 +188,7 @@ def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, trainer: Trainer, l
     weights = trainer.lora_weights()
     with write_transaction(folder, overwrite=True) as tmp:
         tmp.mkdir()
-        (tmp / CONFIG_FILE).write_text(json.dumps(config_to_peft(cfg.lora), indent=2, sort_keys=True) + "\n")
-        write_safetensors(tmp / WEIGHTS_FILE, {PEFT_PREFIX + k: v for k, v in weights.items()},
-                          metadata={"format": "pt"})
+        write_peft_files(tmp, cfg.lora, weights)
         write_safetensors(tmp / OPTIMIZER_FILE, trainer.optimizer_state())
         state = {"step": step, "losses": losses, "settings": cfg.as_json(), **extra}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")

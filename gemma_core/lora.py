@@ -375,20 +375,27 @@ def save_peft(folder: str | os.PathLike[str], lora: LoraConfig, lora_weights: Ma
     """Write the adapter as PEFT's `save_pretrained` does: `folder/adapter_config.json` and
     `folder/adapter_model.safetensors`, in one transaction (the folder appears whole or not at
     all). Given the model's `config`, the weights are checked against its shapes too."""
-    from gemma_core.safetensors_io import write_safetensors
     from gemma_core.transaction import write_transaction
 
     folder = Path(folder)
     if config is not None:
         check_lora_weights(config, lora, lora_weights)
     _check_pairs(lora, lora_weights, str(folder))
-    tensors = {PEFT_PREFIX + name: np.asarray(w) for name, w in lora_weights.items()}
     with write_transaction(folder, overwrite) as tmp:
         tmp.mkdir()
-        (tmp / CONFIG_FILE).write_text(json.dumps(config_to_peft(lora, base_model_name), indent=2,
-                                                  sort_keys=True) + "\n")
-        write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        write_peft_files(tmp, lora, lora_weights, base_model_name)
     return folder
+
+
+def write_peft_files(folder: Path, lora: LoraConfig, lora_weights: Mapping[str, np.ndarray],
+                     base_model_name: str | None = None) -> None:
+    """PEFT's two adapter files into the existing `folder` (a transaction's temporary one)."""
+    from gemma_core.safetensors_io import write_safetensors
+
+    tensors = {PEFT_PREFIX + name: np.asarray(w) for name, w in lora_weights.items()}
+    (folder / CONFIG_FILE).write_text(json.dumps(config_to_peft(lora, base_model_name), indent=2,
+                                                 sort_keys=True) + "\n")
+    write_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
 
 
 def load_peft(folder: str | os.PathLike[str], config: GemmaConfig | None = None,

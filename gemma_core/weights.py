@@ -11,7 +11,7 @@ import numpy as np
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import ConfigError, WeightError
 from gemma_core.graph import build_graph, fuse_projections
-from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, iter_params, validate_weights
+from gemma_core.layout import LM_HEAD, SCORE, SCORE_BIAS, expected_shapes, iter_params, validate_weights
 from gemma_core.quant import SCALE_SUFFIX, as_quant_config
 
 
@@ -74,10 +74,13 @@ def quantize_model(config: GemmaConfig, weights: Mapping[str, np.ndarray], quant
 
 
 def canonical_weights(model: Any) -> dict[str, np.ndarray]:
-    """The model's weights as float numpy arrays under the canonical names, unfused (a backend
-    that runs q/k/v and gate/up as one product holds them stacked; they are split back here)."""
+    """The model's weights as numpy arrays under the names the layout stores (`expected_shapes`:
+    a quantised weight's values and scale), unfused (a backend that runs q/k/v and gate/up as
+    one product holds them stacked; they are split back here). Anything else the model holds
+    (an adapter's weights, a tied model's extra `lm_head.weight`) is left out."""
     config, task = model.config, model.task
     shapes = {name: shape for name, shape, _ in iter_params(config, task)}
+    wanted = expected_shapes(config, task)
     held = {name: model.to_numpy(w) for name, w in model.weights.items()}
     if not set(shapes) <= set(held):
         _, groups = fuse_projections(build_graph(config, task), shapes)
@@ -85,10 +88,10 @@ def canonical_weights(model: Any) -> dict[str, np.ndarray]:
             if fused in held:
                 cuts = np.cumsum([shapes[s][0] for s in sources])[:-1]
                 held.update(zip(sources, np.split(held.pop(fused), cuts, axis=0), strict=True))
-    missing = sorted(set(shapes) - set(held))
-    misshaped = [f"{n}: {list(held[n].shape)} for {list(s)}" for n, s in shapes.items()
+    missing = sorted(set(wanted) - set(held))
+    misshaped = [f"{n}: {list(held[n].shape)} for {list(s)}" for n, s in wanted.items()
                  if n in held and tuple(held[n].shape) != s]
     if missing or misshaped:
         raise WeightError(f"weights: the {model.backend.name} model's weights are not in the "
                           f"canonical layout (missing: {missing}; mis-shaped: {misshaped})")
-    return {name: held[name] for name in shapes}
+    return {name: held[name] for name in wanted}

@@ -14,7 +14,7 @@ import numpy as np
 
 from backends.jax.function import as_function
 from gemma_core.data import Batch
-from gemma_core.finetune import TrainConfig, adamw_update, counted_tokens
+from gemma_core.finetune import TrainConfig, adamw_update, counted_tokens, moments_state, saved_moments
 from gemma_core.lora import lora_shapes
 
 
@@ -28,11 +28,9 @@ class Trainer:
         names = set(lora_shapes(model.config, cfg.lora))
         self.train = {n: w for n, w in params.items() if n in names}
         frozen = {n: w for n, w in params.items() if n not in names}
-        state = optimizer_state or {}
-        self.count = int(np.asarray(state["step"]).reshape(-1)[0]) if "step" in state else 0
-        zeros = {n: np.zeros(w.shape, np.float32) for n, w in self.train.items()}
-        self.m = {n: jnp.asarray(state.get(n + ".m", z)) for n, z in zeros.items()}
-        self.v = {n: jnp.asarray(state.get(n + ".v", z)) for n, z in zeros.items()}
+        self.count, m, v = saved_moments(optimizer_state, {n: tuple(w.shape) for n, w in self.train.items()})
+        self.m = {n: jnp.asarray(x) for n, x in m.items()}
+        self.v = {n: jnp.asarray(x) for n, x in v.items()}
         self.key = jax.random.PRNGKey(cfg.seed)  # the adapter's dropout draws
         dropout = cfg.lora.dropout > 0
 
@@ -83,8 +81,5 @@ class Trainer:
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """The AdamW moments of every adapter weight and the step count."""
-        out = {"step": np.asarray([self.count], np.int64)}
-        for n in self.train:
-            out[n + ".m"] = np.asarray(self.m[n]).copy()
-            out[n + ".v"] = np.asarray(self.v[n]).copy()
-        return out
+        return moments_state(self.count, {n: np.asarray(x) for n, x in self.m.items()},
+                             {n: np.asarray(x) for n, x in self.v.items()})

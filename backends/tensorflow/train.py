@@ -17,7 +17,7 @@ from backends.tensorflow.keras_model import causal_lm_loss
 from backends.tensorflow.ops import DTYPES
 from gemma_core.data import Batch
 from gemma_core.errors import ConfigError
-from gemma_core.finetune import TrainConfig, adamw_update, counted_tokens
+from gemma_core.finetune import TrainConfig, adamw_update, counted_tokens, moments_state, saved_moments
 from gemma_core.graph import bind, build_graph, run_bound
 from gemma_core.lora import apply_lora, check_lora_weights
 from gemma_core.masks import layer_kinds
@@ -42,11 +42,9 @@ class Trainer:
         frozen = {n: tf.constant(w, dt) for n, w in canonical_weights(model).items()}
         self.train = {n: tf.Variable(tf.cast(np.asarray(w, np.float32), dt), name=n.replace(".", "_"))
                       for n, w in lora_weights.items()}
-        state = optimizer_state or {}
-        self.count = int(np.asarray(state["step"]).reshape(-1)[0]) if "step" in state else 0
-        zeros = {n: np.zeros(v.shape, np.float32) for n, v in self.train.items()}
-        self.m = {n: tf.Variable(np.asarray(state.get(n + ".m", z), np.float32)) for n, z in zeros.items()}
-        self.v = {n: tf.Variable(np.asarray(state.get(n + ".v", z), np.float32)) for n, z in zeros.items()}
+        self.count, m, v = saved_moments(optimizer_state, {n: tuple(x.shape) for n, x in self.train.items()})
+        self.m = {n: tf.Variable(x) for n, x in m.items()}
+        self.v = {n: tf.Variable(x) for n, x in v.items()}
         table = backend.op_table(model.dtype)
         if cfg.lora.dropout > 0:
             table = {**table, "lora": _lora_with_dropout(table["lora"], cfg.lora.dropout)}
@@ -106,11 +104,8 @@ class Trainer:
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """The AdamW moments of every adapter weight and the step count."""
-        out = {"step": np.asarray([self.count], np.int64)}
-        for n in self.train:
-            out[n + ".m"] = self.m[n].numpy().copy()
-            out[n + ".v"] = self.v[n].numpy().copy()
-        return out
+        return moments_state(self.count, {n: x.numpy() for n, x in self.m.items()},
+                             {n: x.numpy() for n, x in self.v.items()})
 
 
 def _lora_with_dropout(lora: Any, p: float) -> Any:

@@ -26,12 +26,11 @@ from backends.torch.ops import DTYPES, make_op_table
 from gemma_core.cache import KVCache, check_cache_fits, layer_capacity
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import ConfigError, InputError
-from gemma_core.graph import bind, build_graph, cache_name, fuse_projections, run_bound
+from gemma_core.graph import bind, build_graph, cache_name, run_bound
 from gemma_core.layout import EMBED, FINAL_NORM, LM_HEAD, iter_params, validate_weights
 from gemma_core.lora import (
     LoraConfig,
     apply_lora,
-    base_name,
     check_lora_weights,
     init_lora_weights,
     lora_shapes,
@@ -41,6 +40,7 @@ from gemma_core.masks import layer_kinds
 from gemma_core.model import check_dtype
 from gemma_core.quant import SCALE_SUFFIX
 from gemma_core.step import Bookkeeping, step_inputs
+from gemma_core.weights import canonical_weights
 
 IGNORE_INDEX = -100  # label ids the loss skips, as transformers
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
@@ -69,18 +69,7 @@ def host_weights(model: Any) -> dict[str, np.ndarray]:
                           f"gemma-core's layout: load it on the numpy backend, not {backend!r}")
     if getattr(model, "task", "causal-lm") != "causal-lm":
         raise ConfigError(f"task: the torch module is a causal LM; this model's task is {model.task!r}")
-    shapes = {name: shape for name, shape, _ in iter_params(config)}
-    _, groups = fuse_projections(build_graph(config), shapes)  # fused name -> its sources
-    out: dict[str, np.ndarray] = {}
-    for name, w in model.weights.items():
-        if base_name(name) is not None:
-            continue  # an adapter's weight (model_adapter)
-        arr = np.array(model.to_numpy(w), copy=True)  # never share the source model's memory
-        if name in groups and name not in shapes:
-            sizes = np.cumsum([shapes[s][0] for s in groups[name]])[:-1]
-            out.update(zip(groups[name], np.split(arr, sizes, axis=0), strict=True))
-        else:
-            out[name] = arr
+    out = {name: np.array(w, copy=True) for name, w in canonical_weights(model).items()}  # own copies
     validate_weights(config, out)
     return out
 

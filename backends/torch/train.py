@@ -12,7 +12,7 @@ import torch
 
 from backends.torch.module import as_module
 from gemma_core.data import Batch
-from gemma_core.finetune import TrainConfig, adamw_update, counted_tokens
+from gemma_core.finetune import TrainConfig, adamw_update, counted_tokens, moments_state, saved_moments
 
 
 class Trainer:
@@ -24,16 +24,10 @@ class Trainer:
         self.cfg = cfg
         self.module = as_module(model, lora=cfg.lora, lora_weights=lora_weights).train()
         self.params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
-        state = optimizer_state or {}
-        self.count = int(np.asarray(state["step"]).reshape(-1)[0]) if "step" in state else 0
-        self.m = {n: self._tensor(state.get(n + ".m"), p) for n, p in self.params.items()}
-        self.v = {n: self._tensor(state.get(n + ".v"), p) for n, p in self.params.items()}
-
-    @staticmethod
-    def _tensor(value: np.ndarray | None, like: torch.Tensor) -> torch.Tensor:
-        if value is None:
-            return torch.zeros_like(like, dtype=torch.float32)
-        return torch.tensor(np.array(value, np.float32), device=like.device)
+        shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        self.count, m, v = saved_moments(optimizer_state, shapes)
+        self.m = {n: torch.from_numpy(x).to(self.params[n].device) for n, x in m.items()}
+        self.v = {n: torch.from_numpy(x).to(self.params[n].device) for n, x in v.items()}
 
     def step(self, micro: Sequence[Batch], lr: float) -> float:
         """One AdamW step over the micro-batches' token-weighted mean loss."""
@@ -82,8 +76,5 @@ class Trainer:
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """The AdamW moments of every adapter weight and the step count."""
-        out = {"step": np.asarray([self.count], np.int64)}
-        for name in self.params:
-            out[name + ".m"] = self.m[name].cpu().numpy().copy()
-            out[name + ".v"] = self.v[name].cpu().numpy().copy()
-        return out
+        return moments_state(self.count, {n: x.cpu().numpy() for n, x in self.m.items()},
+                             {n: x.cpu().numpy() for n, x in self.v.items()})
