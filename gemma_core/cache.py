@@ -154,17 +154,85 @@ def reorder_cache(backend: Any, cache: KVCache, rows: np.ndarray, dtype: str,
         if hook is not None:
             layers.append(hook(state, rows))
             continue
-        if not (isinstance(state, tuple) and len(state) == 2):
-            raise InputError(f"backend {backend.name!r}: its cache layers are not (keys, values) "
-                             "pairs; it needs a reorder_cache_layer method for beam search")
-        k, v = backend.export_cache_layer(state)  # [B, K, S, H] numpy
-        if dtype == "float64":
-            layers.append((backend.asarray(k[rows], device), backend.asarray(v[rows], device)))
-        else:
-            layers.append((backend.convert_weight(k[rows], dtype, device),
-                           backend.convert_weight(v[rows], dtype, device)))
+        k, v = _host_pair(backend, state, "reorder_cache_layer method for beam search")  # [B,K,S,H]
+        layers.append(import_cache_layer(backend, k[rows], v[rows], dtype, device))
     return dataclasses.replace(cache, layers=layers, valid=cache.valid[rows].copy(),
                                seen=cache.seen[rows].copy())
+
+
+def import_cache_layer(backend: Any, keys: np.ndarray, values: np.ndarray, dtype: str,
+                       device: str | None) -> Any:
+    """A built-in `(keys, values)` layer state from host arrays: `convert_weight` rounds to the
+    compute dtype, `asarray` for float64 (which `convert_weight` would round through float32)."""
+    if dtype == "float64":
+        return backend.asarray(keys, device), backend.asarray(values, device)
+    return backend.convert_weight(keys, dtype, device), backend.convert_weight(values, dtype, device)
+
+
+def _host_pair(backend: Any, state: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not (isinstance(state, tuple) and len(state) == 2):
+        raise InputError(f"backend {backend.name!r}: its cache layers are not (keys, values) pairs; "
+                         f"it needs a {what}")
+    k, v = backend.export_cache_layer(state)
+    return np.array(k), np.array(v)
+
+
+def write_row(backend: Any, cache: KVCache, row: int, source: KVCache, source_row: int, dtype: str,
+              device: str | None) -> KVCache:
+    """`cache` with row `row` replaced by row `source_row` of `source` (a cache of the same
+    `max_length` and length): its slots, valid slots and seen count. The continuous-batching
+    engine (`gemma_core.serving`) prefills a joining request apart and splices it in. The layers
+    of `cache` may be written in place (the caller owns it); `source` is left as it was.
+
+    A backend may offer `write_cache_row(state, row, source_state, source_row) -> state` to copy
+    on its device; otherwise each layer goes through numpy."""
+    cache.check_usable()
+    if source.max_length != cache.max_length or source.length != cache.length:
+        raise InputError(f"write_row: a source of {source.length}/{source.max_length} slots for a cache "
+                         f"of {cache.length}/{cache.max_length}")
+    hook = getattr(backend, "write_cache_row", None)
+    layers = []
+    for state, src in zip(cache.layers, source.layers, strict=True):
+        if hook is not None:
+            layers.append(hook(state, row, src, source_row))
+            continue
+        k, v = _host_pair(backend, state, "write_cache_row method")
+        sk, sv = backend.export_cache_layer(src)
+        k[row], v[row] = sk[source_row], sv[source_row]
+        layers.append(import_cache_layer(backend, k, v, dtype, device))
+    valid, seen = cache.valid.copy(), cache.seen.copy()
+    valid[row], seen[row] = source.valid[source_row], source.seen[source_row]
+    return dataclasses.replace(cache, layers=layers, valid=valid, seen=seen)
+
+
+def shift_slots(backend: Any, cache: KVCache, shift: int, dtype: str, device: str | None) -> KVCache:
+    """`cache` with every token moved `shift` slots earlier (`shift < 0`: later) and its length
+    with them: slot `s` then holds what slot `s + shift` held, each layer rolled along its ring
+    (token `t` lives at `t % capacity`). Keys carry their RoPE positions (the `seen` counts), not
+    their slots, so a shift changes no logit while the slots it drops (the first `shift`, or the
+    last `-shift`) hold no real token, which is refused otherwise. The engine compacts its batch
+    with it when the slots run out. Layers may be written in place (the caller owns the cache).
+
+    A backend may offer `shift_cache_layer(state, shift) -> state` to roll on its device."""
+    cache.check_usable()
+    shift = int(shift)
+    length = cache.length - shift
+    dropped = cache.valid[:, :shift] if shift > 0 else cache.valid[:, cache.max_length + shift:]
+    if not 0 <= length <= cache.max_length or dropped.any():
+        raise InputError(f"shift_slots: a shift of {shift} slots would drop real tokens of a cache "
+                         f"holding {cache.length} of {cache.max_length} slots")
+    hook = getattr(backend, "shift_cache_layer", None)
+    layers = []
+    for state in cache.layers:
+        if hook is not None:
+            layers.append(hook(state, shift))
+            continue
+        k, v = _host_pair(backend, state, "shift_cache_layer method")
+        cap = k.shape[2]
+        layers.append(import_cache_layer(backend, np.roll(k, -(shift % cap), axis=2),
+                                         np.roll(v, -(shift % cap), axis=2), dtype, device))
+    return dataclasses.replace(cache, layers=layers, length=length,
+                               valid=np.roll(cache.valid, -shift, axis=1))
 
 
 def grown_length(max_length: int, needed: int, max_positions: int) -> int:

@@ -1,4 +1,4 @@
-"""The `gemma` command line: generate, chat, classify, convert, quantize, finetune, info, graph,
+"""The `gemma` command line: generate, chat, serve, classify, convert, quantize, finetune, info, graph,
 mask, conformance."""
 
 from __future__ import annotations
@@ -353,6 +353,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`gemma serve`: the OpenAI-compatible HTTP server over the batching engine."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:  # before loading a model for nothing
+        raise GemmaError(f"gemma serve needs {', '.join(missing)}: pip install 'gemma-core[serve]'")
+    from gemma_core.serving.engine import Engine
+    from gemma_core.serving.server import serve
+
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise GemmaError(f"--request-timeout: must be a positive number of seconds, "
+                         f"got {args.request_timeout}")
+    name = args.served_model_name or (Path(args.model).stem if args.model else "embedded")
+    model = _load_model(args)
+    engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context)
+    key = args.api_key or os.environ.get("GEMMA_API_KEY") or None
+    banner = (f"gemma: serving {name} on http://{args.host}:{args.port}/v1 (context {engine.context}, "
+              f"batch {args.max_batch}{', API key required' if key else ''})")
+    serve(engine, model_name=name, host=args.host, port=args.port, api_key=key,
+          request_timeout=args.request_timeout, log_level="info" if args.verbose else "warning",
+          on_listen=lambda: print(banner, file=sys.stderr))
+    return 0
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -561,6 +586,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt (Gemma 3 folds it into the first turn)")
     p.add_argument("--context", type=_positive_int, default=4096, help="tokens the conversation may use")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, "
+                                     "/v1/chat/completions, streaming)")
+    p.add_argument("--model", help="checkpoint in any format, 'embedded' or a preset (default: embedded)")
+    p.add_argument("--tokenizer", help="a tokenizer.model file (for models that lack one)")
+    p.add_argument("--backend", default=None, choices=BackendChoices())
+    p.add_argument("--dtype", default="float32", choices=(*DTYPES, "auto"))
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: the backend's)")
+    p.add_argument("--quantize", choices=("int8", "int4", "int4-mixed", "nf4"),
+                   help="quantise the weights on load (weight-only)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder in PEFT's format")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=_nonnegative_int, default=8000)
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="requests waiting for a batch slot; past it: HTTP 429")
+    p.add_argument("--context", type=_positive_int, default=None,
+                   help="prompt + max_tokens one request may use (default: the model's, at most 2048)")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (or $GEMMA_API_KEY)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="cancel a request after S seconds (HTTP 504)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the --model file "
+                                               "or folder name, or 'embedded')")
+    p.set_defaults(func=cmd_serve, group_size=None, quantize_modules=None, allow_float16=False)
 
     p = sub.add_parser("classify", help="label a text with a sequence-classification checkpoint")
     p.add_argument("--model", required=True, help="a Hugging Face *ForSequenceClassification folder")

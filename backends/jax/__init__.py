@@ -82,6 +82,15 @@ class JaxBackend(Backend):
         k, v = state  # new buffers on the same device, which the jitted step may donate
         return jnp.array(k, copy=True), jnp.array(v, copy=True)
 
+    def write_cache_row(self, state: Any, row: int, source: Any, source_row: int) -> Any:
+        (k, v), (sk, sv) = state, source
+        return k.at[row].set(sk[source_row]), v.at[row].set(sv[source_row])
+
+    def shift_cache_layer(self, state: Any, shift: int) -> Any:
+        k, v = state
+        roll = -(shift % k.shape[2])
+        return jnp.roll(k, roll, axis=2), jnp.roll(v, roll, axis=2)
+
     def mutates_cache(self, options: Mapping[str, Any]) -> bool:
         """The jitted step donates the cache buffers; the eager one (`compile=False`) is functional."""
         return options.get("compile") is not False

@@ -52,6 +52,16 @@ class NumpyBackend(Backend):
         k, v = state  # kv_cache writes these buffers in place
         return k.copy(), v.copy()
 
+    def write_cache_row(self, state: Any, row: int, source: Any, source_row: int) -> Any:
+        (k, v), (sk, sv) = state, source
+        k[row], v[row] = sk[source_row], sv[source_row]
+        return k, v
+
+    def shift_cache_layer(self, state: Any, shift: int) -> Any:
+        k, v = state
+        roll = -(shift % k.shape[2])
+        return np.roll(k, roll, axis=2), np.roll(v, roll, axis=2)
+
 
 def _check_device(device: str | None) -> None:
     if device not in (None, "cpu"):

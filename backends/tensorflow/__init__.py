@@ -97,6 +97,16 @@ class TensorflowBackend(Backend):
     def copy_cache_layer(self, state: Any) -> Any:
         return state  # tensors are immutable: sharing them is a copy
 
+    def write_cache_row(self, state: Any, row: int, source: Any, source_row: int) -> Any:
+        (k, v), (sk, sv) = state, source
+        return (tf.tensor_scatter_nd_update(k, [[row]], sk[source_row][None]),
+                tf.tensor_scatter_nd_update(v, [[row]], sv[source_row][None]))
+
+    def shift_cache_layer(self, state: Any, shift: int) -> Any:
+        k, v = state
+        roll = -(shift % int(k.shape[2]))
+        return tf.roll(k, roll, axis=2), tf.roll(v, roll, axis=2)
+
     def static_shapes(self, options: Mapping[str, Any]) -> bool:
         return options.get("compile") is not False
 

@@ -136,6 +136,22 @@ class TorchBackend(Backend):
         k, v = state
         return k.clone(), v.clone()
 
+    def write_cache_row(self, state: Any, row: int, source: Any, source_row: int) -> Any:
+        """In place, so the buffers keep their addresses (CUDA graphs)."""
+        (k, v), (sk, sv) = state, source
+        with torch.inference_mode():  # allowed on inference and normal tensors alike
+            k[row].copy_(sk[source_row])
+            v[row].copy_(sv[source_row])
+        return k, v
+
+    def shift_cache_layer(self, state: Any, shift: int) -> Any:
+        k, v = state
+        roll = -(shift % k.shape[2])
+        with torch.inference_mode():
+            k.copy_(torch.roll(k, roll, dims=2))
+            v.copy_(torch.roll(v, roll, dims=2))
+        return k, v
+
     def compile_step(self, step: StepFn, options: Mapping[str, Any]) -> StepFn:
         """Eager under inference mode, or `torch.compile` of the whole step (one graph, no
         recompiles between decode steps). On CUDA the compiled step replays CUDA graphs
