@@ -39,12 +39,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                         target_modules=modules, dropout=args.lora_dropout),
         lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size,
         seq_len=args.seq_len, grad_accum=args.grad_accum, pack=not args.no_pack, seed=args.seed,
-        max_steps=args.max_steps, save_every=args.save_every)
+        max_steps=args.max_steps, save_every=args.save_every, lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio)
     data_id = _data_id(args.data)
     path = args.model or default_model_path()
     # the weights are read once on the host; the trainer holds them in its own framework
     quantize = None
-    if args.quantize:  # QLoRA: the adapter over quantised base weights (the torch trainer)
+    if args.quantize:  # QLoRA: the adapter over quantised base weights (every trainer)
         from gemma_core.quant import parse_scheme
 
         quantize = parse_scheme(args.quantize, args.group_size)
@@ -66,7 +67,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_finetune_parser(sub: Any, positive_int: Any) -> None:
     """The `finetune` subcommand on the CLI's subparsers."""
-    from gemma_core.finetune import TRAINABLE_BACKENDS
+    from gemma_core.finetune import LR_SCHEDULERS, TRAINABLE_BACKENDS
 
     p = sub.add_parser("finetune", help="train a LoRA adapter (PEFT format) on a .jsonl or .txt file")
     p.add_argument("--model", help="base checkpoint in any format (default: embedded)")
@@ -78,7 +79,7 @@ def add_finetune_parser(sub: Any, positive_int: Any) -> None:
     p.add_argument("--backend", default="torch", choices=TRAINABLE_BACKENDS, help="framework that trains")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--quantize", choices=("int8", "int4", "int4-mixed", "nf4"),
-                   help="QLoRA: train the adapter over these quantised base weights (--backend torch)")
+                   help="QLoRA: train the adapter over these quantised base weights")
     p.add_argument("--group-size", type=positive_int, help="int4/nf4 group size (default 32)")
     p.add_argument("--lora-rank", type=positive_int, default=8, help="adapter rank r")
     p.add_argument("--lora-alpha", type=float, help="adapter alpha (default: 2 x rank)")
@@ -88,6 +89,11 @@ def add_finetune_parser(sub: Any, positive_int: Any) -> None:
     p.add_argument("--epochs", type=positive_int, default=1, help="passes over the data")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    p.add_argument("--lr-scheduler", default="constant", choices=LR_SCHEDULERS,
+                   help="learning-rate schedule, as transformers' lr_scheduler_type (default: constant)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear warmup from 0 to --lr")
+    p.add_argument("--warmup-ratio", type=float, default=0.0,
+                   help="warmup as a fraction of the run's steps (rounded up; instead of --warmup-steps)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
     p.add_argument("--batch-size", type=positive_int, default=4, help="rows per micro-batch")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per row")

@@ -7,7 +7,10 @@ weights from `gemma_core.lora.init_lora_weights` (numpy, the same numbers for ev
 and a backend's `Trainer` (`backends.<name>.train`, over its trainable face) does the step:
 the loss of each micro-batch, gradients with respect to the adapter only, and AdamW. Every
 trainer runs the same AdamW, written out in `adamw_update` (torch.optim.AdamW's formula:
-decoupled weight decay, bias-corrected moments, `eps` added to the corrected root).
+decoupled weight decay, bias-corrected moments, `eps` added to the corrected root). The learning
+rate of each step is computed here once (`learning_rate`: transformers' `get_scheduler` types
+constant, constant_with_warmup, linear and cosine, with `warmup_steps` or `warmup_ratio` as
+transformers' Trainer counts them) and passed to the trainer, so every backend steps alike.
 
 Gradient accumulation weighs each micro-batch by its counted tokens: the step's loss is the mean
 over every token of the step's micro-batches, as one batch of them all would give.
@@ -16,7 +19,8 @@ Checkpoints (`DIR/checkpoint-STEP/`): the adapter in PEFT's format, `optimizer.s
 moments of every adapter weight) and `trainer_state.json` (step, losses, the settings). A run
 started again with `resume=True` continues from the newest checkpoint whose settings match and
 computes exactly the steps an uninterrupted run would: the batches of step k are fixed by the
-seed. The finished adapter is written to `DIR` itself (`gemma generate --adapter DIR`).
+seed, and the schedule's position is the step count. The finished adapter is written to `DIR`
+itself (`gemma generate --adapter DIR`), in one folder transaction.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from gemma_core.data import IGNORE_INDEX, Batch, Batches, Example
 from gemma_core.errors import CheckpointError, ConfigError, InputError
 from gemma_core.lora import (
     CONFIG_FILE,
-    PEFT_PREFIX,
     WEIGHTS_FILE,
     LoraConfig,
     config_to_peft,
@@ -49,6 +52,9 @@ from gemma_core.lora import (
 TRAINABLE_BACKENDS = ("torch", "jax", "tensorflow")
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # transformers' names
+# the schedule's settings, and their values in checkpoints written before they existed
+_SCHEDULE_DEFAULTS = {"lr_scheduler_type": "constant", "warmup_steps": 0, "warmup_ratio": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,9 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None
     save_every: int | None = None
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum"):
@@ -82,6 +91,17 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {value}")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ConfigError(f"lr_scheduler_type: {self.lr_scheduler_type!r} is not one of "
+                              f"{', '.join(LR_SCHEDULERS)}")
+        if self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup: warmup_steps must be non-negative and warmup_ratio in [0, 1), "
+                              f"got {self.warmup_steps}, {self.warmup_ratio}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError("warmup: give warmup_steps or warmup_ratio, not both")
+        if self.lr_scheduler_type == "constant" and (self.warmup_steps or self.warmup_ratio):
+            # transformers' constant schedule ignores a warmup; a warmup asked for is not dropped
+            raise ConfigError("warmup: the constant schedule has none; use constant_with_warmup")
 
     def as_json(self) -> dict[str, Any]:
         """The settings as JSON values (the adapter's as PEFT writes them)."""
@@ -109,6 +129,32 @@ class Trainer(Protocol):
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """`{name + ".m"/".v": moments}` and `"step"`, float32/int64 numpy."""
         ...
+
+
+def warmup_count(cfg: TrainConfig, total: int) -> int:
+    """The warmup's steps in a run of `total` steps: `warmup_steps`, else `warmup_ratio` of
+    `total` rounded up (transformers' `TrainingArguments.get_warmup_steps`)."""
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(total * cfg.warmup_ratio)
+
+
+def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
+    """The learning rate of the `step`-th optimizer step (1-based) of a run of `total` steps:
+    `cfg.lr` times the factor of transformers' schedule `cfg.lr_scheduler_type` after `step - 1`
+    scheduler steps (its Trainer steps the scheduler after each optimizer step), the same
+    formulas (`get_linear_schedule_with_warmup`, `get_cosine_schedule_with_warmup` with half a
+    cycle, `get_constant_schedule[_with_warmup]`)."""
+    kind, current = cfg.lr_scheduler_type, step - 1
+    warmup = warmup_count(cfg, total) if kind != "constant" else 0
+    if current < warmup:
+        factor = float(current) / float(max(1, warmup))
+    elif kind in ("constant", "constant_with_warmup"):
+        factor = 1.0
+    elif kind == "linear":
+        factor = max(0.0, float(total - current) / float(max(1, total - warmup)))
+    else:  # cosine, num_cycles 0.5: from 1 down to 0 over the steps after the warmup
+        progress = float(current - warmup) / float(max(1, total - warmup))
+        factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    return cfg.lr * factor
 
 
 def counted_tokens(labels: np.ndarray) -> int:
@@ -197,19 +243,46 @@ def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, trainer: Trainer, l
 
 def _save_adapter(out: Path, cfg: TrainConfig, weights: Mapping[str, np.ndarray], config: Any,
                   state: Mapping[str, Any]) -> None:
-    """The finished adapter as PEFT files in `out` itself (beside its checkpoints), each file
-    written whole: the weights, then the config, then the run's state."""
+    """The finished adapter as PEFT files in `out` itself (beside its checkpoints), with the run's
+    state, in one folder transaction: a new `out` holding the three files and everything else `out`
+    held (hard links, copies where the filesystem has none) takes the old one's place in one
+    rename, so a crash leaves the old adapter or the new one, never new weights beside an old
+    config."""
     from gemma_core.lora import check_lora_weights
-    from gemma_core.safetensors_io import write_safetensors
     from gemma_core.transaction import write_transaction
 
     check_lora_weights(config, cfg.lora, weights)
-    with write_transaction(out / WEIGHTS_FILE, overwrite=True) as tmp:
-        write_safetensors(tmp, {PEFT_PREFIX + k: v for k, v in weights.items()}, metadata={"format": "pt"})
-    with write_transaction(out / CONFIG_FILE, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(config_to_peft(cfg.lora), indent=2, sort_keys=True) + "\n")
-    with write_transaction(out / STATE_FILE, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(state, indent=1) + "\n")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: is a file, not a folder for the adapter")
+    target = out.resolve()  # a symlinked folder: its target is replaced, the link kept
+    with write_transaction(target, overwrite=True) as tmp:
+        tmp.mkdir()
+        if target.is_dir():
+            _carry(target, tmp, skip={WEIGHTS_FILE, CONFIG_FILE, STATE_FILE})
+        write_peft_files(tmp, cfg.lora, weights)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+
+
+def _carry(src: Path, dst: Path, skip: set[str]) -> None:
+    """The entries of folder `src` but `skip` into the empty folder `dst`: files hard-linked
+    (copied where links fail), folders recreated, symlinks as links."""
+    import shutil
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copy2(a, b)
+
+    for child in sorted(src.iterdir()):
+        if child.name in skip:
+            continue
+        if child.is_symlink():
+            os.symlink(os.readlink(child), dst / child.name)
+        elif child.is_dir():
+            shutil.copytree(child, dst / child.name, symlinks=True, copy_function=link)
+        else:
+            link(str(child), str(dst / child.name))
 
 
 def _resume_from(out: Path, cfg: TrainConfig, extra: Mapping[str, Any],
@@ -224,6 +297,8 @@ def _resume_from(out: Path, cfg: TrainConfig, extra: Mapping[str, Any],
     state = json.loads((folder / STATE_FILE).read_text())
     want = {"settings": cfg.as_json(), **extra}
     have = {k: state.get(k) for k in want}
+    if isinstance(have["settings"], dict):  # a checkpoint from before the schedule's settings
+        have["settings"] = {**_SCHEDULE_DEFAULTS, **have["settings"]}
     if json.loads(json.dumps(want)) != have:
         diff = [k for k in want["settings"] if want["settings"][k] != (have["settings"] or {}).get(k)]
         diff += [k for k in extra if extra[k] != state.get(k)]
@@ -257,7 +332,7 @@ def finetune(model: Any, examples: Sequence[Example], out: str | os.PathLike[str
     if total == 0:
         raise InputError(f"data: {len(batches)} batches make no step of {cfg.grad_accum} accumulated")
     extra = {"data": data_id, "backend": backend, "dtype": model.dtype}
-    done, losses = 0, []
+    done, losses = 0, list[float]()
     lora_weights = init_lora_weights(model.config, cfg.lora, cfg.seed)
     optimizer: dict[str, np.ndarray] | None = None
     if resume:
@@ -275,7 +350,7 @@ def finetune(model: Any, examples: Sequence[Example], out: str | os.PathLike[str
         if stop_after is not None and step - done > stop_after:
             break
         micro = [next(stream) for _ in range(cfg.grad_accum)]
-        losses.append(trainer.step(micro, cfg.lr))
+        losses.append(trainer.step(micro, learning_rate(cfg, step, total)))
         tokens += sum(b.tokens for b in micro)
         last = step
         rate = tokens / max(time.perf_counter() - start, 1e-9)

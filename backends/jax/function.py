@@ -11,8 +11,8 @@ So `jax.jit(apply)` compiles the whole forward pass and `jax.grad` differentiate
 with plain JAX (or optax, or Flax NNX through `backends.jax.nnx`).
 
 Returned dict:
-- `logits`: [B, T, V] in the compute dtype (that of `params["model.embed_tokens.weight"]`; cast the
-  params, e.g. to bfloat16, to compute in another dtype);
+- `logits`: [B, T, V] in the compute dtype (that of `params["model.norm.weight"]`; cast the
+  float params, e.g. to bfloat16, to compute in another dtype);
 - `loss`: transformers' causal-LM loss when `labels` [B, T] is given, else None (a leafless pytree,
   so `jax.jit(apply)` works with and without labels): the cross-entropy of `logits[:, :-1]` against
   `labels[:, 1:]` in float32, positions labelled -100 ignored, the mean over the counted tokens
@@ -24,6 +24,10 @@ computes them for left padding; the positions of padding see no real key (their 
 uniform, as transformers' eager attention) and their logits are not meaningful, so label them
 -100. The pad token's embedding row gets no gradient (transformers' `padding_idx`), so gradients
 equal transformers' on left-padded batches, the first real token's label (read at a pad) included.
+
+A quantised model (gemma_core.quant) is the base of QLoRA: its quantised weights are params as the
+jax backend holds them (integer values and float32 scales, which `qlinear`/`qembed` read), frozen,
+so `as_function` of a quantised model needs an adapter (`lora=`, or the model's own) to train.
 """
 
 from __future__ import annotations
@@ -40,10 +44,11 @@ from backends.jax.ops import DTYPES, make_op_table
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import ConfigError, InputError, WeightError
 from gemma_core.graph import bind, build_graph, run_bound
-from gemma_core.layout import EMBED
+from gemma_core.layout import FINAL_NORM
 from gemma_core.lora import LoraConfig, apply_lora, check_lora_weights, init_lora_weights, model_adapter
 from gemma_core.masks import layer_kinds
 from gemma_core.model import Model, check_dtype
+from gemma_core.quant import SCALE_SUFFIX
 from gemma_core.step import step_inputs
 from gemma_core.weights import canonical_weights
 
@@ -83,18 +88,11 @@ def _dtype_name(dtype: Any) -> str:
     raise ConfigError(f"dtype: params in {dtype} (supported: {', '.join(DTYPES)})")
 
 
-def _refuse_quantized(config: GemmaConfig) -> None:
-    if config.quantization is not None:
-        raise ConfigError("as_function: quantised models are not supported yet (the (apply, params) "
-                          "face holds float weights to train); load the model unquantised")
-
-
 def make_apply(config: GemmaConfig, allow_float16: bool = False, lora: LoraConfig | None = None) -> ApplyFn:
     """The pure `apply(params, input_ids, attention_mask=None, labels=None, dropout_rng=None)`
     of `config`'s causal-LM op list (see the module docstring), with the LoRA adapter `lora`
     (`gemma_core.lora.apply_lora`; its weights are params too) if given. `dropout_rng` (a
     `jax.random` key) turns on the adapter's input dropout, as PEFT in training."""
-    _refuse_quantized(config)
     graph = build_graph(config, "causal-lm", cache=False)
     if lora is not None:
         graph = apply_lora(graph, config, lora)
@@ -118,7 +116,7 @@ def make_apply(config: GemmaConfig, allow_float16: bool = False, lora: LoraConfi
                 else jnp.asarray(attention_mask).astype(bool))
         if mask.shape != (b, t):
             raise InputError(f"attention_mask: shape {mask.shape} differs from input_ids {(b, t)}")
-        dtype = _dtype_name(params[EMBED].dtype)
+        dtype = _dtype_name(params[FINAL_NORM].dtype)  # a norm: float in every model
         check_dtype(config, dtype, allow_float16)
         if dtype not in tables:
             tables[dtype] = {**make_op_table(dtype), "embed": _frozen_pad_embed(config.pad_token_id, dtype)}
@@ -148,7 +146,6 @@ def as_function(model: Model, dtype: str | None = None, allow_float16: bool = Fa
     alone to train the adapter."""
     if model.task != "causal-lm":
         raise ConfigError(f"as_function: task {model.task!r} is not supported (causal-lm only)")
-    _refuse_quantized(model.config)
     dtype = dtype or model.dtype
     if dtype not in backend.dtypes:
         raise ConfigError(f"dtype: {dtype!r} is not available to JAX here "
@@ -157,13 +154,24 @@ def as_function(model: Model, dtype: str | None = None, allow_float16: bool = Fa
     if lora is None:  # the adapter the model runs, if any, trains on
         lora, held = model_adapter(model)
         lora_weights = held if lora is not None and lora_weights is None else lora_weights
+    quant = model.config.quantization
+    if quant is not None and lora is None:  # nothing float to train over frozen quantised weights
+        raise ConfigError("as_function: quantised models are not supported without an adapter (QLoRA: "
+                          "the quantised weights are frozen; pass lora=), or load the model unquantised")
     apply = make_apply(model.config, allow_float16, lora)
     weights = canonical_weights(model)
+    params: dict[str, Any] = {}
+    for name, w in weights.items():
+        scheme = quant.scheme_for(name) if quant is not None else None
+        if quant is not None and scheme is not None and name + SCALE_SUFFIX in weights:  # as jax holds it
+            params[name], params[name + SCALE_SUFFIX] = backend.prepare_quantized(
+                w, weights[name + SCALE_SUFFIX], scheme, quant.group_for(scheme), dtype, None, name)
+        elif name not in params:
+            params[name] = jnp.asarray(w, DTYPES[dtype])
     if lora is not None:
         adapter = init_lora_weights(model.config, lora, seed) if lora_weights is None else dict(lora_weights)
         check_lora_weights(model.config, lora, adapter)
-        weights.update(adapter)
-    params = {name: jnp.asarray(w, DTYPES[dtype]) for name, w in weights.items()}
+        params.update({name: jnp.asarray(w, DTYPES[dtype]) for name, w in adapter.items()})
     return apply, params
 
 

@@ -1,7 +1,8 @@
 """The jax trainer of `gemma_core.finetune`: the adapter on the jax face
 (`backends.jax.function.as_function(model, lora=...)`), gradients by `jax.value_and_grad` with
 respect to the adapter's weights alone (one jitted function for every micro-batch of a run's
-shape), and the shared AdamW (`gemma_core.finetune.adamw_update`), jitted too."""
+shape), and the shared AdamW (`gemma_core.finetune.adamw_update`), jitted too. Over a quantised base
+(QLoRA) the face's params hold its integer values and float32 scales, frozen with the rest."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 (`gemma_core.lora.apply_lora` over `build_graph(config, cache=False)`) on the tensorflow op table,
 the adapter's weights as `tf.Variable`s and the base weights as constants, gradients by
 `tf.GradientTape` inside one `tf.function`, and the shared AdamW
-(`gemma_core.finetune.adamw_update`)."""
+(`gemma_core.finetune.adamw_update`). A quantised base (QLoRA) is held as the tensorflow backend
+holds it (integer values and float32 scales, read by `qlinear`/`qembed`): constants too, frozen."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from backends.tensorflow import backend
 from backends.tensorflow.keras_model import causal_lm_loss
 from backends.tensorflow.ops import DTYPES
 from gemma_core.data import Batch
-from gemma_core.errors import ConfigError
 from gemma_core.finetune import TrainConfig, adamw_update, counted_tokens, moments_state, saved_moments
 from gemma_core.graph import bind, build_graph, run_bound
 from gemma_core.lora import apply_lora, check_lora_weights
 from gemma_core.masks import layer_kinds
 from gemma_core.model import check_dtype
+from gemma_core.quant import SCALE_SUFFIX
 from gemma_core.step import step_inputs
 from gemma_core.weights import canonical_weights
 
@@ -32,14 +33,12 @@ class Trainer:
     def __init__(self, model: Any, cfg: TrainConfig, lora_weights: Mapping[str, np.ndarray],
                  optimizer_state: Mapping[str, np.ndarray] | None = None) -> None:
         config = model.config
-        if config.quantization is not None:
-            raise ConfigError("quantization: the tensorflow trainer trains over float weights only")
         check_dtype(config, model.dtype)
         check_lora_weights(config, cfg.lora, lora_weights)
         self.cfg, dt = cfg, DTYPES[model.dtype]
         graph = apply_lora(build_graph(config, cache=False), config, cfg.lora)
         kinds = layer_kinds(config)
-        frozen = {n: tf.constant(w, dt) for n, w in canonical_weights(model).items()}
+        frozen = _frozen_weights(model, dt)
         self.train = {n: tf.Variable(tf.cast(np.asarray(w, np.float32), dt), name=n.replace(".", "_"))
                       for n, w in lora_weights.items()}
         self.count, m, v = saved_moments(optimizer_state, {n: tuple(x.shape) for n, x in self.train.items()})
@@ -106,6 +105,21 @@ class Trainer:
         """The AdamW moments of every adapter weight and the step count."""
         return moments_state(self.count, {n: x.numpy() for n, x in self.m.items()},
                              {n: x.numpy() for n, x in self.v.items()})
+
+
+def _frozen_weights(model: Any, dt: Any) -> dict[str, Any]:
+    """The base weights as constants: floats in the compute dtype `dt`, a quantised weight's
+    values and scale as the tensorflow backend's `prepare_quantized` gives them."""
+    quant, weights = model.config.quantization, canonical_weights(model)
+    out: dict[str, Any] = {}
+    for name, w in weights.items():
+        scheme = quant.scheme_for(name) if quant is not None else None
+        if quant is not None and scheme is not None and name + SCALE_SUFFIX in weights:
+            out[name], out[name + SCALE_SUFFIX] = backend.prepare_quantized(
+                w, weights[name + SCALE_SUFFIX], scheme, quant.group_for(scheme), model.dtype, None, name)
+        elif name not in out:
+            out[name] = tf.constant(w, dt)
+    return out
 
 
 def _lora_with_dropout(lora: Any, p: float) -> Any:
