@@ -193,3 +193,30 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(tiny3: gemma_co
         assert again == _greedy(tiny3, [4, 5], 4)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_prefix_cache_hits_give_the_same_tokens(backend: str, tiny3: gemma_core.Model) -> None:
+    """Prompts sharing a long prefix (a system prompt; a chat's next turn) start from the cached
+    prefix, within the window (crop) and past it (the whole entry); tokens equal generate's."""
+    model = tiny3 if backend == "numpy" else gemma_core.load("tiny-gemma3", backend=backend, seed=5)
+    rng = np.random.default_rng(9)
+    system = rng.integers(3, 500, 20).tolist()  # longer than the window of 8: rings wrapped
+    first = [*system, 11, 12, 13]
+    turn = [*first, 14, 15]  # begins with the whole first prompt: no crop needed
+    short = [*system[:6], 40, 41]  # shares 6 < smallest
+    window = rng.integers(3, 500, 5).tolist()
+    alike = [[*window, 50, 51], [*window, 60]]  # share 5 tokens, 7 stored within the window: cropped
+    engine = Engine(model, max_batch=2, context=48, prefix_cache=4)
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        for prompt in (first, turn, short):
+            assert [e.token_id for e in engine.stream(prompt, params)] == _greedy(tiny3, prompt, 6)
+        assert engine.metrics().prefix_hits_total == 1 and engine.metrics().prefix_tokens_total == 23
+        engine._prefix.smallest = 4  # type: ignore[union-attr]
+        for prompt in alike:
+            assert [e.token_id for e in engine.stream(prompt, params)] == _greedy(tiny3, prompt, 6)
+        assert engine.metrics().prefix_hits_total == 2  # the crop to 5: no ring had wrapped
+    finally:
+        engine.shutdown()

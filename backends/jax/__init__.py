@@ -82,6 +82,10 @@ class JaxBackend(Backend):
         k, v = state  # new buffers on the same device, which the jitted step may donate
         return jnp.array(k, copy=True), jnp.array(v, copy=True)
 
+    def reorder_cache_layer(self, state: Any, rows: np.ndarray) -> Any:
+        k, v = state
+        return jnp.take(k, rows, axis=0), jnp.take(v, rows, axis=0)
+
     def write_cache_row(self, state: Any, row: int, source: Any, source_row: int) -> Any:
         (k, v), (sk, sv) = state, source
         return k.at[row].set(sk[source_row]), v.at[row].set(sv[source_row])

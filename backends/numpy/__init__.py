@@ -52,6 +52,10 @@ class NumpyBackend(Backend):
         k, v = state  # kv_cache writes these buffers in place
         return k.copy(), v.copy()
 
+    def reorder_cache_layer(self, state: Any, rows: np.ndarray) -> Any:
+        k, v = state
+        return k[rows], v[rows]
+
     def write_cache_row(self, state: Any, row: int, source: Any, source_row: int) -> Any:
         (k, v), (sk, sv) = state, source
         k[row], v[row] = sk[source_row], sv[source_row]

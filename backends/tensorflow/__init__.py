@@ -97,6 +97,10 @@ class TensorflowBackend(Backend):
     def copy_cache_layer(self, state: Any) -> Any:
         return state  # tensors are immutable: sharing them is a copy
 
+    def reorder_cache_layer(self, state: Any, rows: np.ndarray) -> Any:
+        k, v = state
+        return tf.gather(k, rows, axis=0), tf.gather(v, rows, axis=0)
+
     def write_cache_row(self, state: Any, row: int, source: Any, source_row: int) -> Any:
         (k, v), (sk, sv) = state, source
         return (tf.tensor_scatter_nd_update(k, [[row]], sk[source_row][None]),

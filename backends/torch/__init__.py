@@ -136,6 +136,12 @@ class TorchBackend(Backend):
         k, v = state
         return k.clone(), v.clone()
 
+    def reorder_cache_layer(self, state: Any, rows: np.ndarray) -> Any:
+        k, v = state
+        index = torch.as_tensor(rows, dtype=torch.long, device=k.device)
+        with torch.inference_mode():
+            return k.index_select(0, index), v.index_select(0, index)
+
     def write_cache_row(self, state: Any, row: int, source: Any, source_row: int) -> Any:
         """In place, so the buffers keep their addresses (CUDA graphs)."""
         (k, v), (sk, sv) = state, source

@@ -12,6 +12,9 @@ each response equals its single-request output.
   moves later first (`shift_slots`); an empty batch simply restarts at the prompt's width.
 - **Leave.** A finished, cancelled or failed request frees its row at once: the row's slots
   are marked invalid and the next join overwrites them.
+- **Prefix cache.** A prompt that begins like a recent one (a shared system prompt, a chat's
+  next turn) starts from a copy of that prompt's cache, cropped to what they share and moved to
+  its place, and prefills only the rest (`gemma_core.serving.prefix`).
 - **Compaction.** When the length reaches the cache's slots, every row moves earlier by the
   slots no active row uses (`shift_slots`). The cache holds twice the per-request `context`
   by default, so this happens at most once every `context` steps.
@@ -36,12 +39,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gemma_core.cache import KVCache, batch_ids, shift_slots, write_row
+from gemma_core.cache import KVCache, batch_ids, reorder_cache, shift_slots, write_row
 from gemma_core.decoding import _bucket, _left_pad, default_eos_ids, stop_cut
 from gemma_core.errors import InputError
 from gemma_core.generation import _Rows
 from gemma_core.processors import log_softmax, top_entries
 from gemma_core.sampling import SamplingConfig, choose, process
+from gemma_core.serving.prefix import PrefixCache
 
 if TYPE_CHECKING:
     from gemma_core.model import Model
@@ -128,6 +132,8 @@ class EngineMetrics:
     tokens_generated_total: int
     steps_total: int
     compactions_total: int
+    prefix_hits_total: int = 0  # requests whose prompt began like a recent one's (prefix cache)
+    prefix_tokens_total: int = 0  # prompt tokens those hits did not prefill again
 
 
 class Request:
@@ -163,10 +169,11 @@ class Engine:
     """Continuous batching over `model` (any backend). `context`: the most prompt + max_tokens
     tokens one request may use (default the model's, at most 2048); `slots`: the cache's length
     (default twice the context, within the model's positions), which bounds how often the batch
-    is compacted."""
+    is compacted; `prefix_cache`: how many recent prompts' caches to keep for prompts that begin
+    alike (`gemma_core.serving.prefix`; 0: none; each holds one row of `slots`)."""
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_queue: int = 64,
-                 context: int | None = None, slots: int | None = None) -> None:
+                 context: int | None = None, slots: int | None = None, prefix_cache: int = 4) -> None:
         limit = model.config.max_position_embeddings
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -181,6 +188,7 @@ class Engine:
         self.max_batch, self.max_queue, self.context, self.slots = max_batch, max_queue, context, slots
         self._eos = frozenset(default_eos_ids(model))
         self._cache = model.new_cache(max_batch, slots)
+        self._prefix = PrefixCache(model, prefix_cache) if prefix_cache > 0 else None
         self._rows: list[_Row | None] = [None] * max_batch
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -241,8 +249,10 @@ class Engine:
         """The counters and the queue and batch occupancy now."""
         with self._cv:
             c = self._counts
+            p = self._prefix
             return EngineMetrics(len(self._queue), sum(r is not None for r in self._rows), self.max_batch,
-                                 c["requests"], c["prompt_tokens"], c["tokens"], c["steps"], c["compactions"])
+                                 c["requests"], c["prompt_tokens"], c["tokens"], c["steps"], c["compactions"],
+                                 p.hits if p else 0, p.tokens_saved if p else 0)
 
     def shutdown(self, *, cancel: bool = False, timeout: float | None = None) -> None:
         """Accept no more requests; finish the ones queued and running (or cancel them), waiting
@@ -356,9 +366,43 @@ class Engine:
         self._emit(row.request, event)
 
     def _admit(self, requests: list[Request], rows: list[int]) -> None:
-        """Prefill `requests` together, their prompts ending at the batch's length, then splice
-        each into its row and emit its first token."""
-        model, cache = self.model, self._cache
+        """Start `requests` in `rows`: those whose prompt begins like a recent one from its
+        cached prefix, one by one; the others prefilled together."""
+        fresh: list[tuple[Request, int]] = []
+        for request, i in zip(requests, rows, strict=True):
+            ids = request.prompt_ids
+            bucket = _bucket if self.model.static_shapes else None
+            hit = self._prefix.lookup(ids, bucket) if self._prefix is not None else None
+            if hit is None:
+                fresh.append((request, i))
+                continue
+            c, prefix = hit
+            cache = self._room(len(ids))
+            model = self.model
+            # the prefix moves to where the prompt must end: at the batch's length
+            source = shift_slots(model.backend, prefix, len(ids) - cache.length, model.dtype, model.device)
+            out = model.forward([ids[c:]], None, source, last_only=True, donate_cache=True)
+            self._join(cache, [request], [i], out, len(ids))
+        if fresh:
+            self._prefill([r for r, _ in fresh], [i for _, i in fresh])
+
+    def _room(self, width: int) -> KVCache:
+        """The batch's cache with at least `width` slots before its length (a joining prompt
+        ends at the length) and at least one slot after it."""
+        cache = self._cache
+        if not any(self._rows):  # an empty batch restarts at the prompts' width
+            cache.valid[:] = False
+            cache.seen[:] = 0
+            return dataclasses.replace(cache, length=width)
+        if cache.length >= self.slots:
+            cache = self._compact(cache)
+        if cache.length < width:  # every row moves later, to make room before the length
+            cache = self._shift(cache, cache.length - width)
+        return cache
+
+    def _prefill(self, requests: list[Request], rows: list[int]) -> None:
+        """Prefill `requests` together, their prompts ending at the batch's length."""
+        model = self.model
         ids, mask = batch_ids([r.prompt_ids for r in requests], model.config.pad_token_id)
         n, width = ids.shape
         if model.static_shapes:  # compiled steps: few shapes (pads change no logit)
@@ -367,23 +411,26 @@ class Engine:
             height = min(_bucket(n, smallest=1), self.max_batch)
             ids = np.concatenate([ids, np.full((height - n, width), model.config.pad_token_id, ids.dtype)])
             mask = np.concatenate([mask, np.zeros((height - n, width), mask.dtype)])
-        if not any(self._rows):  # an empty batch restarts at the prompts' width
-            cache.valid[:] = False
-            cache.seen[:] = 0
-            cache = dataclasses.replace(cache, length=width)
-        elif cache.length < width:  # every row moves later, to make room before the length
-            cache = self._shift(cache, cache.length - width)
-        elif cache.length >= self.slots:
-            cache = self._compact(cache)
-            if cache.length < width:
-                cache = self._shift(cache, cache.length - width)
+        cache = self._room(width)
         source = model.new_cache(len(ids), self.slots)
         source = dataclasses.replace(source, length=cache.length - width)
         out = model.forward(ids, mask, source, last_only=True, donate_cache=True)
+        if self._prefix is not None:  # each prompt alone, its tokens at slots [0, P)
+            for j, request in enumerate(requests):
+                one = reorder_cache(model.backend, out.cache, np.array([j]), model.dtype, model.device)
+                first = cache.length - request.prompt_tokens
+                self._prefix.store(request.prompt_ids,
+                                   shift_slots(model.backend, one, first, model.dtype, model.device))
+        self._join(cache, requests, rows, out, width)
+
+    def _join(self, cache: KVCache, requests: list[Request], rows: list[int], out: Any,
+              width: int) -> None:
+        """Splice row j of the prefill `out` into `rows[j]` of `cache` and emit the first tokens."""
+        model = self.model
         for j, i in enumerate(rows):
             cache = write_row(model.backend, cache, i, out.cache, j, model.dtype, model.device)
         self._cache = cache
-        logits = model.to_numpy(out.logits)[:n, -1].astype(np.float32)
+        logits = model.to_numpy(out.logits)[:len(requests), -1].astype(np.float32)
         for j, (request, i) in enumerate(zip(requests, rows, strict=True)):
             row = _Row(request, self.tokenizer, self._eos, cache.length - width)
             with self._cv:

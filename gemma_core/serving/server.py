@@ -87,6 +87,10 @@ class _EngineCollector:
             CounterMetricFamily("gemma_engine_steps", "Batched decode steps", value=value("steps_total")),
             CounterMetricFamily("gemma_engine_compactions", "Times the batch's cache was compacted",
                                 value=value("compactions_total")),
+            CounterMetricFamily("gemma_prefix_cache_hits", "Requests started from a cached prompt prefix",
+                                value=value("prefix_hits_total")),
+            CounterMetricFamily("gemma_prefix_cache_tokens", "Prompt tokens a prefix-cache hit did not "
+                                "prefill again", value=value("prefix_tokens_total")),
         ]
 
 
