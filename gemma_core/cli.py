@@ -313,7 +313,21 @@ def _printer(event: Any) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     kwargs = _sampling_kwargs(args)
+    if args.json_schema is not None or args.regex is not None:  # checked before the model loads
+        from gemma_core.structured import schema_argument
+
+        kwargs.update(regex=args.regex,
+                      json_schema=None if args.json_schema is None else schema_argument(args.json_schema))
+    if args.prompt_lookup is not None and args.draft_model is not None:
+        raise GemmaError("--prompt-lookup and --draft-model: candidates come from one of them")
+    if args.prompt_lookup is not None:
+        kwargs["prompt_lookup_num_tokens"] = args.prompt_lookup
     model = _load_model(args)
+    if args.draft_model is not None:  # the target's backend, dtype and device
+        import gemma_core
+
+        kwargs["assistant_model"] = gemma_core.load(args.draft_model, backend=args.backend, dtype=model.dtype,
+                                                    device=args.device, compile=args.compile)
     if args.chat_template:
         prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         ids = model.tokenizer.encode(prompt, add_special_tokens=False)
@@ -324,8 +338,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              num_beams=args.num_beams, **kwargs)
         sys.stdout.write(res.texts[0])
     else:
-        model.generate([ids], max_new_tokens=args.max_new_tokens, seed=args.seed,
-                       stop_strings=args.stop or (), streamer=_printer, **kwargs)
+        res = model.generate([ids], max_new_tokens=args.max_new_tokens, seed=args.seed,
+                             stop_strings=args.stop or (), streamer=_printer, **kwargs)
+        if args.verbose and res.acceptance_rate is not None:
+            print(f"\ngemma: speculative acceptance {res.acceptance_rate:.1%}", file=sys.stderr)
     sys.stdout.write("\n")
     return 0
 
@@ -578,6 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user turn")
     p.add_argument("--num-beams", type=_positive_int, default=1,
                    help="beam search over this many beams (greedy; prints the best beam at the end)")
+    p.add_argument("--json-schema", metavar="FILE|JSON",
+                   help="constrain the output to this JSON schema (needs gemma-core[structured])")
+    p.add_argument("--regex", metavar="R", help="constrain the output to match this regular expression "
+                   "(needs gemma-core[structured])")
+    p.add_argument("--prompt-lookup", type=_positive_int, metavar="K", help="speculative decoding: "
+                   "propose K tokens by n-gram lookup in the prompt (greedy; same output, faster on "
+                   "repetitive text)")
+    p.add_argument("--draft-model", metavar="PATH", help="speculative decoding: a smaller Gemma with "
+                   "the same vocabulary proposes the tokens (greedy; same output)")
     p.add_argument("prompt", nargs="?")
     p.set_defaults(func=cmd_generate)
 

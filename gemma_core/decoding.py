@@ -40,6 +40,8 @@ class GenerationResult:
     logprobs: list[list[float]] | None = None
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None
     sequence_scores: list[float] | None = None  # beam search: transformers' `sequences_scores`
+    # speculative decoding (`gemma_core.speculative`): candidates the target kept / proposed
+    acceptance_rate: float | None = None
 
 
 def _encode_prompts(prompts: Prompt | Sequence[Prompt], tokenizer: GemmaTokenizer | None) -> list[list[int]]:

@@ -330,7 +330,11 @@ class Model:
                  no_repeat_ngram_size: int | None = None,
                  bad_words_ids: Sequence[Sequence[int]] | None = None,
                  logits_processor: Sequence[Any] | None = None,
-                 stopping_criteria: Sequence[Any] | None = None) -> Any:
+                 stopping_criteria: Sequence[Any] | None = None, json_schema: Any = None,
+                 regex: str | None = None, response_format: Any = None,
+                 prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int | None = None,
+                 assistant_model: Model | None = None, num_assistant_tokens: int | None = None,
+                 assistant_confidence_threshold: float | None = None) -> Any:
         """Generate for a prompt or a batch of prompts (text, or token id lists), or, as
         transformers takes them, for `input_ids [B, T]` (numpy, lists, or this backend's arrays;
         an array given as `prompts` counts as input_ids) with left-padded `attention_mask`.
@@ -345,6 +349,12 @@ class Model:
         as transformers' do, in its order. Returns a `GenerationResult`.
         A `cache` to continue is left as it was unless `donate_cache=True` hands it over (see
         `forward`); the result's cache holds the continuation.
+        `json_schema` (a dict or its JSON), `regex` or an OpenAI `response_format` constrain
+        the output (`gemma_core.structured`, the extra `gemma-core[structured]`).
+        `prompt_lookup_num_tokens` (n-gram `max_matching_ngram_size`) or `assistant_model` (a
+        draft sharing the vocabulary; `num_assistant_tokens`, `assistant_confidence_threshold`):
+        greedy speculative decoding for one prompt, the same ids, and the result's
+        `acceptance_rate` (`gemma_core.speculative`).
         """
         from gemma_core.generation import generate
         from gemma_core.processors import processor_config
@@ -352,10 +362,29 @@ class Model:
 
         sampling = sampling_config(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repetition_penalty=repetition_penalty)
+        if json_schema is not None or regex is not None or response_format is not None:
+            from gemma_core.structured import with_constraint
+
+            logits_processor = with_constraint(self, logits_processor, json_schema=json_schema, regex=regex,
+                                               response_format=response_format, eos_token_ids=eos_token_ids)
         processors = processor_config(min_new_tokens=min_new_tokens,
                                       no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
                                       logits_processor=logits_processor,
                                       stopping_criteria=stopping_criteria)
+        if prompt_lookup_num_tokens is not None or assistant_model is not None:
+            from gemma_core.speculative import check_speculative, speculative_generate
+
+            spec = {"prompt_lookup_num_tokens": prompt_lookup_num_tokens, "assistant_model": assistant_model,
+                    "max_matching_ngram_size": max_matching_ngram_size,
+                    "num_assistant_tokens": num_assistant_tokens,
+                    "assistant_confidence_threshold": assistant_confidence_threshold}
+            check_speculative(self, **spec, sampling=sampling, num_beams=num_beams,
+                              num_return_sequences=num_return_sequences, cache=cache)
+            return speculative_generate(self, prompts, max_new_tokens=max_new_tokens,
+                                        eos_token_ids=eos_token_ids, stop_strings=stop_strings,
+                                        streamer=streamer, input_ids=input_ids, attention_mask=attention_mask,
+                                        sampling=sampling, processors=processors, output_scores=output_scores,
+                                        top_logprobs=top_logprobs, **spec)
         return generate(self, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                         eos_token_ids=eos_token_ids, stop_strings=stop_strings, streamer=streamer,
                         cache=cache, donate_cache=donate_cache, input_ids=input_ids,
