@@ -240,6 +240,31 @@ def test_seeded_sampling_repeats(served: Served) -> None:
 
 # ---- errors -----------------------------------------------------------------------------------
 
+def test_response_format_constrains_the_answer(served: Served) -> None:
+    """A JSON schema in `response_format` (chat and completions): sampled answers of the random
+    model parse and follow the schema (structured output, gemma_core.structured)."""
+    pytest.importorskip("llguidance")
+    # a finite language: once complete only eos is allowed, so every answer ends there
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"enum": ["x", "y"]}},
+              "required": ["a", "b"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}
+    client = served.client()
+    for seed in (1, 2):
+        chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=60, seed=seed, response_format=fmt)
+        text = client.completions.create(model=NAME, prompt="x", max_tokens=60, seed=seed,
+                                         extra_body={"response_format": fmt}).choices[0]
+        for answer, reason in ((chat.choices[0].message.content, chat.choices[0].finish_reason),
+                               (text.text, text.finish_reason)):
+            value = json.loads(answer)
+            assert reason == "stop" and set(value) == {"a", "b"}
+            assert isinstance(value["a"], bool) and value["b"] in ("x", "y")
+    r = served.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                             "response_format": {"type": "json_schema", "json_schema": {
+                                                 "schema": {"type": "frob"}}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
 def test_api_key_is_required_on_v1(served: Served) -> None:
     with pytest.raises(openai.AuthenticationError):
         served.client("wrong").completions.create(model=NAME, prompt="x", max_tokens=2)

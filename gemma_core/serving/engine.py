@@ -67,6 +67,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, cut from the text
     logprobs: int | None = None  # None: none; n: the chosen token's logprob and n alternatives
     ignore_eos: bool = False
+    # a logits processor (ids [1, T], scores [1, V]) -> scores, before the sampling warpers,
+    # called once per step with the prompt and the tokens so far (e.g. structured output:
+    # gemma_core.structured.constraint_processor)
+    processor: Callable[[np.ndarray, np.ndarray], Any] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> InputError:
@@ -90,6 +94,8 @@ class SamplingParams:
         n = self.logprobs
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}]")
+        if self.processor is not None and not callable(self.processor):
+            raise bad("processor", "a callable (ids, scores) -> scores")
 
     def sampling(self) -> SamplingConfig:
         """The `SamplingConfig` these settings mean (greedy at temperature 0)."""
@@ -477,7 +483,11 @@ class Engine:
         if row.request.cancelled:
             self._free(i, TokenEvent(None, self._delta(row), finish_reason="cancelled"))
             return
-        scores = process(logits[None], row.sampling, [])
+        scores = logits[None]
+        if params.processor is not None:
+            ids = np.array([row.request.prompt_ids + row.text.ids[0]], np.int64)
+            scores = np.asarray(params.processor(ids, scores), np.float32)
+        scores = process(scores, row.sampling, [])
         token = int(choose(scores, row.sampling, row.rng)[0])
         logprob: float | None = None
         top: tuple[tuple[int, float], ...] = ()

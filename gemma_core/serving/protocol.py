@@ -64,6 +64,8 @@ class _Sampling(_Body):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    # structured output: {"type": "json_schema", "json_schema": {...}} or {"type": "json_object"}
+    response_format: dict[str, Any] | None = None
     # extensions with vLLM's names
     top_k: int | None = Field(None, ge=0)
     ignore_eos: bool = False

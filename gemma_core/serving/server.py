@@ -34,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gemma_core.errors import InputError
+from gemma_core.errors import GemmaError, InputError
 from gemma_core.serving import protocol as P
 from gemma_core.serving.engine import EngineClosed, QueueFull, SamplingParams, TokenEvent
 
@@ -323,10 +323,18 @@ def _params(state: _State, body: Any, ids: list[int], max_tokens: int | None, lo
                  f"{len(ids) + max(budget, 1)} tokens ({len(ids)} in the {what}, {max(budget, 1)} in the "
                  f"completion). Please reduce the length of the {what} or the completion.",
             param=what, code="context_length_exceeded")
+    processor = None
+    if body.response_format is not None:  # a grammar on every step (gemma_core.structured)
+        from gemma_core.structured import constraint_processor
+
+        try:
+            processor = constraint_processor(state.engine.model, response_format=body.response_format)
+        except GemmaError as e:  # a bad schema, or the structured extra missing
+            raise P.APIError(400, str(e), param="response_format") from None
     return SamplingParams(
         max_tokens=budget, temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
-        stop=tuple(body.stop), logprobs=logprobs, ignore_eos=body.ignore_eos)
+        stop=tuple(body.stop), logprobs=logprobs, ignore_eos=body.ignore_eos, processor=processor)
 
 
 def _submit(state: _State, endpoint: str, ids: list[int], params: SamplingParams) -> _Job:
