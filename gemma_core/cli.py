@@ -91,15 +91,36 @@ def _import_backend(args: argparse.Namespace) -> None:
 
 
 def auto_dtype(backend: str | None) -> str:
-    """`--dtype auto`: bfloat16 wherever a backend computes it natively, which decoded faster
-    than float32 on every framework measured (the real 270M on this project's 2-core CPU: torch
-    31 vs 20 tok/s eager, 61 vs 22 compiled; jax 28 vs 21; tensorflow 33 vs 31,
-    benchmarks/results-cpu*.md); float32 on the NumPy reference (its bfloat16 is an emulation)
-    and the Array-API backend (the standard has no bfloat16)."""
-    from gemma_core.backend import default_backend_name
+    """`--dtype auto` (`gemma_core.engine_choice.auto_dtype`)."""
+    from gemma_core.engine_choice import auto_dtype as choose
 
-    name = (backend or default_backend_name()).split(":")[0]
-    return "float32" if name in ("numpy", "array_api") else "bfloat16"
+    return choose(backend)
+
+
+def _choose_engine(args: argparse.Namespace) -> str:
+    """Settle args.backend, args.dtype and args.compile: with no --backend nor $GEMMA_BACKEND
+    the fastest installed engine (`gemma_core.engine_choice`); returns why, for --verbose."""
+    from gemma_core.engine_choice import AUTO, resolve
+
+    named = args.backend or os.environ.get("GEMMA_BACKEND") or AUTO
+    backend, args.dtype, args.compile, why = resolve(named, args.dtype, args.compile)
+    args.backend = backend
+    return why
+
+
+def _compile_notice(args: argparse.Namespace) -> None:
+    """A line on stderr before a compiled step first runs (on a terminal or --verbose), so a
+    cold compile is not silence: torch's with --compile, jax's and tensorflow's unless
+    --no-compile (what each keeps across processes: `gemma_core.compile_cache`)."""
+    name = (args.backend or "").split(":")[0]
+    compiled = args.compile if name == "torch" else (
+        name in ("jax", "tensorflow") and args.compile is not False)
+    if not compiled or not (sys.stderr.isatty() or args.verbose):
+        return
+    kept = {"torch": "in each process: frozen bf16 graphs are not cacheable",
+            "jax": "first run; cached for next time"}
+    print(f"gemma: compiling the decode step for {name} {args.dtype} "
+          f"({kept.get(name, 'every run')})...", file=sys.stderr, flush=True)
 
 
 def _load_model(args: argparse.Namespace) -> Any:
@@ -118,11 +139,13 @@ def _load_model(args: argparse.Namespace) -> Any:
         from gemma_core.quant import parse_scheme
 
         quantize = parse_scheme(args.quantize, args.group_size, modules=args.quantize_modules or "")
+    why = _choose_engine(args)
     _import_backend(args)
-    dtype = auto_dtype(args.backend) if args.dtype == "auto" else args.dtype
+    dtype = args.dtype
     if args.verbose:
         print(f"gemma: {args.backend or default_backend_name()} backend, {dtype}"
-              + ("" if args.compile is None else f", compile={args.compile}"), file=sys.stderr)
+              + ("" if args.compile is None else f", compile={args.compile}")
+              + (f" ({why})" if why else ""), file=sys.stderr)
     model = gemma_core.load(path, backend=args.backend, dtype=dtype, device=args.device,
                             progress=_Progress("loading"), quantize=quantize, compile=args.compile,
                             allow_float16=args.allow_float16, adapter=getattr(args, "adapter", None))
@@ -130,6 +153,7 @@ def _load_model(args: argparse.Namespace) -> Any:
         model.tokenizer = GemmaTokenizer(args.tokenizer)
     if model.tokenizer is None:
         raise GemmaError(f"{path}: the model has no tokenizer; pass --tokenizer tokenizer.model")
+    _compile_notice(args)
     return model
 
 
@@ -238,6 +262,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     quant = config.quantization
     if quant is not None:
         print(f"quantization      {quant.describe()}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`gemma cache info|clear`: the user cache of compiled steps (gemma_core.compile_cache)."""
+    from gemma_core import compile_cache
+
+    if args.action == "clear":
+        removed = compile_cache.clear()
+        print(f"removed {compile_cache.cache_dir()} ({removed / 2**20:.1f} MiB)")
+    else:
+        print(compile_cache.format_info(compile_cache.info()))
     return 0
 
 
@@ -517,7 +553,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from gemma_core.backend import BackendChoices, default_backend_name
+    from gemma_core.backend import BackendChoices
     from gemma_core.generation import DEFAULT_MAX_NEW_TOKENS
     from gemma_core.model import DTYPES
 
@@ -525,9 +561,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                    "gemma-pytorch, gguf), 'embedded' or a preset (default: embedded)")
     p.add_argument("--tokenizer", help="a tokenizer.model file (for models that lack one)")
     p.add_argument("--backend", default=None, choices=BackendChoices(),
-                   help=f"backend, or NAME:VARIANT such as array_api:torch "
-                        f"(default: {default_backend_name()}, or $GEMMA_BACKEND)")
-    p.add_argument("--dtype", default="float32", choices=(*DTYPES, "auto"),
+                   help="backend, or NAME:VARIANT such as array_api:torch (default: $GEMMA_BACKEND, "
+                        "else the fastest installed: torch, jax, numpy; --verbose says which)")
+    p.add_argument("--dtype", default="auto", choices=(*DTYPES, "auto"),
                    help="compute dtype; auto: bfloat16 on framework backends, float32 on numpy")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the step through the backend's compiler (torch.compile, XLA) or not "
@@ -696,6 +732,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="format, dtypes, config and parameter count of a model")
     p.add_argument("--model", help="preset, checkpoint (any format) or 'embedded' (the default)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("cache", help="the cache of compiled steps: where it is and its size, or clear it")
+    p.add_argument("action", choices=("info", "clear"), nargs="?", default="info")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("conformance", help="compare backends with the NumPy reference")
     p.add_argument("--backends", help="comma-separated (default: every known backend; "

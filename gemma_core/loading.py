@@ -37,11 +37,20 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
     (gemma_core.quant); a checkpoint saved quantised loads quantised without it.
     Weights holding NaN or infinity are refused unless `allow_nonfinite=True` (quantising them
     is refused regardless). `adapter` is a PEFT LoRA adapter folder (gemma_core.lora), run
-    unmerged over the weights as loaded (over quantised weights: QLoRA)."""
+    unmerged over the weights as loaded (over quantised weights: QLoRA).
+    The default backend stays the NumPy reference (or $GEMMA_BACKEND); `backend="auto"` runs the
+    fastest installed engine, as the CLI does by default (`gemma_core.engine_choice`: torch
+    eager bf16, then jax, then numpy); `dtype="auto"` is the backend's fastest dtype."""
     from gemma_core.checkpoint import load_checkpoint, read_labels
     from gemma_core.presets import PRESETS
     from gemma_core.weights import random_weights
 
+    if backend == "auto" or dtype == "auto":
+        from gemma_core.engine_choice import resolve
+
+        named = backend.name if isinstance(backend, Backend) else backend
+        chosen, dtype, compile, _ = resolve(named, dtype, compile)
+        backend = backend if isinstance(backend, Backend) else chosen
     key = resolve_source(path_or_preset)
     tokenizer, labels = None, None
     if key in PRESETS and not os.path.exists(key):

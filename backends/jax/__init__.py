@@ -109,6 +109,9 @@ class JaxBackend(Backend):
         """
         if options.get("compile") is False:
             return step
+        from gemma_core.compile_cache import enable_jax
+
+        enable_jax()  # the persistent compilation cache, in the user cache folder
 
         def split_step(weights: Mapping[str, Any], inputs: dict[str, Any],
                        caches: dict[str, Any]) -> dict[str, Any]:

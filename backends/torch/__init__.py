@@ -169,6 +169,9 @@ class TorchBackend(Backend):
         cuda = kind == "cuda"
         run: StepFn = step
         if options.get("compile"):
+            from gemma_core.compile_cache import enable_torch
+
+            enable_torch()  # inductor's on-disk caches in the user cache, before the first compile
             # one compiled function per weight set, the weights captured rather than passed:
             # guarding ~300 weight arguments cost ~1.2 ms a decode step (Gemma 3 270M, CPU)
             def make(weights: Mapping[str, Any]) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], bool]:
