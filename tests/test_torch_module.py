@@ -130,6 +130,42 @@ def test_loss_and_gradients_equal_transformers(preset: str) -> None:
 
 
 @pytest.mark.transformers
+def test_unpadded_gradients_take_sdpa_and_equal_transformers(preset: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows without padding (packed training batches) have no fully masked query row, so the
+    training step runs SDPA (where no softcap applies) and its gradients still equal
+    transformers' eager ones; a left-padded batch keeps the eager softmax under autograd."""
+    pytest.importorskip("transformers")
+    import torch.nn.functional as F
+    from hf_reference import hf_model
+
+    calls = [0]
+    sdpa = F.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
+    config = get_preset(preset)
+    module = as_module(gemma_core.load(preset, seed=SEED)).train()
+    padded_ids, padded_mask, padded_labels = _batch()
+    module(_t(padded_ids), _t(padded_mask), labels=_t(padded_labels)).loss.backward()
+    assert calls[0] == 0  # left padding: fully masked pad rows, the eager softmax
+    module.zero_grad()
+    ids = np.random.default_rng(3).integers(3, 512, (2, 13))
+    mask = np.ones_like(ids)
+    hf = hf_model(config, seed=SEED)
+    hf(_t(ids), attention_mask=_t(mask), labels=_t(ids)).loss.backward()
+    module(_t(ids), _t(mask), labels=_t(ids)).loss.backward()
+    assert calls[0] == (0 if config.attn_logit_softcap is not None else config.num_layers)
+    ref = dict(hf.named_parameters())
+    for name, p in module.named_parameters():
+        g, h = p.grad, ref[name].grad
+        assert float((g - h).abs().max()) <= 1e-5 * float(h.abs().max()), name
+
+
+@pytest.mark.transformers
 @pytest.mark.parametrize("tied", [True, False])
 def test_state_dict_round_trips_with_transformers(tied: bool) -> None:
     pytest.importorskip("transformers")

@@ -356,8 +356,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if labels.shape != logits.shape[:2]:
         raise InputError(f"labels: shape {tuple(labels.shape)} differs from input_ids "
                          f"{tuple(logits.shape[:2])}")
-    shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1).long(), ignore_index=IGNORE_INDEX)
+    # the labels shift, not the logits (as transformers' ForCausalLMLoss): the last position's
+    # label is -100, so the [B,T,V] logits stay a view, with no slice copy of them forward nor a
+    # zero-filled full-size gradient for the slice's backward (the largest tensors of a step)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1).long(),
+                           ignore_index=IGNORE_INDEX)
 
 
 def _to_host(x: Any) -> Any:

@@ -134,10 +134,15 @@ def attention(p: Policy, q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     # matrix is small (CPU bf16 SDPA put the real 270M's decode logits 10x further from the
     # float64 oracle than the bf16 reference is: KL 3e-2 against 3e-3)
     small = cpu_narrow and t * keys.shape[2] <= SMALL_SCORES
-    # not under autograd: SDPA's backward of a fully masked (pad) row is off by orders of
-    # magnitude from the softmax's own gradient (transformers' eager path), which training follows
+    # under autograd only where every query row sees a key (packed rows, right padding's
+    # causal rows, ...): SDPA's backward of a fully masked (pad) row is off by orders of
+    # magnitude from the softmax's own gradient (transformers' eager path), which training
+    # follows; elsewhere its backward agrees with the eager one's to rounding, and is faster
     grad = torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)
-    if softcap is None and t > 1 and not small and not grad:
+    sdpa = softcap is None and t > 1 and not small
+    if sdpa and grad:  # the bias holds 0 or fmin: a row whose maximum is fmin sees no key
+        sdpa = not bool((bias.amax(dim=-1) == p.fmin).any())
+    if sdpa:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale,
                                               enable_gqa=groups > 1)
     kv = keys.shape[1]
