@@ -21,14 +21,30 @@ from gemma_core.backend import Backend
 from gemma_core.layout import EMBED
 from gemma_core.quant import SCALE_SUFFIX, QuantConfig, quantize
 
+# One step of a fork: an int feeds a chunk of that many random tokens (1: a decode step); a
+# tagged tuple applies a cache operation of the contract (gemma_core/cache.py):
+#   ("crop", n)          Model.crop_cache(cache, n): keep the first n slots (n < 0: drop the last -n)
+#   ("crop-refused", n)  the same crop must raise InputError (a sliding ring has wrapped)
+#   ("donate", t)        a chunk of t fed to Model.copy_cache(cache) with donate_cache=True: the
+#                        copy is spent, the cache it was copied from usable and unchanged
+#   ("reorder", rows)    cache.reorder_cache (beam search's gather): row i becomes row rows[i]
+#   ("splice", row)      cache.write_row: the rows spliced into rows row, row + 1, ... of a cache of
+#                        two more rows, whose other rows hold other prompts (the fork's own, gathered
+#                        to other rows) fed other tokens
+#   ("shift", n)         cache.shift_slots: every token n slots earlier (n < 0: later)
+ForkStep = int | tuple[str, Any]
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelCase:
     """A model-level comparison: prefill rows of `lengths` real tokens (left-padded), then decode.
 
     With `forks`, the prefill's cache is instead continued once per fork from the same cache
-    object, each fork a run of chunk sizes (1: a decode step) of random tokens, and compared
-    with the reference's full forward over the prefix and that fork (`decode_steps` unused).
+    object, each fork a run of steps (`ForkStep`), and compared with the reference's full
+    forward over the prefix and the tokens that fork kept (`decode_steps` unused). `dynamic`:
+    the prefix cache is `forward(ids, mask)`'s own, which grows as the forks feed it;
+    `prefix_slot`: the prefix is prefilled from that slot of its cache (the serving engine's
+    placement of a joining prompt), where its reference starts at slot 0.
     """
 
     name: str
@@ -39,8 +55,10 @@ class ModelCase:
     changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     task: str = "causal-lm"  # heads run prefill only (decode_steps 0)
-    forks: tuple[tuple[int, ...], ...] = ()
+    forks: tuple[tuple[ForkStep, ...], ...] = ()
     dtypes: tuple[str, ...] = ()  # the compute dtypes it runs in (empty: every one)
+    dynamic: bool = False
+    prefix_slot: int = 0
 
 
 MODEL_CASES: tuple[ModelCase, ...] = (
@@ -67,6 +85,34 @@ MODEL_CASES: tuple[ModelCase, ...] = (
               "tiny-gemma3", lengths=(7, 4), decode_steps=0, changes={"sliding_window": 4},
               forks=((1, 1, 1, 1, 1), (3, 1)),
               dtypes=("float32",)),  # what it checks (the cache passed stays as it was) has no dtype
+    # the cache operations, each against the reference's full forward over the tokens kept; few
+    # positions are compared, so each seed is one whose compared argmaxes are no near-ties (bf16's
+    # top-1 bound counts every flip), and chunks of 1 keep the compiled step shapes few
+    ModelCase("cache-dynamic-grows", ("cache: forward(ids, mask) makes a dynamic cache that grows "
+                                      "(grown_length) as a fork feeds it: a ring grown to its window, "
+                                      "then kept",),
+              "tiny-gemma3", lengths=(5, 3), decode_steps=0, changes={"sliding_window": 6},
+              dynamic=True, forks=((1, 1, 1, 1), (1, 1)), seed=4),
+    ModelCase("cache-crop-donate-reorder",
+              ("cache: crop_cache(n) keeps the first n tokens (n < 0: drops the last -n), into the "
+               "prefix too, then feeds others",
+               "cache: a crop is refused (InputError) once a sliding ring wrapped",
+               "cache: copy_cache is a fork of its own: forward(copy, donate_cache=True) spends the "
+               "copy, the original's buffers stay as they were",
+               "cache: reorder_cache gathers rows (beam search): rows repeated, the batch grown and "
+               "shrunk"),
+              "tiny-gemma3", lengths=(4, 2), decode_steps=0, seed=44,
+              forks=((1, ("donate", 1), 1, ("crop", -2), 1, ("crop", 5), ("donate", 1), 1),
+                     (("crop", -1), 1), (1, 1, 1, 1, 1, ("crop-refused", -1), 1), (("donate", 1),),
+                     (1, ("reorder", (1, 1, 0)), 1, ("reorder", (2, 0)), 1),
+                     (("reorder", (1, 0, 1)), ("donate", 1)))),
+    ModelCase("cache-splice-shift", ("cache: write_row splices a prompt prefilled at an offset into "
+                                     "rows of a larger cache; shift_slots moves the batch earlier "
+                                     "and later, rings wrapped; the same logits and exported cache "
+                                     "as the prompt alone",),
+              "tiny-gemma3", lengths=(5, 2), decode_steps=0, changes={"sliding_window": 4},
+              prefix_slot=3, seed=8, forks=((("splice", 1), 1, ("shift", 2), 1, ("shift", -3), 1),
+                                            (("shift", -2), ("splice", 2), 1, ("shift", 4), 1))),
     ModelCase("gemma2-int8", ("quant: int8 per-channel projections and tied embedding",),
               "tiny-gemma2", lengths=(10, 6), decode_steps=3, changes={"quantization": QuantConfig("int8")}),
     ModelCase("gemma2-int4-int8-embedding", ("quant: int4 projections, int8 tied embedding (the "

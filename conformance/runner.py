@@ -12,14 +12,22 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from conformance.cases import MODEL_CASES, OP_CASES, Harness, ModelCase, OpCase
+from conformance.cases import MODEL_CASES, OP_CASES, ForkStep, Harness, ModelCase, OpCase
 from conformance.compare import compare_logits, compare_op, compare_tensor, logit_distance, relative_l2
 from conformance.golden import GOLDEN_CASES, GOLDEN_DIR, GoldenCase, load_golden
 from conformance.tolerances import TOLERANCES, Tolerance, widen_cache, widen_logits
 from gemma_core.backend import Backend, get_backend, known_backends
-from gemma_core.cache import CacheState, batch_ids
+from gemma_core.cache import (
+    CacheState,
+    KVCache,
+    batch_ids,
+    grown_length,
+    reorder_cache,
+    shift_slots,
+    write_row,
+)
 from gemma_core.config import Architecture, GemmaConfig
-from gemma_core.errors import BackendError, ConfigError
+from gemma_core.errors import BackendError, ConfigError, InputError
 from gemma_core.graph import build_graph
 from gemma_core.loading import load
 from gemma_core.model import Float16OverflowWarning, Model
@@ -155,8 +163,10 @@ class _Bounds:
 
 
 def _compare_caches(step: _RefStep, cand: Model, cand_cache: Any, what: str, tol: Tolerance,
-                    first: list[str]) -> None:
+                    first: list[str], rows: np.ndarray | None = None) -> None:
     r, c = step.state, cand.export_cache(cand_cache)
+    if rows is not None or any(ck.shape != rk.shape for ck, rk in zip(c.keys, r.keys, strict=True)):
+        c = _aligned_state(c, r, rows, what)
     for layer, (rk, ck, rv, cv) in enumerate(zip(r.keys, c.keys, r.values, c.values, strict=True)):
         # keys of pad tokens come from fully masked attention rows: implementation-defined
         pad = ~r.real[layer][:, None, :, None]
@@ -164,6 +174,37 @@ def _compare_caches(step: _RefStep, cand: Model, cand_cache: Any, what: str, tol
         for kind, rt, ct in (("keys", rk, ck), ("values", rv, cv)):
             _check(*compare_tensor(rt, ct, _Bounds.cache(tol, step, rt, kind, layer, pad)),
                    what=f"{what} cache {kind} layer {layer}", first=first)
+
+
+def _aligned_state(c: CacheState, r: CacheState, rows: np.ndarray | None, what: str) -> CacheState:
+    """The candidate's exported cache `c` at the reference's rows (`rows` of it, else all) and
+    slots: a cache whose tokens start at a later slot than the reference's (a prompt prefilled
+    at an offset, slots shifted) exports more leading slots, which must hold no real token; the
+    reference's own extra leading slots (a shift dropped pad slots) must be pads too."""
+    pick = slice(None) if rows is None else rows
+    keys, values, real = [], [], []
+    for layer, (ck, cv, cr, rr) in enumerate(zip(c.keys, c.values, c.real, r.real, strict=True)):
+        ck, cv, cr = ck[pick], cv[pick], cr[pick]
+        have, want = cr.shape[1], rr.shape[1]
+        if have > want:
+            if cr[:, :have - want].any():
+                raise _Failure(f"{what} cache layer {layer}: real tokens in the {have - want} slots before "
+                               "the reference's first")
+            ck, cv, cr = ck[:, :, have - want:], cv[:, :, have - want:], cr[:, have - want:]
+        elif have < want:
+            if rr[:, :want - have].any():
+                raise _Failure(f"{what} cache layer {layer}: {have} slots exported for the reference's "
+                               f"{want}, which hold real tokens")
+            pad = [(0, 0), (0, 0), (want - have, 0), (0, 0)]
+            ck, cv = np.pad(ck, pad), np.pad(cv, pad)
+            cr = np.pad(cr, [(0, 0), (want - have, 0)])
+        if not np.array_equal(cr, rr):
+            raise _Failure(f"{what} cache layer {layer}: real-token slots {cr.astype(int).tolist()} != "
+                           f"reference {rr.astype(int).tolist()}")
+        keys.append(ck)
+        values.append(cv)
+        real.append(cr)
+    return CacheState(tuple(keys), tuple(values), r.length, c.seen[pick], tuple(real))
 
 
 _CHECKPOINTS: dict[str, tuple[GemmaConfig, dict[str, np.ndarray]]] = {}
@@ -250,22 +291,100 @@ def _reference_decode(case: ModelCase, config: GemmaConfig, weights: Mapping[str
     return _Reference(tuple(tokens), tuple(steps))
 
 
+_OPERATIONS = ("crop", "crop-refused", "donate", "reorder", "splice", "shift")
+
+
+def _fork_step(step: ForkStep) -> tuple[str, Any]:
+    """A fork step as (kind, argument): an int is ("chunk", its size); see `cases.ForkStep`."""
+    if isinstance(step, (int, np.integer)) and not isinstance(step, bool):
+        return "chunk", int(step)
+    if isinstance(step, tuple) and len(step) == 2 and step[0] in _OPERATIONS:
+        return step[0], step[1]
+    raise ValueError(f"fork step {step!r}: expected a chunk size or ({' | '.join(_OPERATIONS)}, arg)")
+
+
+class _ForkHistory:
+    """What a fork's cache holds as the reference sees it, followed step by step by both runs:
+    per reference row, the prefix then the tokens fed and kept (`ids`, `mask`; `fed` marks the
+    fed columns, whose logits are compared), after `offset` slots the prefix does not use (its
+    prefill slot, moved by shifts). `pool` holds the fork's random tokens `[most rows, tokens
+    fed]` (a reorder may add rows); each chunk takes its next columns of the first rows."""
+
+    def __init__(self, ids: np.ndarray, mask: np.ndarray, offset: int, pool: np.ndarray | None) -> None:
+        self.ids, self.mask, self.fed = ids, mask, np.zeros(ids.shape[1], bool)
+        self.offset, self.pool, self.at = offset, pool, 0
+        self.peak, self.spliced = self.length, False
+
+    @property
+    def length(self) -> int:
+        """The slots the fork's cache holds."""
+        return self.offset + self.ids.shape[1]
+
+    def apply(self, kind: str, arg: Any) -> np.ndarray | None:
+        """Follow one step; a chunk (or donate) returns its tokens `[rows, size]`."""
+        if kind in ("chunk", "donate"):
+            rows = len(self.ids)
+            tokens = (np.zeros((rows, arg), np.int64) if self.pool is None
+                      else self.pool[:rows, self.at:self.at + arg])
+            self.at += arg
+            self.ids = np.concatenate([self.ids, tokens], axis=1)
+            self.mask = np.concatenate([self.mask, np.ones(tokens.shape, self.mask.dtype)], axis=1)
+            self.fed = np.concatenate([self.fed, np.ones(arg, bool)])
+            self.peak = max(self.peak, self.length)
+            return tokens
+        if kind == "crop":
+            cols = (self.length + arg if arg < 0 else min(arg, self.length)) - self.offset
+            if cols < 1:
+                raise ValueError(f"fork step {(kind, arg)!r}: crops every token of the fork's rows")
+            self.ids, self.mask, self.fed = self.ids[:, :cols], self.mask[:, :cols], self.fed[:cols]
+        elif kind == "reorder":
+            if self.spliced:  # the reference rows would be a gather of the larger cache's rows
+                raise ValueError("fork step ('reorder', ...) after a splice: not a case this runner follows")
+            gather = np.asarray(arg, np.int64)
+            self.ids, self.mask = self.ids[gather], self.mask[gather]
+        elif kind == "splice":
+            self.spliced = True
+        elif kind == "shift":
+            self.offset -= arg
+            self.peak = max(self.peak, self.length)
+        return None
+
+
+def _fork_pool_shape(fork: Sequence[ForkStep], rows: int) -> tuple[int, int]:
+    """(most rows, tokens fed) of a fork: the shape of its random tokens."""
+    steps = [_fork_step(step) for step in fork]
+    most = max([rows, *(len(arg) for kind, arg in steps if kind == "reorder")])
+    return most, sum(arg for kind, arg in steps if kind in ("chunk", "donate"))
+
+
+def _fork_max_length(case: ModelCase, ids: np.ndarray, mask: np.ndarray) -> int:
+    """The static cache size every fork of the case fits in (its peak length)."""
+    peaks = []
+    for fork in case.forks:
+        history = _ForkHistory(ids, mask, case.prefix_slot, None)
+        for step in fork:
+            history.apply(*_fork_step(step))
+        peaks.append(history.peak)
+    return max(peaks)
+
+
 def _reference_forks(case: ModelCase, config: GemmaConfig, weights: Mapping[str, np.ndarray],
                      tol: Tolerance) -> _Reference:
-    """Per fork, the reference's full forward over the prefix and the fork's random tokens."""
+    """Per fork, the reference's full forward over the prefix and the tokens the fork kept (its
+    random tokens, after crops and row gathers), the prompt starting at slot 0."""
     ref, exact = _reference_models(config, weights, tol)
     ids, mask = _prompt(case, config.vocab_size)
-    rows, prefix = ids.shape
-    max_length = prefix + max(sum(fork) for fork in case.forks)
+    max_length = _fork_max_length(case, ids, mask)
     rng = np.random.default_rng(case.seed + 2)
     tokens, steps = [], []
     for fork in case.forks:
-        fork_tokens = rng.integers(3, config.vocab_size, (rows, sum(fork)))
-        full_ids = np.concatenate([ids, fork_tokens], axis=1)
-        full_mask = np.concatenate([mask, np.ones(fork_tokens.shape, mask.dtype)], axis=1)
-        r = ref.forward(full_ids, full_mask, max_length=max_length)
-        e = None if exact is None else exact.forward(full_ids, full_mask, max_length=max_length)
-        tokens.append(fork_tokens)
+        pool = rng.integers(3, config.vocab_size, _fork_pool_shape(fork, len(ids)))
+        history = _ForkHistory(ids, mask, case.prefix_slot, pool)
+        for step in fork:
+            history.apply(*_fork_step(step))
+        r = ref.forward(history.ids, history.mask, max_length=max_length)
+        e = None if exact is None else exact.forward(history.ids, history.mask, max_length=max_length)
+        tokens.append(pool)
         steps.append(_ref_step(ref, r, exact, e))
     return _Reference(tuple(tokens), tuple(steps))
 
@@ -312,36 +431,166 @@ def run_model_case(case: ModelCase, backend: Backend, dtype: str, tol: Tolerance
     return f"{case.decode_steps} decode steps; first check: {first[0]}"
 
 
+def _same_state(a: CacheState, b: CacheState) -> int | None:
+    """The first layer where two exported caches differ at all, or None."""
+    for layer, (k0, k1, v0, v1) in enumerate(zip(a.keys, b.keys, a.values, b.values, strict=True)):
+        if not (np.array_equal(k0, k1, equal_nan=True) and np.array_equal(v0, v1, equal_nan=True)):
+            return layer
+    return None
+
+
+class _CandidateFork:
+    """One fork on the candidate: its cache, the logits of every column of the history (None for
+    the prefix), and after a splice the rows of the larger cache that hold the fork (`view`)."""
+
+    def __init__(self, cand: Model, shared: KVCache, history: _ForkHistory, rng: np.random.Generator) -> None:
+        self.cand, self.cache, self.history, self.rng = cand, shared, history, rng
+        self.owned = False  # the shared prefix cache: shift_slots may write its caller's in place
+        self.view: np.ndarray | None = None
+        self.logits: list[np.ndarray | None] = [None] * history.ids.shape[1]
+
+    def step(self, kind: str, arg: Any, what: str) -> None:
+        cand, h = self.cand, self.history
+        if kind in ("chunk", "donate"):
+            tokens = h.apply(kind, arg)
+            assert tokens is not None
+            self._feed(tokens, kind == "donate", what)
+            return
+        if kind == "crop-refused":
+            try:
+                cand.crop_cache(self.cache, arg)
+            except InputError:
+                return
+            raise _Failure(f"{what}: crop_cache({arg}) of a cache of {self.cache.length} tokens, whose "
+                           "sliding ring wrapped, was not refused (InputError)")
+        h.apply(kind, arg)
+        if kind == "crop":
+            self.cache = cand.crop_cache(self.cache, arg)  # shares the layers of an unowned cache
+            del self.logits[h.ids.shape[1]:]
+        elif kind == "reorder":
+            rows = np.asarray(arg, np.int64)
+            self.cache = reorder_cache(cand.backend, self.cache, rows, cand.dtype, cand.device)
+            self.logits = [None if x is None else x[rows] for x in self.logits]
+            self.owned = True
+            if self.cache.batch_size != len(rows):
+                raise _Failure(f"{what}: reorder_cache made {self.cache.batch_size} rows, not {len(rows)}")
+        elif kind == "splice":
+            self._splice(int(arg))
+        elif kind == "shift":
+            if not self.owned:
+                self.cache, self.owned = cand.copy_cache(self.cache), True
+            self.cache = shift_slots(cand.backend, self.cache, arg, cand.dtype, cand.device)
+        if self.cache.length != h.length:
+            raise _Failure(f"{what}: the cache holds {self.cache.length} slots after {kind}, expected "
+                           f"{h.length}")
+
+    def _feed(self, tokens: np.ndarray, donate: bool, what: str) -> None:
+        cand, cache = self.cand, self.cache
+        if self.view is not None:  # the larger cache's other rows: other prompts, other tokens
+            full = self.rng.integers(3, cand.config.vocab_size, (cache.batch_size, tokens.shape[1]))
+            full[self.view] = tokens
+            tokens = full
+        needed = cache.length + tokens.shape[1]
+        grows = cache.dynamic and needed > cache.max_length
+        expected = (grown_length(cache.max_length, needed, cand.config.max_position_embeddings) if grows
+                    else cache.max_length)
+        if donate:  # every slot of every layer, past the length too (a global layer's next ones)
+            kept = [cand.backend.export_cache_layer(layer) for layer in cache.layers]
+            copy = cand.copy_cache(cache)
+            out = cand.forward(tokens, None, copy, donate_cache=True)
+            try:
+                cand.export_cache(copy)
+            except InputError:
+                pass
+            else:
+                raise _Failure(f"{what}: the copy handed to forward(donate_cache=True) was not marked spent")
+            cache.check_usable()
+            for layer, (k0, v0) in enumerate(kept):
+                k1, v1 = cand.backend.export_cache_layer(cache.layers[layer])
+                if not (np.array_equal(k0, k1, equal_nan=True) and np.array_equal(v0, v1, equal_nan=True)):
+                    raise _Failure(f"{what}: forward(copy_cache(c), donate_cache=True) changed c's buffers "
+                                   f"(layer {layer}): the copy shares them")
+        else:
+            out = cand.forward(tokens, None, cache)
+        if out.cache.max_length != expected or out.cache.dynamic != cache.dynamic:
+            raise _Failure(f"{what}: a {'dynamic' if cache.dynamic else 'static'} cache of "
+                           f"{cache.max_length} slots fed to {needed} tokens became a "
+                           f"{'dynamic' if out.cache.dynamic else 'static'} one of {out.cache.max_length}, "
+                           f"expected {expected} (grown_length)")
+        logits = cand.to_numpy(out.logits)
+        if self.view is not None:
+            logits = logits[self.view]
+        self.logits.extend(logits[:, j] for j in range(logits.shape[1]))
+        self.cache, self.owned = out.cache, True
+
+    def _splice(self, row: int) -> None:
+        """The fork's rows written (write_row, as the serving engine joins a prefilled prompt)
+        into rows `row`, `row + 1`, ... of a cache of two more rows holding other prompts: the
+        fork's own, gathered so that every row written held another one (a separate prefill of
+        other prompts would cost a compiled step shape more)."""
+        cand, cache = self.cand, self.cache
+        size = cache.batch_size
+        if not 0 <= row <= 2:
+            raise ValueError(f"splice: row {row} of a cache of {size + 2} rows for {size}")
+        others = (np.arange(size + 2) - row + 1) % size  # row + j holds row j + 1, not j
+        host = reorder_cache(cand.backend, cache, others, cand.dtype, cand.device)
+        for j in range(size):
+            host = write_row(cand.backend, host, row + j, cache, j, cand.dtype, cand.device)
+        self.cache, self.view, self.owned = host, np.arange(row, row + size), True
+
+
 def _run_fork_case(case: ModelCase, reference: _Reference, cand: Model, tol: Tolerance) -> str:
-    """One prefix cache continued once per fork, each fork from the same cache object: its
-    logits and final cache against the reference's full forward over prefix + fork; then the
-    prefix cache's exported state must be exactly what it was."""
+    """One prefix cache continued once per fork, each fork from the same cache object, through
+    the cache operations its steps name: the logits of the tokens it kept and its final cache
+    (at the fork's rows) against the reference's full forward over prefix + those tokens; then
+    the prefix cache's exported state must be exactly what it was."""
     ids, mask = _prompt(case, cand.config.vocab_size)
     rows, prefix = ids.shape
-    max_length = prefix + max(sum(fork) for fork in case.forks)
-    shared = cand.forward(ids, mask, cand.new_cache(rows, max_length)).cache
+    max_length = _fork_max_length(case, ids, mask)
+    if case.dynamic:
+        shared = cand.forward(ids, mask).cache
+        if not shared.dynamic or shared.max_length != prefix:
+            raise _Failure(f"dynamic: forward(ids, mask) made a {'dynamic' if shared.dynamic else 'static'} "
+                           f"cache of {shared.max_length} slots, expected a dynamic one of {prefix}")
+    else:
+        start = cand.new_cache(rows, max_length)
+        if case.prefix_slot:  # as the serving engine places a joining prompt (gemma_core/serving)
+            start = dataclasses.replace(start, length=case.prefix_slot)
+        shared = cand.forward(ids, mask, start).cache
     before = cand.export_cache(shared)
     first: list[str] = []
     bounds = _Bounds()
-    for n, (fork, tokens, ref) in enumerate(zip(case.forks, reference.tokens, reference.steps,
-                                                strict=True)):
-        full_mask = np.concatenate([mask, np.ones(tokens.shape, mask.dtype)], axis=1)
-        fork_tol = bounds.logits(tol, ref, full_mask.astype(bool))
-        cache, logits, at = shared, [], 0
-        for size in fork:
-            out = cand.forward(tokens[:, at:at + size], None, cache)
-            cache, at = out.cache, at + size
-            logits.append(cand.to_numpy(out.logits))
-        _check(*compare_logits(ref.logits[:, prefix:], np.concatenate(logits, axis=1),
-                               np.ones(tokens.shape, bool), fork_tol),
-               what=f"fork {n} logits", first=first)
-        _compare_caches(ref, cand, cache, f"fork {n}", tol, first)
-    after = cand.export_cache(shared)
-    for layer, (k0, k1, v0, v1) in enumerate(zip(before.keys, after.keys, before.values, after.values,
-                                                 strict=True)):
-        if not (np.array_equal(k0, k1, equal_nan=True) and np.array_equal(v0, v1, equal_nan=True)):
-            raise _Failure(f"the prefix cache passed to forward changed (layer {layer})")
-    return f"{len(case.forks)} forks of one prefix cache; first check: {first[0]}"
+    names: list[str] = []
+    for n, (fork, pool, ref) in enumerate(zip(case.forks, reference.tokens, reference.steps, strict=True)):
+        ops = list(dict.fromkeys(kind for kind, _ in map(_fork_step, fork) if kind != "chunk"))
+        names += ops
+        label = f"fork {n}" + (f" ({', '.join(ops)})" if ops else "")
+        run = _CandidateFork(cand, shared, _ForkHistory(ids, mask, case.prefix_slot, pool),
+                             np.random.default_rng((case.seed, 3, n)))
+        for i, step in enumerate(fork):
+            what = f"{label} step {i} {step!r}"
+            try:
+                run.step(*_fork_step(step), what=what)
+            except _Failure:
+                raise
+            except Exception as e:  # name the operation that crashed, not just the case
+                raise _Failure(f"{what}: {type(e).__name__}: {e}") from e
+        history = run.history
+        fork_tol = bounds.logits(tol, ref, history.mask.astype(bool))
+        fed = np.flatnonzero(history.fed)
+        logits = np.stack([x for x in (run.logits[j] for j in fed) if x is not None], axis=1)
+        _check(*compare_logits(ref.logits[:, fed], logits, history.mask[:, fed].astype(bool), fork_tol),
+               what=f"{label} logits", first=first)
+        _compare_caches(ref, cand, run.cache, label, tol, first, rows=run.view)
+        seen = run.cache.seen if run.view is None else run.cache.seen[run.view]
+        if not np.array_equal(seen, ref.state.seen):
+            raise _Failure(f"{label} cache: real tokens seen {seen.tolist()} != reference "
+                           f"{ref.state.seen.tolist()} (the next RoPE positions)")
+    layer = _same_state(before, cand.export_cache(shared))
+    if layer is not None:
+        raise _Failure(f"the prefix cache passed to forward changed (layer {layer})")
+    done = f" ({', '.join(dict.fromkeys(names))})" if names else ""
+    return f"{len(case.forks)} forks of one prefix cache{done}; first check: {first[0]}"
 
 
 def run_golden_case(case: GoldenCase, backend: Backend, dtype: str, tol: Tolerance,

@@ -378,3 +378,43 @@ def test_progress_sees_every_result_as_it_is_made() -> None:
     results = run_conformance(["numpy"], ("float32",), ["op-rope", "gemma1-mha"], progress=seen.append)
     assert seen == results
     assert [r.case for r in seen] == ["float16-policy", "op-table", "op-rope", "gemma1-mha"]
+
+
+def test_cache_operation_cases_catch_a_wrong_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each cache-operation case fails, naming the operation, where that operation is wrong: a
+    backend hook (a copy sharing its buffers, a gather of the wrong rows, a shift that does not
+    roll), a dynamic cache grown to another size, a crop of a wrapped ring not refused."""
+    from gemma_core.errors import InputError
+    from gemma_core.model import Model
+
+    def reversed_rows(self: NumpyBackend, state: Any, rows: np.ndarray) -> Any:
+        return NumpyBackend.reorder_cache_layer(self, state, rows[::-1].copy())
+
+    hooks: list[tuple[str, str, Callable[..., Any], str]] = [
+        ("cache-crop-donate-reorder", "copy_cache_layer", lambda self, state: state, "donate"),
+        ("cache-crop-donate-reorder", "reorder_cache_layer", reversed_rows, "reorder"),
+        ("cache-splice-shift", "write_cache_row", lambda self, state, *source: state, "splice"),
+        ("cache-splice-shift", "shift_cache_layer", lambda self, state, shift: state, "shift"),
+    ]
+    for case, hook, fn, named in hooks:
+        monkeypatch.setattr(registry, "_LOADED", {"broken": type("B", (NumpyBackend,), {hook: fn})()})
+        cell = {r.case: r for r in run_conformance(["broken"], ("float32",), [case])}[case]
+        assert cell.status == "fail" and named in cell.detail, (case, cell)
+    monkeypatch.setattr(registry, "_LOADED", {})
+    with monkeypatch.context() as m:
+        m.setattr("gemma_core.model.grown_length", lambda size, needed, most: needed)
+        cell = {r.case: r for r in run_conformance(["numpy"], ("float32",), ["cache-dynamic-grows"])}
+        assert cell["cache-dynamic-grows"].status == "fail"
+        assert "grown_length" in cell["cache-dynamic-grows"].detail
+    crop = Model.crop_cache
+
+    def never_refused(self: Model, cache: Any, n: int, **kw: Any) -> Any:
+        try:
+            return crop(self, cache, n, **kw)
+        except InputError:
+            return cache
+
+    monkeypatch.setattr(Model, "crop_cache", never_refused)
+    case = "cache-crop-donate-reorder"
+    cell = {r.case: r for r in run_conformance(["numpy"], ("float32",), [case])}[case]
+    assert cell.status == "fail" and "crop-refused" in cell.detail and "not refused" in cell.detail
