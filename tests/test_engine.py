@@ -220,3 +220,21 @@ def test_prefix_cache_hits_give_the_same_tokens(backend: str, tiny3: gemma_core.
         assert engine.metrics().prefix_hits_total == 2  # the crop to 5: no ring had wrapped
     finally:
         engine.shutdown()
+
+
+def test_the_batch_rows_follow_the_load(tiny3: gemma_core.Model) -> None:
+    """A step computes every row: a lone request runs in a batch of one, a burst grows the batch
+    (to a power of two), and it shrinks back once a quarter of its rows would do."""
+    engine = Engine(tiny3, max_batch=8, context=40)
+    seen: list[int] = []
+    engine.submit([4, 5, 6], SamplingParams(max_tokens=3, temperature=0),
+                  lambda ev: seen.append(len(engine._rows)))
+    engine.start()
+    try:
+        assert wait_idle(engine, 60) and seen == [1, 1, 1]
+        params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in range(2, 8)]
+        events = _collect(engine, _prompts(6, seed=2), params)
+        assert [len(e) for e in events] == list(range(2, 8)) and wait_idle(engine, 60)
+        assert len(engine._rows) <= 2  # 8 rows for the six, shrunk as they finished
+    finally:
+        engine.shutdown()

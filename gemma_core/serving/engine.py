@@ -193,9 +193,9 @@ class Engine:
         self.model, self.tokenizer = model, model.tokenizer
         self.max_batch, self.max_queue, self.context, self.slots = max_batch, max_queue, context, slots
         self._eos = frozenset(default_eos_ids(model))
-        self._cache = model.new_cache(max_batch, slots)
+        self._cache = model.new_cache(1, slots)  # rows follow the load (`_fit`), up to max_batch
         self._prefix = PrefixCache(model, prefix_cache) if prefix_cache > 0 else None
-        self._rows: list[_Row | None] = [None] * max_batch
+        self._rows: list[_Row | None] = [None]
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
@@ -332,13 +332,16 @@ class Engine:
                     self._deliver_cancelled()
                 if self._closing and not self._queue and not any(self._rows):
                     return
-                free = [i for i, r in enumerate(self._rows) if r is None]
-                joins = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+                active = sum(r is not None for r in self._rows)
+                joins = [self._queue.popleft() for _ in range(min(self.max_batch - active, len(self._queue)))]
             try:
+                self._fit(active + len(joins))
+                free = [i for i, r in enumerate(self._rows) if r is None]
                 if joins:
                     self._admit(joins, free[:len(joins)])
                 if any(self._rows):
                     self._decode()
+                    self._fit(sum(r is not None for r in self._rows))
             except Exception as e:  # a failed step must not stop the server
                 log.exception("engine step failed")
                 self._fail(joins, e)
@@ -352,7 +355,26 @@ class Engine:
             for i, row in enumerate(self._rows):
                 if row is not None:
                     self._free(i, event)
-            self._cache = self.model.new_cache(self.max_batch, self.slots)
+            self._cache = self.model.new_cache(1, self.slots)
+            self._rows = [None]
+
+    def _fit(self, needed: int) -> None:
+        """Hold the batch in as many rows as `needed` asks (a power of two up to max_batch): a
+        step computes every row, so a lone request must not pay for a full batch. Grows at
+        once; shrinks when a quarter of the rows would do (few reshapes as requests come and
+        go). Active rows keep their order, first; the cache's rows are gathered on the device."""
+        size = min(_bucket(max(needed, 1), smallest=1), self.max_batch)
+        if size <= len(self._rows) < 4 * size:
+            return
+        active = [i for i, r in enumerate(self._rows) if r is not None]
+        index = np.array(active + [0] * (size - len(active)), np.int64)  # past the active: free rows
+        model = self.model
+        cache = reorder_cache(model.backend, self._cache, index, model.dtype, model.device)
+        cache.valid[len(active):] = False
+        cache.seen[len(active):] = 0
+        with self._cv:
+            self._cache = cache
+            self._rows = [self._rows[i] for i in active] + [None] * (size - len(active))
 
     def _emit(self, request: Request, event: TokenEvent) -> None:
         try:
@@ -421,12 +443,9 @@ class Engine:
         source = model.new_cache(len(ids), self.slots)
         source = dataclasses.replace(source, length=cache.length - width)
         out = model.forward(ids, mask, source, last_only=True, donate_cache=True)
-        if self._prefix is not None:  # each prompt alone, its tokens at slots [0, P)
+        if self._prefix is not None:  # kept as they are; a hit extracts its row
             for j, request in enumerate(requests):
-                one = reorder_cache(model.backend, out.cache, np.array([j]), model.dtype, model.device)
-                first = cache.length - request.prompt_tokens
-                self._prefix.store(request.prompt_ids,
-                                   shift_slots(model.backend, one, first, model.dtype, model.device))
+                self._prefix.store(request.prompt_ids, out.cache, j, cache.length - request.prompt_tokens)
         self._join(cache, requests, rows, out, width)
 
     def _join(self, cache: KVCache, requests: list[Request], rows: list[int], out: Any,
