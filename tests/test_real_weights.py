@@ -159,6 +159,30 @@ class TestAgainstTransformers:
             got = ours.generate([ids], max_new_tokens=24, eos_token_ids=[]).token_ids[0]
             assert got == continuation(ids), prompt
 
+    @pytest.mark.transformers
+    def test_beam_search_equals_transformers(self, ours: gemma_core.Model, hf) -> None:  # type: ignore[no-untyped-def]
+        """Two left-padded prompts, 4 beams, 12 new tokens, early stopping: the best beams' ids
+        and scores. Beam search is host code over any backend; numpy and torch run it here (each
+        backend's cache row gather is the conformance case cache-crop-donate-reorder)."""
+        import torch
+
+        if ours.backend.name not in ("numpy", "torch"):
+            pytest.skip("beam search on the real model: numpy and torch (its cache ops: conformance)")
+        model, _ = hf
+        assert ours.tokenizer is not None
+        ids, mask = gemma_core.batch_ids([ours.tokenizer.encode(p) for p in PROMPTS[:2]])
+        eos = list(ours.config.eos_token_ids)
+        beams = {"num_beams": 4, "length_penalty": 1.0, "early_stopping": True}
+        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_ids=eos, **beams)
+        with torch.no_grad():
+            ref = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                 max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                                 return_dict_in_generate=True, output_scores=True, **beams)
+        lengths = (ref.beam_indices + 1).bool().sum(1).tolist()  # each returned beam's generated length
+        generated = ref.sequences[:, ids.shape[1]:].tolist()
+        assert got.token_ids == [row[:n] for row, n in zip(generated, lengths, strict=True)]
+        np.testing.assert_allclose(got.sequence_scores, ref.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
+
     def test_embedded_default_generates_coherent_text(self, ours: gemma_core.Model) -> None:
         text = ours.generate("The capital of France is", max_new_tokens=12).texts[0]
         assert "France" in text or "Paris" in text
