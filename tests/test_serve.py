@@ -23,7 +23,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import gemma_core  # noqa: E402
-from gemma_core.serving.engine import Engine  # noqa: E402
+from gemma_core.serving.engine import Engine, wait_idle  # noqa: E402
 from gemma_core.serving.server import create_app, make_server  # noqa: E402
 
 KEY = "test-key"
@@ -101,16 +101,6 @@ def served(model: Any) -> Iterator[Served]:
         yield s
 
 
-def _idle(engine: Engine, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        m = engine.metrics()
-        if m.active == 0 and m.queue_depth == 0:
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def _greedy(model: Any, ids: list[int], n: int, **kwargs: Any) -> Any:
     return model.generate([ids], max_new_tokens=n, do_sample=False, **kwargs)
 
@@ -177,7 +167,7 @@ def test_four_concurrent_streams_each_equal_their_own_generate(served: Served, m
         t.join(20)
     for i, p in enumerate(prompts):
         assert texts[i] == _greedy(model, model.tokenizer.encode(p), 24 + 3 * i).texts[0], p
-    assert _idle(served.engine)
+    assert wait_idle(served.engine, 5.0)
     after = served.engine.metrics()
     # batched: fewer decode steps than tokens after the first of each (one request at a time: equal)
     tokens = after.tokens_generated_total - before.tokens_generated_total
@@ -377,7 +367,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(model: Any) -> None:
                 if len(got) == 3:
                     break
             assert s.engine.metrics().active == 1  # still decoding when the client leaves
-        assert _idle(s.engine, 3.0), "the disconnected request still holds its slot"
+        assert wait_idle(s.engine, 3.0), "the disconnected request still holds its slot"
         assert s.engine.metrics().tokens_generated_total < 150
         text = httpx.get(s.url + "/metrics").text
         assert "gemma_client_disconnects_total 1.0" in text
@@ -389,7 +379,7 @@ def test_a_client_leaving_a_plain_request_frees_its_slot(model: Any) -> None:
         with pytest.raises(httpx.TimeoutException):
             s.post("/v1/completions", {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True},
                    timeout=0.5)
-        assert _idle(s.engine, 3.0), "the abandoned request still holds its slot"
+        assert wait_idle(s.engine, 3.0), "the abandoned request still holds its slot"
         assert s.engine.metrics().tokens_generated_total < 150
 
 
@@ -409,7 +399,7 @@ def test_the_request_timeout_cancels(model: Any) -> None:
         with pytest.raises(openai.APIError, match="request timeout"):
             list(s.client().completions.create(model=NAME, prompt="Hello", max_tokens=100, stream=True,
                                                extra_body={"ignore_eos": True}))
-        assert _idle(s.engine)
+        assert wait_idle(s.engine, 5.0)
 
 
 def test_shutdown_lets_a_running_stream_finish(model: Any) -> None:
