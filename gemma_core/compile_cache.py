@@ -2,7 +2,8 @@
 JAX's persistent compilation cache, in one folder with a size bound (`gemma cache info|clear`).
 
 The folder is `$GEMMA_CACHE_DIR`, else `$XDG_CACHE_HOME/gemma-core`, else `~/.cache/gemma-core`;
-`torch/` and `jax/` below it. The bound is `$GEMMA_CACHE_MAX_BYTES` (default 2 GiB): when a
+`torch/` and `jax/` below it, and `load/`, the decoded GGUF files of `gemma_core.load_cache`
+(which trims the folder after writing an entry). The bound is `$GEMMA_CACHE_MAX_BYTES` (default 2 GiB): when a
 compiling process starts and when it exits, the least recently written files go until the folder
 fits. Nothing here runs at import of gemma_core: a backend calls `enable_torch`/`enable_jax` when
 it is asked to compile, and a cache location the user set (TORCHINDUCTOR_CACHE_DIR,

@@ -41,7 +41,6 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
     The default backend stays the NumPy reference (or $GEMMA_BACKEND); `backend="auto"` runs the
     fastest installed engine, as the CLI does by default (`gemma_core.engine_choice`: torch
     eager bf16, then jax, then numpy); `dtype="auto"` is the backend's fastest dtype."""
-    from gemma_core.checkpoint import load_checkpoint, read_labels
     from gemma_core.presets import PRESETS
     from gemma_core.weights import random_weights
 
@@ -74,6 +73,9 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
             if config_changes:
                 raise ConfigError(f"config overrides apply to presets only, got {sorted(config_changes)}")
             if fmt == "hf":
+                # here only: the checkpoint module is not needed to load the other formats
+                from gemma_core.checkpoint import load_checkpoint, read_labels
+
                 config, weights = load_checkpoint(key, validate=False, allow_nonfinite=allow_nonfinite)
                 tokenizer = find_tokenizer(key, config)
                 labels = read_labels(key)
@@ -131,13 +133,14 @@ def source_format(path: str | os.PathLike[str]) -> str:
     gemma-pytorch, gguf). A `.gguf` name is gguf without looking (its reader reports a missing
     or damaged file); a folder with a config.json that no reader recognises is taken as a
     Hugging Face folder, so that its reader names what is missing."""
-    from gemma_core.formats.convert import detect
     from gemma_core.transaction import check_source
 
     if os.fspath(path).endswith(".gguf"):
         if os.path.exists(path):
             check_source(path)
         return "gguf"
+    from gemma_core.formats.convert import detect  # not for GGUF: it imports every reader
+
     try:
         return detect(path)
     except CheckpointError:

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from gemma_core.errors import CheckpointError
@@ -23,10 +22,20 @@ from gemma_core.jsonfile import parse_json
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def _dtype(name: str) -> np.dtype:
+    """A safetensors dtype name's numpy dtype; BF16 through ml_dtypes, imported only for it."""
+    if name == "BF16" and name not in _DTYPES:
+        import ml_dtypes
+
+        _DTYPES["BF16"] = np.dtype(ml_dtypes.bfloat16)
+        _NAMES[_DTYPES["BF16"]] = "BF16"
+    return _DTYPES[name]
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -67,7 +76,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict, int]:
         try:
             if not isinstance(info, dict):
                 raise TypeError(info)
-            dtype = _DTYPES[info["dtype"]]
+            dtype = _dtype(info["dtype"])
             shape, offsets = info["shape"], info["data_offsets"]
             if not (isinstance(shape, list) and all(_is_count(d) for d in shape)
                     and isinstance(offsets, list) and len(offsets) == 2
@@ -111,7 +120,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             buf = np.empty(end - begin, np.uint8)
             f.seek(offset + begin)
             _read_into(f, buf.data, path, name)
-            array = buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+            array = buf.view(_dtype(info["dtype"])).reshape(info["shape"])
             array.flags.writeable = False
             tensors[name] = array
     return tensors
@@ -138,6 +147,8 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, np.nda
     arrays = []
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
+        if a.dtype.name == "bfloat16":
+            _dtype("BF16")
         if a.dtype not in _NAMES:
             raise CheckpointError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),

@@ -84,8 +84,11 @@ class GemmaTokenizer:
         self.truncation_side = "right"
         self._control = _special_pieces(self.sp.serialized_model_proto())
         self._control_ids = frozenset(self._control.values())
-        pattern = "|".join(re.escape(p) for p in sorted(self._control, key=len, reverse=True) if p)
-        self._split = re.compile(f"({pattern})") if pattern else None
+        # text is split on the special pieces by a scan (`_split_special`), not by one regex of
+        # them all: compiling the alternation of Gemma 3's 6250 pieces cost ~0.5 s of CPU a process
+        self._piece_lengths = sorted({len(p) for p in self._control if p}, reverse=True)
+        starts = "".join(sorted({p[0] for p in self._control if p}))
+        self._piece_starts = re.compile(f"[{re.escape(starts)}]") if starts else None
         self.start_of_turn_id = self._control.get("<start_of_turn>")
         self.end_of_turn_id = self._control.get("<end_of_turn>")
         if chat_format is None:
@@ -132,13 +135,32 @@ class GemmaTokenizer:
         if not isinstance(text, str):
             raise InputError(f"text: expected a string, got {type(text).__name__}")
         ids = [self.bos_id] if add_special_tokens and self.add_bos else []
-        pieces = self._split.split(text) if self._split else [text]
-        for piece in pieces:
+        for piece in self._split_special(text):
             if piece in self._control:
                 ids.append(self._control[piece])
             elif piece:
                 ids.extend(self.sp.encode(piece))
         return ids
+
+    def _split_special(self, text: str) -> list[str]:
+        """`text` cut around its special pieces: [plain, special, plain, ..., plain], as
+        `re.split` with an alternation of the pieces, longest first, gives it (at each position
+        from the left, the longest piece that starts there)."""
+        if self._piece_starts is None:
+            return [text]
+        out, done = [], 0
+        for m in self._piece_starts.finditer(text):
+            at = m.start()
+            if at < done:  # inside the piece just taken
+                continue
+            for n in self._piece_lengths:
+                piece = text[at:at + n]  # shorter near the end: then it is a shorter piece or none
+                if piece in self._control:
+                    out += [text[done:at], piece]
+                    done = at + len(piece)
+                    break
+        out.append(text[done:])
+        return out
 
     def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = True, *,
                  padding: bool | str = True, max_length: int | None = None,
@@ -291,8 +313,13 @@ def _special_pieces(proto: bytes) -> dict[str, int]:
     kinds = pb.ModelProto.SentencePiece
     m = pb.ModelProto()
     m.ParseFromString(proto)
-    return {p.piece: i for i, p in enumerate(m.pieces) if p.type in (kinds.CONTROL, kinds.UNKNOWN)
-            or (p.type == kinds.USER_DEFINED and SPECIAL_MARKERS.fullmatch(p.piece))}
+    special, user = (kinds.CONTROL, kinds.UNKNOWN), kinds.USER_DEFINED
+    out = {}
+    for i, p in enumerate(m.pieces):  # a piece's text only where its type asks (262k pieces)
+        kind = p.type
+        if kind in special or (kind == user and SPECIAL_MARKERS.fullmatch(p.piece)):
+            out[p.piece] = i
+    return out
 
 
 def _content(message: Mapping[str, Any]) -> str:

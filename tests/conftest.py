@@ -17,9 +17,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 # folder of this run, not the user's home.
 os.environ.setdefault("GEMMA_BACKEND", "numpy")
 if "GEMMA_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["GEMMA_CACHE_DIR"] = tempfile.mkdtemp(prefix="gemma-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["GEMMA_CACHE_DIR"], ignore_errors=True)  # ~1 GB
 
 
 def _release_memory() -> None:

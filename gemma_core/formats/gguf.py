@@ -309,18 +309,37 @@ def load_gguf(
 ) -> tuple[GemmaConfig, dict[str, np.ndarray], Any]:
     """(config, float32 weights, GemmaTokenizer or None) of a GGUF file; with `quant`, the
     weights quantised as they are read and the config recording it (see `read_weights`; NaN
-    and infinite weights are refused unless `allow_nonfinite=True`)."""
-    from gemma_core.tokenizer import GemmaTokenizer
+    and infinite weights are refused unless `allow_nonfinite=True`). What a load decodes is
+    kept in the load cache (`gemma_core.load_cache`, off under GEMMA_LOAD_CACHE=0): the next
+    load of the same file with the same settings maps it instead, the same values bit for bit."""
+    from gemma_core import load_cache
 
+    settings = {"quant": None if quant is None else quant.to_hf(),
+                "query_pre_attn_scalar": query_pre_attn_scalar, "allow_nonfinite": allow_nonfinite}
+    hit = load_cache.lookup(path, settings)
+    if hit is not None:
+        return hit.config, hit.weights, _tokenizer(hit.config, hit.tokenizer)
     reader = open_gguf(path)
     config = read_config(reader, os.fspath(path), query_pre_attn_scalar)
     if quant is not None:
         config = config.replace(quantization=quant)
     weights = read_weights(reader, config, os.fspath(path), progress, allow_nonfinite=allow_nonfinite)
-    tokenizer = None
+    state = None
     if _field(reader, "tokenizer.ggml.tokens") is not None:
-        fmt = "gemma3" if config.architecture is Architecture.GEMMA3 else "gemma"
-        tokenizer = GemmaTokenizer(build_tokenizer_proto(reader), chat_format=fmt,
-                                   add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
-                                   chat_template=_field(reader, "tokenizer.chat_template"))
+        state = load_cache.TokenizerState(build_tokenizer_proto(reader),
+                                          bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
+                                          _field(reader, "tokenizer.chat_template"))
+    tokenizer = _tokenizer(config, state)  # before the entry is kept: a refused proto is not
+    load_cache.store(path, settings, config, weights, state)
     return config, weights, tokenizer
+
+
+def _tokenizer(config: GemmaConfig, state: Any) -> Any:
+    """The GemmaTokenizer of a `load_cache.TokenizerState`, or None without one."""
+    from gemma_core.tokenizer import GemmaTokenizer
+
+    if state is None:
+        return None
+    fmt = "gemma3" if config.architecture is Architecture.GEMMA3 else "gemma"
+    return GemmaTokenizer(state.proto, chat_format=fmt, add_bos=state.add_bos,
+                          chat_template=state.chat_template)
