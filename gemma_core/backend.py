@@ -147,6 +147,14 @@ class Backend(abc.ABC):
     def to_numpy(self, x: Any) -> np.ndarray:
         """Any backend array as numpy; float dtypes narrower than float32 become float32."""
 
+    def greedy_tokens(self, logits: Any) -> np.ndarray:
+        """Each row's argmax over the vocabulary at the last position of `logits [B, T, V]`, as
+        host int64 `[B]`, ties to the lowest id (numpy's rule), over the logits as float32 (as
+        transformers' generate casts them; float64 near-ties may round together). Backends
+        override this to reduce on the device, so greedy decoding moves B ids to the host
+        instead of B x V floats."""
+        return self.to_numpy(logits)[:, -1].astype(np.float32).argmax(axis=-1).astype(np.int64)
+
     @abc.abstractmethod
     def new_cache_layer(self, batch: int, kv_heads: int, capacity: int, head_dim: int,
                         dtype: str, device: str | None) -> Any:

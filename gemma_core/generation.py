@@ -28,7 +28,14 @@ from gemma_core.decoding import (
     stop_cut,
 )
 from gemma_core.errors import InputError
-from gemma_core.processors import ProcessorConfig, apply_all, log_softmax, stopped, top_entries
+from gemma_core.processors import (
+    ProcessorConfig,
+    apply_all,
+    log_softmax,
+    plain_greedy,
+    stopped,
+    top_entries,
+)
 from gemma_core.sampling import SamplingConfig, choose
 
 if TYPE_CHECKING:
@@ -146,14 +153,18 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt] | None = No
     if cache is None:
         cache = model.new_cache(len(rows_ids), total)
     out = model.forward(ids, mask, cache, last_only=True, donate_cache=owned)
+    on_device = plain_greedy(sampling, procs) and not output_scores
     for step in range(max_new_tokens):
-        logits = model.to_numpy(out.logits)[:, -1].astype(np.float32)  # [B,V]
-        scores = apply_all(seq, logits, pads, step, sampling, procs, eos_list)
-        nxt = choose(scores, sampling, rng)
+        if on_device:  # B ids to the host, not B x V floats
+            scores, nxt = None, model.greedy_tokens(out.logits)
+        else:
+            logits = model.to_numpy(out.logits)[:, -1].astype(np.float32)  # [B,V]
+            scores = apply_all(seq, logits, pads, step, sampling, procs, eos_list)
+            nxt = choose(scores, sampling, rng)
         seq = np.concatenate([seq, np.where([r is None for r in rows.reasons], nxt,
                                             model.config.pad_token_id)[:, None]], axis=1)
-        hits = stopped(procs, seq, scores) if procs.stopping_criteria else None
-        lp = log_softmax(scores) if output_scores else None
+        hits = stopped(procs, seq, scores) if scores is not None and procs.stopping_criteria else None
+        lp = log_softmax(scores) if scores is not None and output_scores else None
         top = top_entries(lp, top_logprobs) if lp is not None and top_logprobs else None
         tokens: list[int | None] = []
         for row, token in enumerate(int(t) for t in nxt):

@@ -30,6 +30,10 @@ from gemma_core.step import Bookkeeping, step_inputs
 from gemma_core.weights import task_weights
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Prompts longer than this are prefilled in chunks of it (llama.cpp's ubatch): a step's masks and
+# attention scores are then [chunk, S], not [T, S], so a long prompt's memory grows as T·chunk
+# where a window bounds the sliding layers (transformers' `prefill_chunk_size`; None: one step).
+DEFAULT_PREFILL_CHUNK = 512
 
 
 class Float16OverflowWarning(UserWarning):
@@ -134,6 +138,7 @@ class Model:
         self._hidden_step: tuple[Any, Any] | None = None  # (op table, step): built when first asked
         self.static_shapes = self.backend.static_shapes(options)
         self.mutates_cache = self.backend.mutates_cache(options)  # forward copies a caller's cache
+        self.prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK
 
     @property
     def ops(self) -> Mapping[str, Any]:
@@ -184,6 +189,10 @@ class Model:
         buffers in place), so it can be continued again. `donate_cache=True` hands it over
         instead: no copy, and `cache` is spent (refused by every later use); decode loops that
         own their cache pass it to update it in place.
+
+        With `last_only`, more than `prefill_chunk_size` tokens (an attribute, default
+        `DEFAULT_PREFILL_CHUNK`; None turns it off) run as consecutive steps of that many: the
+        same keys and logits (up to float rounding order), with memory bounded by the chunk.
         """
         if past_key_values is not None:
             if cache is not None:
@@ -208,6 +217,17 @@ class Model:
                     "dynamic=True) or forward without max_length, whose cache grows")
             cache = self._grow_cache(cache, start + t, share=owned or not self.mutates_cache)
             owned = True  # the grown cache's layers are new or copied
+        chunk = self.prefill_chunk_size
+        if chunk is not None and t > chunk and last_only and self.task == "causal-lm" \
+                and not output_hidden_states:
+            out = None
+            for lo in range(0, t, chunk):  # each chunk continues the last one's cache, in place
+                out = self.forward(ids[:, lo:lo + chunk], mask[:, lo:lo + chunk],
+                                   cache if out is None else out.cache, last_only=True,
+                                   donate_cache=owned or out is not None)
+            assert out is not None
+            given.spent = given.spent or donate_cache
+            return out
         inputs, book = step_inputs(ids, mask, Bookkeeping(start, cache.valid, cache.seen),
                                    last_only=last_only, windows=self.layer_kinds)
         be, dev = self.backend, self.device
@@ -395,6 +415,11 @@ class Model:
     def to_numpy(self, x: Any) -> np.ndarray:
         """Any backend array as numpy (float32 for float dtypes narrower than float32)."""
         return self.backend.to_numpy(x)
+
+    def greedy_tokens(self, logits: Any) -> np.ndarray:
+        """Host int64 `[B]`: each row's argmax at the last position of `logits`, ties to the
+        lowest id, reduced on the backend's device (`Backend.greedy_tokens`)."""
+        return self.backend.greedy_tokens(logits)
 
     def copy_cache(self, cache: KVCache) -> KVCache:
         """An independent copy of `cache` (new buffers): a fork that can be handed over

@@ -138,6 +138,14 @@ def apply_all(ids: np.ndarray, scores: np.ndarray, pads: np.ndarray, generated: 
     return warp(scores, sampling)
 
 
+def plain_greedy(sampling: SamplingConfig, procs: ProcessorConfig) -> bool:
+    """Whether the next token is the raw logits' argmax: greedy, and no processor or stopping
+    criterion that reads the scores (so the device can reduce them: `Model.greedy_tokens`)."""
+    return (not sampling.do_sample and sampling.repetition_penalty in (None, 1.0)
+            and not procs.no_repeat_ngram_size and not procs.bad_words_ids and not procs.min_new_tokens
+            and not procs.logits_processor and not procs.stopping_criteria)
+
+
 def stopped(procs: ProcessorConfig, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Per row: whether any stopping criterion holds for `ids [N, T]` (its last token new)."""
     done = np.zeros(len(ids), bool)

@@ -181,7 +181,7 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(tiny3: gemma_co
 
     engine.model = type("M", (), {})()  # a view of the model whose forward fails once
     for name in ("config", "tokenizer", "backend", "dtype", "device", "static_shapes", "new_cache",
-                 "to_numpy"):
+                 "to_numpy", "greedy_tokens"):
         setattr(engine.model, name, getattr(tiny3, name))
     engine.model.forward = flaky
     engine.start()

@@ -67,6 +67,13 @@ class JaxBackend(Backend):
             x = x.astype(jnp.float32)
         return np.asarray(x)
 
+    def greedy_tokens(self, logits: Any) -> np.ndarray:
+        if not isinstance(logits, jax.Array):
+            return super().greedy_tokens(logits)
+        last = logits[:, -1]
+        last = last.astype(jnp.float32) if last.dtype == jnp.float64 else last  # the rule's float32
+        return np.asarray(jnp.argmax(last, axis=-1)).astype(np.int64)  # numpy's tie rule
+
     def new_cache_layer(self, batch: int, kv_heads: int, capacity: int, head_dim: int,
                         dtype: str, device: str | None) -> Any:
         shape = (batch, kv_heads, capacity, head_dim)

@@ -43,7 +43,7 @@ from gemma_core.cache import KVCache, batch_ids, reorder_cache, shift_slots, wri
 from gemma_core.decoding import _bucket, _left_pad, default_eos_ids, stop_cut
 from gemma_core.errors import InputError
 from gemma_core.generation import _Rows
-from gemma_core.processors import log_softmax, top_entries
+from gemma_core.processors import ProcessorConfig, log_softmax, plain_greedy, top_entries
 from gemma_core.sampling import SamplingConfig, choose, process
 from gemma_core.serving.prefix import PrefixCache
 
@@ -169,6 +169,9 @@ class _Row:
         self.eos = frozenset() if request.params.ignore_eos else eos
         self.start = start  # the row's first slot
         self.last = -1  # the token to feed next
+        # the raw argmax decides: the device may reduce the logits (Model.greedy_tokens)
+        self.plain = (plain_greedy(self.sampling, ProcessorConfig()) and self.params.processor is None
+                      and self.params.logprobs is None)
 
 
 class Engine:
@@ -489,28 +492,37 @@ class Engine:
         mask = np.array([[a] for a in active], np.int64)
         out = model.forward(feed, mask, cache, last_only=True, donate_cache=True)
         self._cache = out.cache
-        logits = model.to_numpy(out.logits)[:, -1].astype(np.float32)
+        if all(r is None or r.plain for r in self._rows):  # B ids to the host, not B x V floats
+            logits, tokens = None, model.greedy_tokens(out.logits)
+        else:
+            logits, tokens = model.to_numpy(out.logits)[:, -1].astype(np.float32), None
         with self._cv:
             self._counts["steps"] += 1
             for i, row in enumerate(self._rows):
                 if row is not None and active[i]:
-                    self._advance(i, row, logits[i])
+                    if tokens is not None:
+                        self._advance(i, row, None, int(tokens[i]))
+                    else:
+                        self._advance(i, row, logits[i])
 
-    def _advance(self, i: int, row: _Row, logits: np.ndarray) -> None:
-        """Choose row `i`'s next token from its logits and emit it (the lock held)."""
+    def _advance(self, i: int, row: _Row, logits: np.ndarray | None, token: int = -1) -> None:
+        """Choose row `i`'s next token from its logits (or take `token`, the argmax of a plain
+        greedy row reduced on the device) and emit it (the lock held)."""
         params = row.params
         if row.request.cancelled:
             self._free(i, TokenEvent(None, self._delta(row), finish_reason="cancelled"))
             return
-        scores = logits[None]
-        if params.processor is not None:
-            ids = np.array([row.request.prompt_ids + row.text.ids[0]], np.int64)
-            scores = np.asarray(params.processor(ids, scores), np.float32)
-        scores = process(scores, row.sampling, [])
-        token = int(choose(scores, row.sampling, row.rng)[0])
+        scores = None
+        if logits is not None:
+            scores = logits[None]
+            if params.processor is not None:
+                ids = np.array([row.request.prompt_ids + row.text.ids[0]], np.int64)
+                scores = np.asarray(params.processor(ids, scores), np.float32)
+            scores = process(scores, row.sampling, [])
+            token = int(choose(scores, row.sampling, row.rng)[0])
         logprob: float | None = None
         top: tuple[tuple[int, float], ...] = ()
-        if params.logprobs is not None:
+        if params.logprobs is not None and scores is not None:
             lp = log_softmax(scores)
             logprob = float(lp[0, token])
             if params.logprobs:
