@@ -274,11 +274,15 @@ def batch_worker(engine: str, dtype: str, gguf: str, batch: int, prompt_len: int
             "first_call_s": first, "peak_rss_mb": _peak_mb()}
 
 
-def prefill_worker(engine: str, dtype: str, gguf: str, length: int, runs: int = 2) -> dict:
-    """Seconds of one forward of `length` random ids (the last of `runs`), and memory."""
+def prefill_worker(engine: str, dtype: str, gguf: str, length: int, runs: int = 2,
+                   chunk: int | None = None) -> dict:
+    """Seconds of one forward of `length` random ids (the last of `runs`), and memory; `chunk`
+    the model's prefill_chunk_size (0: one step; None: the default)."""
     import numpy as np
 
     model = _load(engine, dtype, gguf)
+    if chunk is not None:
+        model.prefill_chunk_size = chunk or None
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (1, length))
     ids[0, 0] = 2
     loaded = _reset_peak()
@@ -404,8 +408,9 @@ def cmd_prefill(a: argparse.Namespace) -> int:
                 row = _worker_row(["_llama_prefill", gguf, str(n), str(a.runs)], a.timeout,
                                   python=a.llama_python)
             else:
-                row = _worker_row(["_prefill", engine, dtype or "bfloat16", gguf, str(n), str(a.runs)],
-                                  a.timeout)
+                row = _worker_row(["_prefill", engine, dtype or "bfloat16", gguf, str(n), str(a.runs),
+                                   str(a.prefill_chunk)], a.timeout)
+                row["prefill_chunk"] = a.prefill_chunk
             _append(a.json, {"part": "prefill", "engine": engine,
                              "dtype": "Q4_K_M" if engine == LLAMA else dtype or "bfloat16", "length": n,
                              **row, "uptime_before": before, "uptime_after": _uptime()})
@@ -437,7 +442,8 @@ def report(rows: list[dict]) -> str:
         out: dict[tuple, dict] = {}
         for r in rows:
             if r.get("part") == part:
-                out[(r.get("engine"), r.get("dtype"), r.get("batch"), r.get("length"))] = r
+                out[(r.get("engine"), r.get("dtype"), r.get("batch"), r.get("length"),
+                     r.get("prefill_chunk"))] = r
         return out
 
     lines: list[str] = []
@@ -503,10 +509,11 @@ def report(rows: list[dict]) -> str:
                      share, comp, f"{r['peak_rss_mb']:.0f}"]
             name = r["engine"].split("(")[-1].rstrip(")")
             for b in batches:
-                br = batch.get((name, r["dtype"], b, None))
+                br = batch.get((name, r["dtype"], b, None, None))
                 cells.append(_f(br.get("decode_tok_s")) if br and "error" not in br else "-")
             for n in lengths:
-                pr = prefill.get((name, r["dtype"], None, n))
+                pr = (prefill.get((name, r["dtype"], None, n, 512))
+                      or prefill.get((name, r["dtype"], None, n, None)))
                 cells.append(f"{pr['prefill_tok_s']:.0f} ({pr['peak_rss_mb']:.0f})"
                              if pr and "error" not in pr else "-")
             lines.append("| " + " | ".join(cells) + " |")
@@ -516,11 +523,11 @@ def report(rows: list[dict]) -> str:
         lines += ["### Decode throughput by batch (Model.generate, every row decodes all its tokens)", "",
                   "| engine | dtype | batch | decode tok/s (all rows) | per row | vs batch 1 | TTFT ms "
                   "| first call s | peak RSS MB | load before |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for (engine, dtype, b, _), r in batch.items():
+        for (engine, dtype, b, _, _), r in batch.items():
             if "error" in r:
                 lines.append(f"| {engine} | {dtype} | {b} | error: {r['error']} | | | | | | |")
                 continue
-            one = batch.get((engine, dtype, 1, None))
+            one = batch.get((engine, dtype, 1, None, None))
             rel = f"{r['decode_tok_s'] / one['decode_tok_s']:.2f}x" if one and "error" not in one else "-"
             cells = [engine, dtype, str(b), f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / b:.1f}", rel,
                      f"{r['ttft_s'] * 1e3:.0f}", f"{r['first_call_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
@@ -531,13 +538,16 @@ def report(rows: list[dict]) -> str:
     if prefill:
         lines += ["### Prefill by length (one forward, cache of T slots; sliding layers keep a ring "
                   "of their window)", "",
-                  "| engine | dtype | tokens | prefill s | tok/s | first call s | RSS after load MB | "
-                  "peak RSS in prefill MB | peak above load MB | load before |", "|" + "---|" * 10]
-        for (engine, dtype, _, n), r in prefill.items():
+                  "| engine | dtype | tokens | chunk | prefill s | tok/s | first call s "
+                  "| RSS after load MB | peak RSS in prefill MB | peak above load MB | load before |",
+                  "|" + "---|" * 11]
+        for (engine, dtype, _, n, chunk), r in prefill.items():
+            chunk = "-" if chunk is None else chunk or "one step"
             if "error" in r:
-                lines.append(f"| {engine} | {dtype} | {n} | error: {r['error']} | | | | | | |")
+                lines.append(f"| {engine} | {dtype} | {n} | {chunk} | error: {r['error']} | | | | | | |")
                 continue
-            lines.append(f"| {engine} | {dtype} | {n} | {r['prefill_s']:.2f} | {r['prefill_tok_s']:.0f} | "
+            lines.append(f"| {engine} | {dtype} | {n} | {chunk} | {r['prefill_s']:.2f} | "
+                         f"{r['prefill_tok_s']:.0f} | "
                          f"{r['first_s']:.2f} | {r['rss_loaded_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['peak_rss_mb'] - r['rss_loaded_mb']:.0f} | "
                          f"{r['uptime_before'].split('load average:')[-1].strip()} |")
@@ -575,7 +585,7 @@ def main() -> int:
         if kind == "_batch":
             row = batch_worker(rest[0], rest[1], rest[2], *map(int, rest[3:6]))
         elif kind == "_prefill":
-            row = prefill_worker(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]))
+            row = prefill_worker(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]), int(rest[5]))
         elif kind == "_llama_prefill":
             row = llama_prefill_worker(rest[0], int(rest[1]), int(rest[2]))
         elif kind == "_profile":
@@ -617,6 +627,8 @@ def main() -> int:
     p.add_argument("--batches", default="1,4,16")
     p = add("prefill", cmd_prefill, engines=f"torch,{LLAMA}")
     p.add_argument("--lengths", default="512,2048,8192")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="the model's prefill_chunk_size (0: the whole prompt in one step)")
     p.add_argument("--runs", type=int, default=2, help="forwards per length, the last one timed")
     add("profile", cmd_profile, engines="torch-compile-int4,torch-compile")
     p = sub.add_parser("report")

@@ -127,6 +127,7 @@ def _load_model(args: argparse.Namespace) -> Any:
     import gemma_core
     from gemma_core.backend import default_backend_name
     from gemma_core.embedded import default_model_path
+    from gemma_core.model import DEFAULT_PREFILL_CHUNK
     from gemma_core.tokenizer import GemmaTokenizer
 
     path = args.model or default_model_path()
@@ -151,6 +152,7 @@ def _load_model(args: argparse.Namespace) -> Any:
                             allow_float16=args.allow_float16, adapter=getattr(args, "adapter", None))
     if args.tokenizer:
         model.tokenizer = GemmaTokenizer(args.tokenizer)
+    model.prefill_chunk_size = getattr(args, "prefill_chunk_size", DEFAULT_PREFILL_CHUNK) or None
     if model.tokenizer is None:
         raise GemmaError(f"{path}: the model has no tokenizer; pass --tokenizer tokenizer.model")
     _compile_notice(args)
@@ -555,7 +557,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from gemma_core.backend import BackendChoices
     from gemma_core.generation import DEFAULT_MAX_NEW_TOKENS
-    from gemma_core.model import DTYPES
+    from gemma_core.model import DEFAULT_PREFILL_CHUNK, DTYPES
 
     p.add_argument("--model", help="checkpoint in any format convert reads (hf, keras-hub, flax, "
                                    "gemma-pytorch, gguf), 'embedded' or a preset (default: embedded)")
@@ -583,6 +585,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "adapter_model.safetensors), run unmerged over the model (QLoRA with --quantize)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="tokens to generate at most")
+    p.add_argument("--prefill-chunk-size", type=_nonnegative_int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prefill longer prompts in steps of this many tokens, bounding their memory "
+                        "(llama.cpp's --ubatch-size; 0: the whole prompt in one step)")
     p.add_argument("--temperature", type=float, help="sample at this temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, help="sample within this cumulative probability")

@@ -99,3 +99,20 @@ def test_dtype_auto_and_compile_reach_load(monkeypatch: pytest.MonkeyPatch, fold
     assert main(["generate", "--model", str(folder), "--max-new-tokens", "2", *flags, "hi"]) == 0
     # with no --backend the CLI resolves one ($GEMMA_BACKEND: the suite's conftest sets numpy)
     assert (seen["backend"], seen["dtype"], seen["compile"]) == (backend, dtype, compile)
+
+
+@pytest.mark.parametrize(("flags", "chunk"), [([], 512), (["--prefill-chunk-size", "4"], 4),
+                                              (["--prefill-chunk-size", "0"], None)])
+def test_prefill_chunk_size_reaches_the_model(monkeypatch: pytest.MonkeyPatch, folder: Path,
+                                              flags: list[str], chunk: int | None) -> None:
+    loaded: list[gemma_core.Model] = []
+    real = gemma_core.load
+
+    def load(path, **kwargs):  # type: ignore[no-untyped-def]
+        loaded.append(real(path, **{**kwargs, "backend": "numpy", "dtype": "float32", "compile": None}))
+        return loaded[-1]
+
+    monkeypatch.setattr(gemma_core, "load", load)
+    monkeypatch.setattr("gemma_core.cli._import_backend", lambda args: None)
+    assert main(["generate", "--model", str(folder), "--max-new-tokens", "2", *flags, "hi there"]) == 0
+    assert loaded[0].prefill_chunk_size == chunk

@@ -50,7 +50,7 @@ def test_outputs_and_devices() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: weights frozen into the graph
+@pytest.mark.parametrize("dtype", [exhaustive("float32", id="float32"), "bfloat16"])  # bf16: frozen weights
 def test_compiled_step_without_recompiling(dtype: str) -> None:
     """float32: equal to eager; bf16: inductor keeps fused intermediates in float32 where eager
     rounds each op to bf16, so its numerics are held by the conformance test below."""
@@ -138,3 +138,25 @@ def test_cuda_int4_packing_checks_itself_on_load(monkeypatch: pytest.MonkeyPatch
             (fused, rows, row_scale), _ = backend.prepare_quantized(values, scale, "int4", 32,
                                                                     "bfloat16", "cpu", "q")
         assert fused is None and rows is not None and row_scale is not None
+
+
+def test_float32_int8_takes_the_kernel_for_decode_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 int8 weights: the CPU int8 kernel for up to KERNEL_ROWS rows, one dequantised
+    GEMM above; both equal the float32 product of the dequantised weight."""
+    from backends.torch import TorchBackend, ops
+    from gemma_core.quant import dequantize, quantize
+
+    w = np.random.default_rng(0).normal(size=(96, 64)).astype(np.float32)
+    values, scale = quantize(w, "int8", None)
+    backend = TorchBackend()
+    packed, fused_scale = backend.prepare_quantized(values, scale, "int8", None, "float32", "cpu", "q")
+    calls: list[int] = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: calls.append(len(x)) or kernel(x, w, s))
+    want = torch.from_numpy(dequantize(values, scale, "int8", None))
+    policy = ops.Policy("float32")
+    for rows in (1, ops.KERNEL_ROWS, ops.KERNEL_ROWS + 1, 40):
+        x = torch.randn(1, rows, 64)
+        got = ops.qlinear(policy, x, packed, fused_scale, scheme="int8", group_size=None)
+        torch.testing.assert_close(got, x @ want.t(), rtol=1e-5, atol=1e-5)
+    assert calls == [1, ops.KERNEL_ROWS]

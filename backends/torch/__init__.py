@@ -59,13 +59,16 @@ class TorchBackend(Backend):
     def quant_kernel(self, dev: torch.device, dt: torch.dtype, scheme: str, shape: tuple[int, ...],
                      group_size: int | None) -> str | None:
         """The weight-only kernel that runs a quantised [O, I] weight: "int8-cpu"
-        (`_weight_int8pack_mm`), "int4-cpu" (`_weight_int4pack_mm_for_cpu`), "int4-cuda"
+        (`_weight_int8pack_mm`), "int8-cpu-decode" (the same for float32 activations of up to
+        `ops.KERNEL_ROWS` rows, dequantised above), "int4-cpu" (`_weight_int4pack_mm_for_cpu`), "int4-cuda"
         (tinygemm, `_weight_int4pack_mm`, bf16 on sm80+), or None: the op converts int8 values
         inside the product (scaled after it) or dequantises 4-bit codes (nf4, float32 compute,
-        shapes or devices no kernel takes). The CPU kernels take float32 activations too, but
-        ran the real 270M slower overall: int8 decode 10.5 tok/s against 4.6 dequantising,
-        prefill 27 tok/s against 200."""
+        shapes or devices no kernel takes). With float32 activations the int8 kernel alone ran
+        the real 270M's prefill slower (27 tok/s against 200 dequantising) and its decode faster
+        (10.5 tok/s against 4.6): hence "int8-cpu-decode". The int4 kernel stays bf16/fp16."""
         out, inner = shape[0], shape[1] * 2  # 4-bit codes are packed two per byte
+        if dev.type == "cpu" and scheme == "int8" and dt == torch.float32:
+            return "int8-cpu-decode"  # the kernel for a few rows (decode), dequantised for more
         if dev.type == "cpu" and dt in (torch.bfloat16, torch.float16):
             if scheme == "int8":
                 return "int8-cpu"
@@ -93,6 +96,8 @@ class TorchBackend(Backend):
         kernel = self.quant_kernel(dev, dt, scheme, tuple(rows.shape), group_size)
         if kernel is None:
             return (None, _static(rows), _static(row_scale)), None
+        if kernel == "int8-cpu-decode":  # both layouts: the kernel's is gemma-core's
+            return (_static(rows), _static(rows), _static(row_scale)), _static(row_scale)
         if kernel == "int8-cpu":
             fused, fused_scale = rows, row_scale.to(dt)
         else:
