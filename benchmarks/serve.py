@@ -97,9 +97,12 @@ def gemma_command(model: str, backend: str, dtype: str, port: int, max_batch: in
 
 
 def llama_command(python: str, model: str, port: int, threads: int) -> list[str]:
-    """llama-cpp-python's OpenAI-compatible server on the same GGUF file."""
+    """llama-cpp-python's OpenAI-compatible server on the same GGUF file. It runs one request at a
+    time; by default a new request interrupts the running one (its answer ends short), so it is
+    told to queue them instead."""
     return [python, "-m", "llama_cpp.server", "--model", model, "--n_ctx", "4096", "--host", "127.0.0.1",
-            "--port", str(port), "--n_threads", str(threads), "--verbose", "False"]
+            "--port", str(port), "--n_threads", str(threads), "--verbose", "False",
+            "--interrupt_requests", "False"]
 
 
 def start(name: str, kind: str, command: list[str], port: int, log: Path, timeout: float = 600) -> Server:
