@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import CORPUS
+from conftest import CORPUS, EXHAUSTIVE
 
 import gemma_core
 
@@ -32,6 +32,16 @@ PROMPTS = [
     "東京は日本の",
     "1, 2, 3, 5, 8, 13,",
 ]
+
+
+# numpy (the reference) and torch (the default engine) run every prompt; jax and tensorflow, which
+# compile a step per prompt shape (minutes here), run the first two by default and all under
+# GEMMA_EXHAUSTIVE=1 (their code paths are the conformance catalogue's, on every case)
+FULL_BACKENDS = ("numpy", "torch")
+
+
+def _prompts_for(model: gemma_core.Model) -> list[str]:
+    return PROMPTS if model.backend.name in FULL_BACKENDS or EXHAUSTIVE else PROMPTS[:2]
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +155,7 @@ class TestAgainstTransformers:
     def test_first_step_logits_equal_transformers(self, ours: gemma_core.Model, hf_runs) -> None:  # type: ignore[no-untyped-def]
         first_step, _ = hf_runs
         assert ours.tokenizer is not None
-        for prompt in PROMPTS:
+        for prompt in _prompts_for(ours):
             ids = ours.tokenizer.encode(prompt)
             ref = first_step(ids)
             got = ours.to_numpy(ours.forward(np.array([ids])).logits)
@@ -154,7 +164,7 @@ class TestAgainstTransformers:
     def test_greedy_continuations_equal_transformers(self, ours: gemma_core.Model, hf_runs) -> None:  # type: ignore[no-untyped-def]
         _, continuation = hf_runs
         assert ours.tokenizer is not None
-        for prompt in PROMPTS:
+        for prompt in _prompts_for(ours):
             ids = ours.tokenizer.encode(prompt)
             got = ours.generate([ids], max_new_tokens=24, eos_token_ids=[]).token_ids[0]
             assert got == continuation(ids), prompt
@@ -184,5 +194,8 @@ class TestAgainstTransformers:
         np.testing.assert_allclose(got.sequence_scores, ref.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
 
     def test_embedded_default_generates_coherent_text(self, ours: gemma_core.Model) -> None:
+        if ours.backend.name not in FULL_BACKENDS and not EXHAUSTIVE:
+            pytest.skip("the real model's text on jax/tensorflow: GEMMA_EXHAUSTIVE=1 (their greedy "
+                        "ids equal transformers' above)")
         text = ours.generate("The capital of France is", max_new_tokens=12).texts[0]
         assert "France" in text or "Paris" in text
