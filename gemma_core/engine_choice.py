@@ -5,7 +5,8 @@ compile setting.
 The order, from the decode tables of the real Gemma 3 270M on this project's 2-core CPU
 (benchmarks/results-cpu*.md) and from what a process pays before its first token:
 
-1. torch, eager, bfloat16: 31 tok/s decode (transformers' speed) and nothing to compile.
+1. torch, eager, bfloat16: 31 tok/s decode (transformers' speed) and nothing to compile; since
+   greedy argmax moved to the device, 1.70x transformers' eager bf16 (results-cpu-e2e.md).
    Compiled torch decodes at 61-79 tok/s but is never chosen by itself: its frozen bf16 step
    costs 24-150 s of compile in every new process (inductor cannot reuse a graph holding
    oneDNN-packed weights across processes, `gemma_core.compile_cache`), which 31 against
@@ -36,7 +37,7 @@ class Engine:
 
 
 ORDER = (
-    Engine("torch", "bfloat16", False, "eager bfloat16 decodes at transformers' speed with no "
+    Engine("torch", "bfloat16", False, "eager bfloat16 decodes faster than transformers' with no "
            "compile (compiled torch compiles for 24-150 s in each process: --compile)"),
     Engine("jax", "bfloat16", None, "jit bfloat16, its compile kept in the persistent cache"),
     Engine("numpy", "float32", None, "the reference; no faster backend imports here"),
