@@ -8,8 +8,10 @@ take its path without hashing it again (as the load cache trusts a source's iden
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from gemma_core.errors import CheckpointError
@@ -50,13 +52,22 @@ def default_model_path() -> str:
     known = _verified(expected)
     if known is not None:
         return known
+    target = Path(package.default_output_path()).resolve()
+    before = _identity(target, expected) if target.exists() else None
     path = Path(package.assemble()).resolve()  # raises if the file's hash is not the expected one
+    seen = _identity(path, expected)
+    if path != target or seen != before:
+        return str(path)  # assembled now, or changed while it was hashed: verified again next run
+    tmp = None
     try:
         record = _record()
         record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f".{record.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(_identity(path, expected)))
+        fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".embedded.")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(seen))
         os.replace(tmp, record)  # whole or absent
     except OSError:
-        pass  # a read-only cache: hash again next time
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return str(path)

@@ -138,7 +138,19 @@ class Model:
         self._hidden_step: tuple[Any, Any] | None = None  # (op table, step): built when first asked
         self.static_shapes = self.backend.static_shapes(options)
         self.mutates_cache = self.backend.mutates_cache(options)  # forward copies a caller's cache
-        self.prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK
+        self.prefill_chunk_size = DEFAULT_PREFILL_CHUNK
+
+    @property
+    def prefill_chunk_size(self) -> int | None:
+        """Prompts longer than this many tokens are prefilled in steps of it (None: one step)."""
+        return self._prefill_chunk
+
+    @prefill_chunk_size.setter
+    def prefill_chunk_size(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                  or value < 1):
+            raise ConfigError(f"prefill_chunk_size: a positive integer or None (one step), got {value!r}")
+        self._prefill_chunk = None if value is None else int(value)
 
     @property
     def ops(self) -> Mapping[str, Any]:
@@ -220,13 +232,14 @@ class Model:
         chunk = self.prefill_chunk_size
         if chunk is not None and t > chunk and last_only and self.task == "causal-lm" \
                 and not output_hidden_states:
+            if donate_cache and cache is not given:  # grown: `given` is spent before any step
+                given.spent = True
             out = None
             for lo in range(0, t, chunk):  # each chunk continues the last one's cache, in place
                 out = self.forward(ids[:, lo:lo + chunk], mask[:, lo:lo + chunk],
                                    cache if out is None else out.cache, last_only=True,
                                    donate_cache=owned or out is not None)
-            assert out is not None
-            given.spent = given.spent or donate_cache
+            assert out is not None  # (the first chunk's step spent a donated `given` itself)
             return out
         inputs, book = step_inputs(ids, mask, Bookkeeping(start, cache.valid, cache.seen),
                                    last_only=last_only, windows=self.layer_kinds)

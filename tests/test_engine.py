@@ -88,6 +88,29 @@ def test_responses_equal_single_requests(backend: str, tiny3: gemma_core.Model) 
         assert [e.finish_reason for e in evs] == [None] * (n - 1) + ["length"]
 
 
+def test_device_greedy_rows_beside_rows_that_need_the_logits(tiny3: gemma_core.Model) -> None:
+    """All-plain-greedy steps reduce on the device (Model.greedy_tokens); a step with a logprobs
+    row takes the host path for every row: tokens equal generate's either way."""
+    prompts = _prompts(3, seed=4)
+    seen: list[int] = []
+    reduce = tiny3.backend.greedy_tokens
+    tiny3.backend.greedy_tokens = lambda logits: seen.append(1) or reduce(logits)  # type: ignore[method-assign]
+    engine = Engine(tiny3, max_batch=4)
+    try:
+        plain = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        events = _collect(engine, prompts, [plain, SamplingParams(max_tokens=3, temperature=0,
+                                                                  ignore_eos=True, logprobs=0), plain])
+    finally:
+        engine.shutdown()
+        del tiny3.backend.greedy_tokens
+    assert 0 < len(seen) < 5  # of 5 decode steps: the host while the logprobs row ran, then the device
+    assert [e.token_id for e in events[1]] == _greedy(tiny3, prompts[1], 3)
+    assert all(e.logprob is not None for e in events[1])
+    for i in (0, 2):
+        assert [e.token_id for e in events[i]] == _greedy(tiny3, prompts[i], 6)
+        assert all(e.logprob is None for e in events[i])
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch", "jax", "tensorflow", "array_api"])
 def test_row_splice_and_shift_change_no_logit(backend: str) -> None:
     """A prompt prefilled at an offset and spliced into a batch row, then shifted, decodes the

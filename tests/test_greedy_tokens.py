@@ -26,6 +26,10 @@ def test_ties_go_to_the_lowest_id_in_every_dtype(backend: str) -> None:
             got = be.greedy_tokens(x)
             assert got.dtype == np.int64 and got.shape == (3,)
             np.testing.assert_array_equal(got, want, err_msg=f"{backend} {dtype} vocab {vocab}")
+    if "float64" in be.dtypes:  # float64 logits are compared as float32, as transformers casts
+        near = np.zeros((1, 1, 8))
+        near[0, 0, 1], near[0, 0, 3] = 1.0, 1.0 + 1e-12  # one float32 value
+        assert be.greedy_tokens(be.convert_weight(near, "float64", None)).tolist() == [1]
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "array_api"])

@@ -149,10 +149,12 @@ def test_the_embedded_file_is_hashed_again_only_when_it_changes(monkeypatch: pyt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(package, "assemble", counted)
-    path = embedded.default_model_path()  # assembled and verified by the package, identity kept
+    path = embedded.default_model_path()  # assembled and hashed by the package
     assert path == str(tmp_path / "model.gguf") and calls == [1]
+    assert not (tmp_path / "cache" / "embedded.json").exists()  # made just now: not yet trusted
+    assert embedded.default_model_path() == path and calls == [1, 1]  # verified, identity kept
     assert (tmp_path / "cache" / "embedded.json").exists()
-    assert embedded.default_model_path() == path and calls == [1]  # trusted: not hashed again
+    assert embedded.default_model_path() == path and calls == [1, 1]  # trusted: not hashed again
     time.sleep(0.05)  # past the file system's timestamp granularity
     with open(path, "r+b") as f:  # damaged in place: a new identity, so the package checks it
         f.seek(100)
@@ -161,7 +163,7 @@ def test_the_embedded_file_is_hashed_again_only_when_it_changes(monkeypatch: pyt
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(FileExistsError):
         embedded.default_model_path()
-    assert calls == [1, 1]
+    assert calls == [1, 1, 1]
 
 
 @pytest.mark.real_weights

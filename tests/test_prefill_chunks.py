@@ -80,11 +80,19 @@ def test_generate_and_a_spent_cache_with_chunks() -> None:
     whole = model.generate(prompts, **kw).token_ids
     model.prefill_chunk_size = 8
     assert model.generate(prompts, **kw).token_ids == whole
-    cache = model.new_cache(2, 80)
-    model.forward(ids, mask, cache, last_only=True, donate_cache=True)
-    with pytest.raises(gemma_core.InputError):
-        model.forward(ids[:, :1], None, cache)
-    kept = model.new_cache(2, 80)
-    model.forward(ids, mask, kept, last_only=True)  # not donated: left as it was
-    assert kept.length == 0
-    model.forward(ids[:, :4], None, kept)
+    for dynamic in (False, True):  # a dynamic cache of 4 slots grows once, then takes the chunks
+        cache = model.new_cache(2, 4 if dynamic else 80, dynamic=dynamic)
+        model.forward(ids, mask, cache, last_only=True, donate_cache=True)
+        with pytest.raises(gemma_core.InputError, match="donate_cache=True"):
+            model.forward(ids[:, :1], None, cache)
+    for dynamic in (False, True):  # not donated: left exactly as it was
+        kept = model.forward(ids[:, :5], None, model.new_cache(2, 8 if dynamic else 80,
+                                                               dynamic=dynamic)).cache
+        before = model.export_cache(kept)
+        model.forward(ids, mask, kept, last_only=True)
+        after = model.export_cache(kept)
+        assert after.length == before.length == 5
+        for a, b in zip((*after.keys, *after.values), (*before.keys, *before.values), strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(gemma_core.ConfigError, match="prefill_chunk_size"):
+        model.prefill_chunk_size = 0

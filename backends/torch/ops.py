@@ -165,7 +165,7 @@ def qlinear(p: Policy, x: torch.Tensor, values: Any, scale: Any, *, scheme: str,
     fused, rows, row_scale = values  # see TorchBackend.prepare_quantized
     flat = x.reshape(-1, x.shape[-1])
     if fused is not None and scheme == "int8":
-        if x.dtype != torch.float32 or len(flat) <= KERNEL_ROWS:
+        if x.dtype != torch.float32 or len(flat) <= KERNEL_ROWS or rows is None:
             # CPU int8 weight-only GEMM (float32 activations: for decode's few rows only, where
             # it reads a quarter of the bytes; for a prompt's many rows dequantising is faster)
             return torch._weight_int8pack_mm(flat, fused, scale).view(*x.shape[:-1], -1)
