@@ -47,6 +47,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import LLAMA, QUANT_ENGINES, _median, _peak_mb
 
+from gemma_core.model import DEFAULT_PREFILL_CHUNK
+
 DEFAULT_JSON = "/tmp/gemma-e2e/rows.json"
 PROMPT = "The history of the Roman Empire"
 HERE = Path(__file__).resolve().parent
@@ -512,7 +514,7 @@ def report(rows: list[dict]) -> str:
                 br = batch.get((name, r["dtype"], b, None, None))
                 cells.append(_f(br.get("decode_tok_s")) if br and "error" not in br else "-")
             for n in lengths:
-                pr = (prefill.get((name, r["dtype"], None, n, 512))
+                pr = (prefill.get((name, r["dtype"], None, n, DEFAULT_PREFILL_CHUNK))
                       or prefill.get((name, r["dtype"], None, n, None)))
                 cells.append(f"{pr['prefill_tok_s']:.0f} ({pr['peak_rss_mb']:.0f})"
                              if pr and "error" not in pr else "-")
@@ -627,7 +629,7 @@ def main() -> int:
     p.add_argument("--batches", default="1,4,16")
     p = add("prefill", cmd_prefill, engines=f"torch,{LLAMA}")
     p.add_argument("--lengths", default="512,2048,8192")
-    p.add_argument("--prefill-chunk", type=int, default=512,
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="the model's prefill_chunk_size (0: the whole prompt in one step)")
     p.add_argument("--runs", type=int, default=2, help="forwards per length, the last one timed")
     add("profile", cmd_profile, engines="torch-compile-int4,torch-compile")
