@@ -116,3 +116,12 @@ def test_prefill_chunk_size_reaches_the_model(monkeypatch: pytest.MonkeyPatch, f
     monkeypatch.setattr("gemma_core.cli._import_backend", lambda args: None)
     assert main(["generate", "--model", str(folder), "--max-new-tokens", "2", *flags, "hi there"]) == 0
     assert loaded[0].prefill_chunk_size == chunk
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "2.5"])
+def test_a_bad_prefill_chunk_size_is_refused_before_the_model_loads(capsys, value: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "/no/such/model", "--prefill-chunk-size", value, "hi"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "argument --prefill-chunk-size" in err and "/no/such/model" not in err

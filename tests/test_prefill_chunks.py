@@ -94,5 +94,7 @@ def test_generate_and_a_spent_cache_with_chunks() -> None:
         assert after.length == before.length == 5
         for a, b in zip((*after.keys, *after.values), (*before.keys, *before.values), strict=True):
             np.testing.assert_array_equal(a, b)
-    with pytest.raises(gemma_core.ConfigError, match="prefill_chunk_size"):
-        model.prefill_chunk_size = 0
+    for bad in (0, -3, True, 2.5, "512"):
+        with pytest.raises(gemma_core.ConfigError, match="prefill_chunk_size"):
+            model.prefill_chunk_size = bad  # type: ignore[assignment]
+    assert model.prefill_chunk_size == 8  # a refused value leaves the setting as it was
