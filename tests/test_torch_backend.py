@@ -161,3 +161,32 @@ def test_float32_int8_takes_the_kernel_for_decode_rows_only(monkeypatch: pytest.
         got = ops.qlinear(policy, x, packed, fused_scale, scheme="int8", group_size=None)
         torch.testing.assert_close(got, x @ want.t(), rtol=1e-5, atol=1e-5)
     assert calls == [1, ops.KERNEL_ROWS]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_nf4_on_the_cpu_is_dequantised_once_in_narrow_dtypes(dtype: str) -> None:
+    """No torch CPU kernel reads nf4's codebook: in bf16/fp16 the weight is dequantised once at
+    load ("nf4-dense") and its products equal, bit for bit, those of the weight dequantised at
+    every step (the float32 path, which keeps the 4-bit codes); the embedding keeps its rows."""
+    from backends.torch import TorchBackend, ops
+    from gemma_core.quant import dequantize, quantize
+
+    w = np.random.default_rng(0).normal(size=(96, 128)).astype(np.float32)
+    values, scale = quantize(w, "nf4", 32)
+    backend, dt = TorchBackend(), ops.DTYPES[dtype]
+    assert torch.equal(ops.dequantize(torch.from_numpy(values), torch.from_numpy(scale), "nf4", 32,
+                                      torch.float32), torch.from_numpy(dequantize(values, scale, "nf4", 32)))
+    x = torch.randn(2, 5, 128).to(dt)
+    policy = ops.Policy(dtype)
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"):
+        packed, fused_scale = backend.prepare_quantized(values, scale, "nf4", 32, dtype, "cpu", name)
+        fused, rows, _ = packed
+        if dtype == "float32":
+            assert fused is None and rows is not None  # dequantised each step: 4 bits held
+            continue
+        assert fused.dtype == dt and fused.shape == (96, 128)
+        assert (rows is not None) == (name == "model.embed_tokens.weight")
+        step_by_step = (None, torch.from_numpy(values), torch.from_numpy(scale))
+        got = ops.qlinear(policy, x, packed, fused_scale, scheme="nf4", group_size=32)
+        want = ops.qlinear(policy, x, step_by_step, None, scheme="nf4", group_size=32)
+        assert torch.equal(got, want)

@@ -61,11 +61,16 @@ class TorchBackend(Backend):
         """The weight-only kernel that runs a quantised [O, I] weight: "int8-cpu"
         (`_weight_int8pack_mm`), "int8-cpu-decode" (the same for float32 activations of up to
         `ops.KERNEL_ROWS` rows, dequantised above), "int4-cpu" (`_weight_int4pack_mm_for_cpu`), "int4-cuda"
-        (tinygemm, `_weight_int4pack_mm`, bf16 on sm80+), or None: the op converts int8 values
-        inside the product (scaled after it) or dequantises 4-bit codes (nf4, float32 compute,
-        shapes or devices no kernel takes). With float32 activations the int8 kernel alone ran
-        the real 270M's prefill slower (27 tok/s against 200 dequantising) and its decode faster
-        (10.5 tok/s against 4.6): hence "int8-cpu-decode". The int4 kernel stays bf16/fp16."""
+        (tinygemm, `_weight_int4pack_mm`, bf16 on sm80+), "nf4-dense" (bf16/fp16 on the CPU: nf4
+        dequantised once at load, see below), or None: the op converts int8 values inside the
+        product (scaled after it) or dequantises 4-bit codes each step (float32 compute, shapes
+        or devices no kernel takes). No torch CPU kernel reads a 16-level codebook: dequantising
+        nf4 each step decoded the real 270M at 2.5 tok/s, its dense bf16 weights at 16.5, with
+        the same products (re-packed as int8 rows instead, 93% of its top-1 predictions agreed
+        with nf4's, perplexity +3%). The dense weight costs the compute dtype's memory. With
+        float32 activations the int8 kernel alone ran the real 270M's prefill slower (27 tok/s
+        against 200 dequantising) and its decode faster (10.5 tok/s against 4.6): hence
+        "int8-cpu-decode". The int4 kernel stays bf16/fp16."""
         out, inner = shape[0], shape[1] * 2  # 4-bit codes are packed two per byte
         if dev.type == "cpu" and scheme == "int8" and dt == torch.float32:
             return "int8-cpu-decode"  # the kernel for a few rows (decode), dequantised for more
@@ -74,6 +79,8 @@ class TorchBackend(Backend):
                 return "int8-cpu"
             if scheme == "int4" and out % 16 == 0:  # the CPU packing tiles 16 output rows
                 return "int4-cpu"
+            if scheme == "nf4":
+                return "nf4-dense"
         if (dev.type == "cuda" and dt == torch.bfloat16 and scheme == "int4" and out % 8 == 0
                 and inner % 32 == 0 and group_size in (32, 64, 128, 256)
                 and torch.version.hip is None  # ROCm tiles 16 output rows, on CDNA2+ only
@@ -88,7 +95,7 @@ class TorchBackend(Backend):
         kernel `quant_kernel` picks (int8 [O, I] with scales in the compute dtype; the int4
         kernels' own nibble packing with [I/g, O, 2] scales and zero points, both rounded to the
         compute dtype: a group whose range lies far from zero loses a little more than the bf16
-        rounding of its dequantised weights), or None; `rows` and `row_scale` keep the
+        rounding of its dequantised weights; nf4's dequantised weight in the compute dtype), or None; `rows` and `row_scale` keep the
         gemma-core layout where they are read (the embedding, gathered by rows, or no kernel)."""
         dev, dt = self.device(device), DTYPES[dtype]
         rows = torch.from_numpy(np.array(values)).to(dev)
@@ -100,6 +107,8 @@ class TorchBackend(Backend):
             return (_static(rows), _static(rows), _static(row_scale)), _static(row_scale)
         if kernel == "int8-cpu":
             fused, fused_scale = rows, row_scale.to(dt)
+        elif kernel == "nf4-dense":  # the weight each step would dequantise, made once
+            fused, fused_scale = dequantize(rows, row_scale, scheme, group_size, dt), row_scale
         else:
             fused_scale = int4_scales_and_zeros(row_scale, dt)
             if kernel == "int4-cpu":

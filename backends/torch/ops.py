@@ -23,6 +23,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 NF4 = torch.from_numpy(NF4_CODES)
+_BYTES = torch.arange(256)
+NF4_PAIRS = torch.stack([NF4[_BYTES & 15], NF4[_BYTES >> 4]], dim=-1)  # [256, 2]: a byte's levels
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor, scheme: str, group_size: int | None,
@@ -31,14 +33,16 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, scheme: str, group_siz
     float32 `scale` stand for, in float32, then cast to `dtype` (gemma_core.quant)."""
     if scheme == "int8":
         return (values.float() * scale.float()[:, None]).to(dtype)
-    codes = torch.stack([values & 15, values >> 4], dim=-1).reshape(values.shape[0], -1)  # [O, I]
-    o, i = codes.shape
+    o, i = values.shape[0], values.shape[1] * 2
     assert group_size is not None
     scale = scale.float()
     if scheme == "int4":  # codes * step + offset per group
+        codes = torch.stack([values & 15, values >> 4], dim=-1).reshape(o, i)  # [O, I]
         groups = codes.view(o, i // group_size, group_size).float()
         return (groups * scale[..., 0:1] + scale[..., 1:2]).view(o, i).to(dtype)
-    levels = NF4.to(values.device)[codes.long()].view(o, i // group_size, group_size)
+    # each byte's two levels from one 256-entry table: half the gathers of a code-by-code lookup
+    levels = NF4_PAIRS.to(values.device).index_select(0, values.reshape(-1).int())
+    levels = levels.view(o, i // group_size, group_size)
     return (levels * scale[..., None]).view(o, i).to(dtype)
 
 
@@ -164,6 +168,8 @@ def qlinear(p: Policy, x: torch.Tensor, values: Any, scale: Any, *, scheme: str,
             group_size: int | None) -> torch.Tensor:
     fused, rows, row_scale = values  # see TorchBackend.prepare_quantized
     flat = x.reshape(-1, x.shape[-1])
+    if fused is not None and fused.is_floating_point():  # nf4 dequantised at load ("nf4-dense")
+        return F.linear(x, fused)
     if fused is not None and scheme == "int8":
         if x.dtype != torch.float32 or len(flat) <= KERNEL_ROWS or rows is None:
             # CPU int8 weight-only GEMM (float32 activations: for decode's few rows only, where
