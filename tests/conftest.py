@@ -16,12 +16,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 # (tests/test_compile_cache.py clears this to test the choice). Compiled steps cache into a
 # folder of this run, not the user's home.
 os.environ.setdefault("GEMMA_BACKEND", "numpy")
-if "GEMMA_CACHE_DIR" not in os.environ:
+# (each xdist worker its own: the variable is inherited from the controlling process)
+if "GEMMA_CACHE_DIR" not in os.environ or os.environ.get("GEMMA_TEST_CACHE") == os.environ["GEMMA_CACHE_DIR"]:
     import atexit
     import shutil
     import tempfile
 
-    os.environ["GEMMA_CACHE_DIR"] = tempfile.mkdtemp(prefix="gemma-test-cache-")
+    os.environ["GEMMA_CACHE_DIR"] = os.environ["GEMMA_TEST_CACHE"] = tempfile.mkdtemp(
+        prefix="gemma-test-cache-")
     atexit.register(shutil.rmtree, os.environ["GEMMA_CACHE_DIR"], ignore_errors=True)  # ~1 GB
 
 
@@ -52,6 +54,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     (XLA and tf.function executables, allocator pools), so run last they peaked at 18.3 GB on
     CI's 24 GB machine. A stable sort: everything else keeps its order."""
     items.sort(key=lambda item: item.get_closest_marker("real_weights") is None)
+    for item in items:  # under xdist (-n 2) the real-weight tests run on one worker
+        if item.get_closest_marker("real_weights") is not None:
+            item.add_marker(pytest.mark.xdist_group("real-weights"))
 
 
 @pytest.fixture(autouse=True)
