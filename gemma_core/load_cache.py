@@ -43,7 +43,7 @@ import numpy as np
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import GemmaError
 
-FORMAT = 1  # the entry's own layout; bump when what an entry holds changes
+FORMAT = 2  # the entry's own layout; bump when what an entry holds changes
 HEAD_BYTES = 2**20  # the source's bytes hashed into the key (a GGUF header lies there)
 TOKENIZER_PROTO = "gemma_core.tokenizer_proto"  # the tensor holding the SentencePiece proto
 _KEY, _CONFIG, _TOKENIZER = "gemma_core.load_key", "gemma_core.config", "gemma_core.tokenizer"
@@ -51,7 +51,7 @@ _KEY, _CONFIG, _TOKENIZER = "gemma_core.load_key", "gemma_core.config", "gemma_c
 _DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "I8": np.dtype("i1"), "U8": np.dtype("u1")}
 # the code whose output an entry holds: a change to it (in a development tree, under one
 # version number) must not serve weights decoded by the old code
-_READERS = ("formats/gguf.py", "formats/gguf_file.py", "load_cache.py")
+_READERS = ("formats/gguf.py", "formats/gguf_file.py", "load_cache.py", "tokenizer.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,7 @@ class TokenizerState:
     proto: bytes
     add_bos: bool
     chat_template: str | None
+    special_pieces: dict[str, int] | None = None  # GemmaTokenizer.special_pieces, when known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +173,13 @@ def _read(where: Path, key: str) -> Entry | None:
     if _TOKENIZER in meta:
         settings = json.loads(meta[_TOKENIZER])
         proto, size = weights.pop(TOKENIZER_PROTO), settings["size"]
-        template = settings["chat_template"]
+        template, special = settings["chat_template"], settings["special_pieces"]
         if (proto.ndim != 1 or not isinstance(size, int) or not 0 <= size <= proto.size
                 or not isinstance(settings["add_bos"], bool)
-                or not (template is None or isinstance(template, str))):
-            return None
-        tokenizer = TokenizerState(proto[:size].tobytes(), settings["add_bos"], template)
+                or not (template is None or isinstance(template, str))
+                or not isinstance(special, dict)):
+            return None  # (the special pieces' ids are checked against the proto's pieces)
+        tokenizer = TokenizerState(proto[:size].tobytes(), settings["add_bos"], template, special)
     elif TOKENIZER_PROTO in weights:
         return None
     validate_weights(config, weights)  # names, shapes, quantised values' dtypes
@@ -234,7 +236,8 @@ def store(path: str | os.PathLike[str], settings: Mapping[str, Any], config: Gem
             proto = tokenizer.proto + b"\0" * (-len(tokenizer.proto) % 64)
             tensors[TOKENIZER_PROTO] = np.frombuffer(proto, np.uint8)
             meta[_TOKENIZER] = _dumps({"add_bos": tokenizer.add_bos, "size": len(tokenizer.proto),
-                                       "chat_template": tokenizer.chat_template})
+                                       "chat_template": tokenizer.chat_template,
+                                       "special_pieces": tokenizer.special_pieces})
         if not _aligned(tensors):
             return None
         with write_transaction(where, overwrite=True) as tmp:

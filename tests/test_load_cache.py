@@ -90,6 +90,7 @@ def test_warm_load_equals_cold_bit_for_bit(gguf_file: Path, monkeypatch: pytest.
     assert tok_warm.sp.serialized_model_proto() == tok_cold.sp.serialized_model_proto()
     assert (tok_warm.add_bos, tok_warm.chat_template, tok_warm.chat_format) == (
         tok_cold.add_bos, tok_cold.chat_template, tok_cold.chat_format)
+    assert tok_warm.special_pieces == tok_cold.special_pieces  # kept, not found again
     text = "<start_of_turn>user\nThe year 2024<unused7> had 366 days<end_of_turn>"
     assert tok_warm.encode(text) == tok_cold.encode(text)
     # what the warm arrays are written to stays in the process (copy-on-write mapping)
@@ -201,8 +202,18 @@ def _damage_config(entry: Path) -> None:
     _rewrite(entry, change)
 
 
+def _damage_special_pieces(entry: Path) -> None:
+    def change(tensors, meta):  # type: ignore[no-untyped-def]
+        settings = json.loads(meta[load_cache._TOKENIZER])
+        del settings["special_pieces"]  # as an entry of FORMAT 1 (keyed apart anyway)
+        meta[load_cache._TOKENIZER] = json.dumps(settings)
+
+    _rewrite(entry, change)
+
+
 @pytest.mark.parametrize("damage", [_damage_truncate, _damage_header, _damage_garbage, _damage_key,
-                                    _damage_shape, _damage_dtype, _damage_missing, _damage_config])
+                                    _damage_shape, _damage_dtype, _damage_missing, _damage_config,
+                                    _damage_special_pieces])
 def test_a_damaged_entry_is_a_miss_and_is_rewritten(gguf_file: Path, monkeypatch: pytest.MonkeyPatch,
                                                      damage) -> None:  # type: ignore[no-untyped-def]
     gguf_format.load_gguf(gguf_file, query_pre_attn_scalar=SCALAR)
@@ -210,6 +221,26 @@ def test_a_damaged_entry_is_a_miss_and_is_rewritten(gguf_file: Path, monkeypatch
     damage(entry)
     assert load_cache.lookup(gguf_file, SETTINGS) is None
     _rewritten_after(gguf_file, monkeypatch)
+
+
+def test_special_pieces_their_proto_lacks_are_a_miss(gguf_file: Path, spm_file: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry whose special-piece ids are not its proto's pieces is read as a miss and
+    rewritten; the tokenizer refuses such a map by name."""
+    cold = gguf_format.load_gguf(gguf_file, query_pre_attn_scalar=SCALAR)[2]
+    special = cold.special_pieces
+    eos = next(p for p, i in special.items() if i == cold.eos_id)
+    with pytest.raises(gemma_core.InputError, match=f"special_pieces: {re.escape(repr(eos))} is not"):
+        GemmaTokenizer(spm_file, special_pieces={**special, eos: cold.eos_id + 1})
+
+    def change(tensors, meta):  # type: ignore[no-untyped-def]
+        settings = json.loads(meta[load_cache._TOKENIZER])
+        settings["special_pieces"][eos] += 1
+        meta[load_cache._TOKENIZER] = json.dumps(settings)
+
+    _rewrite(_entry(gguf_file), change)
+    _rewritten_after(gguf_file, monkeypatch)
+    assert gguf_format.load_gguf(gguf_file, query_pre_attn_scalar=SCALAR)[2].special_pieces == special
 
 
 def test_a_changed_source_misses(gguf_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -95,8 +95,9 @@ class TorchBackend(Backend):
         kernel `quant_kernel` picks (int8 [O, I] with scales in the compute dtype; the int4
         kernels' own nibble packing with [I/g, O, 2] scales and zero points, both rounded to the
         compute dtype: a group whose range lies far from zero loses a little more than the bf16
-        rounding of its dequantised weights; nf4's dequantised weight in the compute dtype), or None; `rows` and `row_scale` keep the
-        gemma-core layout where they are read (the embedding, gathered by rows, or no kernel)."""
+        rounding of its dequantised weights; nf4's dequantised weight in the compute dtype), or
+        None; `rows` and `row_scale` keep the gemma-core layout where they are read (the
+        embedding, gathered by rows, or no kernel)."""
         dev, dt = self.device(device), DTYPES[dtype]
         rows = torch.from_numpy(np.array(values)).to(dev)
         row_scale = torch.from_numpy(np.array(scale, np.float32)).to(dev)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gemma_core.config import Architecture, AttentionKind, GemmaConfig, default_layer_types
-from gemma_core.errors import CheckpointError, ConfigError
+from gemma_core.errors import CheckpointError, ConfigError, InputError
 from gemma_core.formats.gguf_file import TensorInfo, read_gguf
 from gemma_core.layout import NORMS, has_role, param_template, validate_weights
 from gemma_core.quant import SCALE_SUFFIX, QuantConfig, quantize
@@ -318,7 +318,10 @@ def load_gguf(
                 "query_pre_attn_scalar": query_pre_attn_scalar, "allow_nonfinite": allow_nonfinite}
     hit = load_cache.lookup(path, settings)
     if hit is not None:
-        return hit.config, hit.weights, _tokenizer(hit.config, hit.tokenizer)
+        try:
+            return hit.config, hit.weights, _tokenizer(hit.config, hit.tokenizer)
+        except InputError:  # special pieces its proto does not hold: read as a miss, rewritten
+            pass
     reader = open_gguf(path)
     config = read_config(reader, os.fspath(path), query_pre_attn_scalar)
     if quant is not None:
@@ -330,6 +333,8 @@ def load_gguf(
                                           bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
                                           _field(reader, "tokenizer.chat_template"))
     tokenizer = _tokenizer(config, state)  # before the entry is kept: a refused proto is not
+    if tokenizer is not None:
+        state = dataclasses.replace(state, special_pieces=tokenizer.special_pieces)
     load_cache.store(path, settings, config, weights, state)
     return config, weights, tokenizer
 
@@ -342,4 +347,4 @@ def _tokenizer(config: GemmaConfig, state: Any) -> Any:
         return None
     fmt = "gemma3" if config.architecture is Architecture.GEMMA3 else "gemma"
     return GemmaTokenizer(state.proto, chat_format=fmt, add_bos=state.add_bos,
-                          chat_template=state.chat_template)
+                          chat_template=state.chat_template, special_pieces=state.special_pieces)
