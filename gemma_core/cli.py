@@ -557,7 +557,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from gemma_core.backend import BackendChoices
     from gemma_core.generation import DEFAULT_MAX_NEW_TOKENS
-    from gemma_core.model import DEFAULT_PREFILL_CHUNK, DTYPES
+    from gemma_core.model import DTYPES
 
     p.add_argument("--model", help="checkpoint in any format convert reads (hf, keras-hub, flax, "
                                    "gemma-pytorch, gguf), 'embedded' or a preset (default: embedded)")
@@ -585,9 +585,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "adapter_model.safetensors), run unmerged over the model (QLoRA with --quantize)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="tokens to generate at most")
-    p.add_argument("--prefill-chunk-size", type=_nonnegative_int, default=DEFAULT_PREFILL_CHUNK,
-                   help="prefill longer prompts in steps of this many tokens, bounding their memory "
-                        "(llama.cpp's --ubatch-size; 0: the whole prompt in one step)")
+    _add_prefill_chunk_size(p)
     p.add_argument("--temperature", type=float, help="sample at this temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, help="sample within this cumulative probability")
@@ -617,6 +615,14 @@ class _SubParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"gemma: error: {message} (see gemma {self.prog.split()[-1]} --help)\n")
 
+
+
+def _add_prefill_chunk_size(p: argparse.ArgumentParser) -> None:
+    from gemma_core.model import DEFAULT_PREFILL_CHUNK
+
+    p.add_argument("--prefill-chunk-size", type=_nonnegative_int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prefill longer prompts in steps of this many tokens, bounding their memory "
+                        "(llama.cpp's --ubatch-size; 0: the whole prompt in one step)")
 
 def build_parser() -> argparse.ArgumentParser:
     from gemma_core.backend import BackendChoices
@@ -666,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder in PEFT's format")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_nonnegative_int, default=8000)
+    _add_prefill_chunk_size(p)
     p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=_positive_int, default=64,
                    help="requests waiting for a batch slot; past it: HTTP 429")

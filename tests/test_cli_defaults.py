@@ -118,6 +118,16 @@ def test_prefill_chunk_size_reaches_the_model(monkeypatch: pytest.MonkeyPatch, f
     assert loaded[0].prefill_chunk_size == chunk
 
 
+@pytest.mark.parametrize(("flags", "chunk"), [([], 512), (["--prefill-chunk-size", "0"], None)])
+def test_serve_takes_the_prefill_chunk_size(monkeypatch: pytest.MonkeyPatch, folder: Path,
+                                            flags: list[str], chunk: int | None) -> None:
+    pytest.importorskip("fastapi")
+    served: list[object] = []
+    monkeypatch.setattr("gemma_core.serving.server.serve", lambda engine, **kw: served.append(engine))
+    assert main(["serve", "--model", str(folder), "--backend", "numpy", *flags]) == 0
+    assert served[0].model.prefill_chunk_size == chunk  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("value", ["-1", "x", "2.5"])
 def test_a_bad_prefill_chunk_size_is_refused_before_the_model_loads(capsys, value: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit) as e:
