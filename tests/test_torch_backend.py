@@ -141,24 +141,28 @@ def test_cuda_int4_packing_checks_itself_on_load(monkeypatch: pytest.MonkeyPatch
         assert fused is None and rows is not None and row_scale is not None
 
 
-def test_float32_int8_takes_the_kernel_for_decode_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """float32 int8 weights: the CPU int8 kernel for up to KERNEL_ROWS rows, one dequantised
-    GEMM above; both equal the float32 product of the dequantised weight."""
+@pytest.mark.parametrize(("scheme", "group", "kernel"), [("int8", None, "_weight_int8pack_mm"),
+                                                       ("int4", 32, "_weight_int4pack_mm_for_cpu")])
+def test_float32_takes_the_kernel_for_decode_rows_only(monkeypatch: pytest.MonkeyPatch, scheme: str,
+                                                       group: int | None, kernel: str) -> None:
+    """float32 int8/int4 weights: the CPU kernel for up to KERNEL_ROWS rows (float32 scales), one
+    dequantised GEMM above; both equal the float32 product of the dequantised weight."""
     from backends.torch import TorchBackend, ops
     from gemma_core.quant import dequantize, quantize
 
     w = np.random.default_rng(0).normal(size=(96, 64)).astype(np.float32)
-    values, scale = quantize(w, "int8", None)
+    values, scale = quantize(w, scheme, group)
     backend = TorchBackend()
-    packed, fused_scale = backend.prepare_quantized(values, scale, "int8", None, "float32", "cpu", "q")
+    packed, fused_scale = backend.prepare_quantized(values, scale, scheme, group, "float32", "cpu", "q")
+    assert fused_scale.dtype == torch.float32
     calls: list[int] = []
-    kernel = torch._weight_int8pack_mm
-    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: calls.append(len(x)) or kernel(x, w, s))
-    want = torch.from_numpy(dequantize(values, scale, "int8", None))
+    real = getattr(torch, kernel)
+    monkeypatch.setattr(torch, kernel, lambda x, *args: calls.append(len(x)) or real(x, *args))
+    want = torch.from_numpy(dequantize(values, scale, scheme, group))
     policy = ops.Policy("float32")
     for rows in (1, ops.KERNEL_ROWS, ops.KERNEL_ROWS + 1, 40):
         x = torch.randn(1, rows, 64)
-        got = ops.qlinear(policy, x, packed, fused_scale, scheme="int8", group_size=None)
+        got = ops.qlinear(policy, x, packed, fused_scale, scheme=scheme, group_size=group)
         torch.testing.assert_close(got, x @ want.t(), rtol=1e-5, atol=1e-5)
     assert calls == [1, ops.KERNEL_ROWS]
 

@@ -58,22 +58,28 @@ class TorchBackend(Backend):
 
     def quant_kernel(self, dev: torch.device, dt: torch.dtype, scheme: str, shape: tuple[int, ...],
                      group_size: int | None) -> str | None:
-        """The weight-only kernel that runs a quantised [O, I] weight: "int8-cpu"
-        (`_weight_int8pack_mm`), "int8-cpu-decode" (the same for float32 activations of up to
-        `ops.KERNEL_ROWS` rows, dequantised above), "int4-cpu" (`_weight_int4pack_mm_for_cpu`), "int4-cuda"
-        (tinygemm, `_weight_int4pack_mm`, bf16 on sm80+), "nf4-dense" (bf16/fp16 on the CPU: nf4
-        dequantised once at load, see below), or None: the op converts int8 values inside the
-        product (scaled after it) or dequantises 4-bit codes each step (float32 compute, shapes
-        or devices no kernel takes). No torch CPU kernel reads a 16-level codebook: dequantising
-        nf4 each step decoded the real 270M at 2.5 tok/s, its dense bf16 weights at 16.5, with
-        the same products (re-packed as int8 rows instead, 93% of its top-1 predictions agreed
-        with nf4's, perplexity +3%). The dense weight costs the compute dtype's memory. With
-        float32 activations the int8 kernel alone ran the real 270M's prefill slower (27 tok/s
-        against 200 dequantising) and its decode faster (10.5 tok/s against 4.6): hence
-        "int8-cpu-decode". The int4 kernel stays bf16/fp16."""
+        """The weight-only kernel that runs a quantised [O, I] weight, or None.
+
+        - "int8-cpu" (`_weight_int8pack_mm`) and "int4-cpu" (`_weight_int4pack_mm_for_cpu`):
+          bf16/fp16 activations on the CPU.
+        - "int8-cpu-decode" and "int4-cpu-decode": the same kernels for float32 activations of
+          up to `ops.KERNEL_ROWS` rows, dequantised above (their scales stay float32). With
+          float32 activations the int8 kernel alone ran the real 270M's prefill slower (27 tok/s
+          against 200 dequantising) and its decode faster (10.5 tok/s against 4.6).
+        - "int4-cuda": tinygemm (`_weight_int4pack_mm`), bf16 on sm80+.
+        - "nf4-dense": bf16/fp16 on the CPU, nf4 dequantised once at load. No torch CPU kernel
+          reads a 16-level codebook: dequantising nf4 each step decoded the real 270M at 2.5
+          tok/s, its dense bf16 weights at 14.3, with the same products (re-packed as int8 rows
+          instead: 16.5 tok/s, but 93% of top-1 predictions agreed with nf4's, perplexity +3%).
+          The dense weight costs the compute dtype's memory.
+        - None: the op converts int8 values inside the product (scaled after it) or dequantises
+          4-bit codes each step (nf4 in float32, shapes or devices no kernel takes)."""
         out, inner = shape[0], shape[1] * 2  # 4-bit codes are packed two per byte
-        if dev.type == "cpu" and scheme == "int8" and dt == torch.float32:
-            return "int8-cpu-decode"  # the kernel for a few rows (decode), dequantised for more
+        if dev.type == "cpu" and dt == torch.float32:  # the kernel for a few rows (decode),
+            if scheme == "int8":  # dequantised for more
+                return "int8-cpu-decode"
+            if scheme == "int4" and out % 16 == 0:
+                return "int4-cpu-decode"
         if dev.type == "cpu" and dt in (torch.bfloat16, torch.float16):
             if scheme == "int8":
                 return "int8-cpu"
@@ -106,6 +112,9 @@ class TorchBackend(Backend):
             return (None, _static(rows), _static(row_scale)), None
         if kernel == "int8-cpu-decode":  # both layouts: the kernel's is gemma-core's
             return (_static(rows), _static(rows), _static(row_scale)), _static(row_scale)
+        if kernel == "int4-cpu-decode":  # both layouts; float32 scales and zeros: not rounded
+            return ((_static(int4_pack(rows, "int4-cpu")), _static(rows), _static(row_scale)),
+                    _static(int4_scales_and_zeros(row_scale, dt)))
         if kernel == "int8-cpu":
             fused, fused_scale = rows, row_scale.to(dt)
         elif kernel == "nf4-dense":  # the weight each step would dequantise, made once

@@ -48,9 +48,10 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, scheme: str, group_siz
 
 # Query x key positions up to which narrow-dtype CPU attention runs as float32 matmuls.
 SMALL_SCORES = 1 << 18
-# float32 activations take the CPU int8 kernel up to this many rows (decode, small batches): it
-# reads int8 weights instead of dequantising them all each step (real 270M decode ~5x faster),
-# while for a prompt's many rows one dequantisation and a float32 GEMM are faster
+# float32 activations take the CPU int8 and int4 kernels up to this many rows (decode, small
+# batches): they read the quantised weights instead of dequantising them all each step (real
+# 270M int8 decode ~5x faster), while for a prompt's many rows one dequantisation and a float32
+# GEMM are faster
 KERNEL_ROWS = 16
 
 
@@ -170,12 +171,12 @@ def qlinear(p: Policy, x: torch.Tensor, values: Any, scale: Any, *, scheme: str,
     flat = x.reshape(-1, x.shape[-1])
     if fused is not None and fused.is_floating_point():  # nf4 dequantised at load ("nf4-dense")
         return F.linear(x, fused)
-    if fused is not None and scheme == "int8":
-        if x.dtype != torch.float32 or len(flat) <= KERNEL_ROWS or rows is None:
-            # CPU int8 weight-only GEMM (float32 activations: for decode's few rows only, where
-            # it reads a quarter of the bytes; for a prompt's many rows dequantising is faster)
+    # float32 activations take the kernels for decode's few rows only, where they read a
+    # quarter (int8) or an eighth (int4) of the bytes; a prompt's many rows dequantise faster
+    if fused is not None and (x.dtype != torch.float32 or len(flat) <= KERNEL_ROWS or rows is None):
+        if scheme == "int8":  # CPU int8 weight-only GEMM
             return torch._weight_int8pack_mm(flat, fused, scale).view(*x.shape[:-1], -1)
-    elif fused is not None:  # int4 GEMM in the kernel's own packed layout (CUDA's is 4-D)
+        # int4 GEMM in the kernel's own packed layout (CUDA's is 4-D)
         mm = torch._weight_int4pack_mm if fused.dim() == 4 else torch._weight_int4pack_mm_for_cpu
         return mm(flat.contiguous(), fused, group_size or 0, scale).view(*x.shape[:-1], -1)
     if scheme == "int8" and not p.on_cpu(x) and x.dtype != torch.float16:
