@@ -16,6 +16,7 @@ import importlib
 import os
 from collections.abc import Callable, Mapping
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,9 @@ class Backend(abc.ABC):
     gaps: tuple[tuple[str, str, str], ...] = ()
     # The variants `get_backend("<name>:<variant>")` knows to offer (`variant`), for messages.
     variants: tuple[str, ...] = ()
+    # Whether `save_prepared` / `load_prepared` keep prepared weights in a file mapped by the
+    # next load (gemma_core.prepared_cache).
+    saves_prepared: bool = False
 
     def variant(self, name: str) -> Backend:
         """The backend `get_backend("<self.name>:<name>")` gives: this backend in another
@@ -86,6 +90,22 @@ class Backend(abc.ABC):
         """(case glob or "arch:<architecture>", dtype or "*", reason) rows: cases the conformance
         runner skips for this backend, with the reason. By default the `gaps` attribute."""
         return [tuple(row) for row in self.gaps]  # type: ignore[misc]
+
+    def framework_version(self) -> str:
+        """The version of the framework the backend runs on (keys derived caches)."""
+        return ""
+
+    def save_prepared(self, path: Path, key: str, weights: dict[str, Any]) -> None:
+        """Write `key` and the prepared `weights` to `path` (where `saves_prepared`)."""
+        raise NotImplementedError(f"backend {self.name!r} does not save prepared weights")
+
+    def load_prepared(self, path: Path) -> tuple[Any, Any]:
+        """(key, weights) as `save_prepared` wrote them, the arrays mapped from `path`."""
+        raise NotImplementedError(f"backend {self.name!r} does not save prepared weights")
+
+    def array_signature(self, x: Any) -> tuple[tuple[int, ...], str]:
+        """(shape, dtype name) of a backend array."""
+        return tuple(x.shape), str(x.dtype)
 
     def supports_device(self, device: str | None) -> bool:
         """Whether `device` (None: the backend's default) is of a kind in `devices`."""

@@ -64,6 +64,15 @@ class TokenizerState:
     special_pieces: dict[str, int] | None = None  # GemmaTokenizer.special_pieces, when known
 
 
+class EntryWeights(dict):  # type: ignore[type-arg]
+    """An entry's weights, carrying the entry's key: what derived caches key on
+    (gemma_core.prepared_cache)."""
+
+    def __init__(self, weights: Mapping[str, np.ndarray], entry_key: str) -> None:
+        super().__init__(weights)
+        self.entry_key = entry_key
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """A loaded entry: the config, the weights (mapped) and the tokenizer state, if any."""
@@ -185,7 +194,7 @@ def _read(where: Path, key: str) -> Entry | None:
     validate_weights(config, weights)  # names, shapes, quantised values' dtypes
     if any(w.dtype != np.float32 for name, w in weights.items() if not _quantised(config, name)):
         return None  # the reader gives float32: anything else was not written by it
-    return Entry(config, weights, tokenizer)
+    return Entry(config, EntryWeights(weights, key), tokenizer)
 
 
 def _spans(header: Mapping[str, Any]) -> list[tuple[int, int]]:
@@ -210,10 +219,10 @@ def _aligned(tensors: Mapping[str, np.ndarray]) -> bool:
 
 
 def store(path: str | os.PathLike[str], settings: Mapping[str, Any], config: GemmaConfig,
-          weights: Mapping[str, np.ndarray], tokenizer: TokenizerState | None) -> Path | None:
-    """Write the entry of `path` under `settings` (replacing any); returns where, or None when
-    the cache is off, the entry would not fit the size bound, or it cannot be written (a
-    warning says why: the load itself goes on)."""
+          weights: Mapping[str, np.ndarray], tokenizer: TokenizerState | None) -> EntryWeights | None:
+    """Write the entry of `path` under `settings` (replacing any); returns `weights` as the
+    entry's, or None when the cache is off, the entry would not fit the size bound, or it
+    cannot be written (a warning says why: the load itself goes on)."""
     from gemma_core.compile_cache import max_bytes, trim
     from gemma_core.safetensors_io import write_safetensors
     from gemma_core.transaction import write_transaction
@@ -246,4 +255,4 @@ def store(path: str | os.PathLike[str], settings: Mapping[str, Any], config: Gem
         warnings.warn(f"load cache: not kept ({e})", stacklevel=2)
         return None
     trim()
-    return where
+    return EntryWeights(weights, _dumps(key))

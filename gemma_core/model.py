@@ -30,6 +30,7 @@ from gemma_core.step import Bookkeeping, step_inputs
 from gemma_core.weights import task_weights
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # Prompts longer than this are prefilled in chunks of it (llama.cpp's ubatch): a step's masks and
 # attention scores are then [chunk, S], not [T, S], so a long prompt's memory grows as T·chunk
 # where a window bounds the sliding layers (transformers' `prefill_chunk_size`; None: one step).
@@ -87,6 +88,7 @@ class Model:
         check_dtype(config, dtype, allow_float16)
         if task not in TASKS:
             raise ConfigError(f"task: unknown value {task!r} (known: {', '.join(TASKS)})")
+        from_entry = getattr(weights, "entry_key", None)  # a load-cache entry's (prepared_cache)
         weights = task_weights(config, weights, task)
         score = weights.get(SCORE)
         num_labels = int(score.shape[0]) if score is not None and score.ndim == 2 else 0
@@ -115,12 +117,14 @@ class Model:
         elif lora_weights:
             raise ConfigError("lora_weights: given without the adapter's lora config")
         self.layer_kinds = layer_kinds(config)  # one attention mask per kind a step
+        groups: dict[str, Sequence[str]] = {}
         if self.backend.fuse_projections:
             shapes = {name: shape for name, shape, _ in iter_params(config, task, num_labels)}
             self.graph, groups = fuse_projections(self.graph, shapes)
-            weights = _stack(weights, groups, config)
-        quant = {"quant": config.quantization} if config.quantization is not None else {}
-        self.weights = self.backend.prepare_weights(weights, dtype, device, **quant)
+        keep = from_entry is not None and config.quantization is None and lora is None and task in (
+            "causal-lm", "base")
+        self.weights = _prepare(self.backend, config, weights, groups, dtype, device, task,
+                                from_entry if keep else None)
         outputs = self.graph.outputs  # logits (or hidden and x0..x{L-1}), then the caches
         self.ops = self.backend.op_table(dtype)  # binds the graph to the ops and weights
         self.tokenizer = tokenizer
@@ -498,6 +502,30 @@ def _check_mask(mask: Any, shape: tuple[int, ...], to_numpy: Any) -> np.ndarray:
     if not np.isin(m, (0, 1)).all():
         raise InputError("attention_mask: values must be 0 or 1")
     return m.astype(bool)
+
+
+def _prepare(backend: Backend, config: GemmaConfig, weights: Mapping[str, np.ndarray],
+             groups: Mapping[str, Sequence[str]], dtype: str, device: str | None, task: str,
+             entry: str | None) -> dict[str, Any]:
+    """The backend's weights: `weights` with each fused group stacked, converted by the
+    backend; for float weights of a load-cache `entry`, through the prepared-weights cache."""
+    from gemma_core import prepared_cache
+
+    key = prepared_cache.entry_key(entry, backend, dtype, device, task) if entry else None
+    if key is not None:
+        expected = {**{n: (tuple(w.shape), dtype) for n, w in weights.items()
+                       if not any(n in sources for sources in groups.values())},
+                    **{n: ((sum(weights[s].shape[0] for s in sources), weights[sources[0]].shape[1]),
+                           dtype) for n, sources in groups.items()}}
+        hit = prepared_cache.lookup(key, backend, expected)
+        if hit is not None:
+            return hit
+    quant = {"quant": config.quantization} if config.quantization is not None else {}
+    out = backend.prepare_weights(_stack(weights, groups, config) if groups else weights, dtype,
+                                  device, **quant)
+    if key is not None:
+        prepared_cache.store(key, backend, out, sum(w.size for w in weights.values()) * ITEMSIZE[dtype])
+    return out
 
 
 def _stack(weights: Mapping[str, np.ndarray], groups: Mapping[str, Sequence[str]],

@@ -335,8 +335,8 @@ def load_gguf(
     tokenizer = _tokenizer(config, state)  # before the entry is kept: a refused proto is not
     if tokenizer is not None:
         state = dataclasses.replace(state, special_pieces=tokenizer.special_pieces)
-    load_cache.store(path, settings, config, weights, state)
-    return config, weights, tokenizer
+    kept = load_cache.store(path, settings, config, weights, state)
+    return config, weights if kept is None else kept, tokenizer
 
 
 def _tokenizer(config: GemmaConfig, state: Any) -> Any:
