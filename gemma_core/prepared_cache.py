@@ -90,17 +90,18 @@ def lookup(key: str, backend: Backend, expected: Mapping[str, tuple[tuple[int, .
 
 
 def store(key: str, backend: Backend, weights: Mapping[str, Any], nbytes: int) -> Path | None:
-    """Keep `weights` (`nbytes` in all) for `key`; None when it would not fit the size bound
-    beside what the cache folder holds (a derived entry never evicts its own source's) or
-    cannot be written (a warning says why: the load itself goes on)."""
-    from gemma_core.compile_cache import info, trim
+    """Keep `weights` (`nbytes` in all) for `key`, then trim the cache folder to its bound,
+    least recently used files first (the source entry was just used: it goes last); None when
+    the entry would not fit the bound beside its source entry, or cannot be written (a warning
+    says why: the load itself goes on)."""
+    from gemma_core import load_cache
+    from gemma_core.compile_cache import max_bytes, trim
     from gemma_core.transaction import write_transaction
 
-    path = entry_path(key)
-    held = info()
-    stale = path.stat().st_size if path.is_file() else 0  # the entry it replaces
-    if held.size - stale + nbytes > held.limit:
+    source = load_cache.entry_path(json.loads(json.loads(key)["source"]))
+    if nbytes + (source.stat().st_size if source.is_file() else 0) > max_bytes():
         return None
+    path = entry_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with write_transaction(path, overwrite=True) as tmp:

@@ -156,6 +156,27 @@ def test_an_entry_past_the_size_bound_is_not_written(gguf_file: Path, cache: Pat
     assert not _entries(cache) and any((cache / "load").iterdir())
 
 
+def test_a_new_entry_evicts_the_least_recently_used_files_not_its_source(
+        gguf_file: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    _load(gguf_file)
+    held = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    (entry,) = _entries(cache)
+    entry.unlink()
+    stale = cache / "jax" / "old-executable"
+    stale.parent.mkdir()
+    stale.write_bytes(b"x" * 4096)
+    os.utime(stale, (1_700_000_000, 1_700_000_000))
+    monkeypatch.setenv("GEMMA_CACHE_MAX_BYTES", str(held + 1024))  # all three do not fit
+    prepares = _prepares(monkeypatch)
+    _load(gguf_file)
+    assert prepares == ["bfloat16"] and len(_entries(cache)) == 1
+    assert not stale.exists() and any((cache / "load").iterdir())
+    _load(gguf_file)
+    assert prepares == ["bfloat16"]
+
+
 def test_the_key_holds_the_backend_framework_and_code() -> None:
     from backends.torch import backend
 
