@@ -194,3 +194,21 @@ def test_nf4_on_the_cpu_is_dequantised_once_in_narrow_dtypes(dtype: str) -> None
         got = ops.qlinear(policy, x, packed, fused_scale, scheme="nf4", group_size=32)
         want = ops.qlinear(policy, x, step_by_step, None, scheme="nf4", group_size=32)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_one_narrow_row_takes_the_matrix_vector_kernel(monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """Batch-1 decode in bf16/fp16 on the CPU: `linear` runs torch.mv for a single row (faster
+    here), with the products of F.linear bit for bit; more rows take F.linear."""
+    from backends.torch import ops
+
+    dt = ops.DTYPES[dtype]
+    w, policy = torch.randn(96, 64).to(dt), ops.Policy(dtype)
+    calls: list[int] = []
+    real = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda m, v: calls.append(len(v)) or real(m, v))
+    for shape in ((1, 1, 64), (1, 64), (2, 1, 64), (1, 3, 64)):
+        x = torch.randn(shape).to(dt)
+        got = ops.linear(policy, x, w)
+        assert got.shape == (*shape[:-1], 96) and torch.equal(got, torch.nn.functional.linear(x, w))
+    assert calls == [64, 64]
