@@ -62,11 +62,13 @@ class TorchBackend(Backend):
         """The weight-only kernel that runs a quantised [O, I] weight, or None.
 
         - "int8-cpu" (`_weight_int8pack_mm`) and "int4-cpu" (`_weight_int4pack_mm_for_cpu`):
-          bf16/fp16 activations on the CPU.
-        - "int8-cpu-decode" and "int4-cpu-decode": the same kernels for float32 activations of
-          up to `ops.KERNEL_ROWS` rows, dequantised above (their scales stay float32). With
-          float32 activations the int8 kernel alone ran the real 270M's prefill slower (27 tok/s
-          against 200 dequantising) and its decode faster (10.5 tok/s against 4.6).
+          bf16/fp16 activations on the CPU, scales in that dtype.
+        - "int8-cpu-decode" and "int4-cpu-decode": the same kernels for float32 activations,
+          scales in float32.
+          On the CPU the kernels run up to `ops.KERNEL_ROWS` rows and a prompt's rows dequantise
+          the gemma-core rows kept beside them: with float32 activations the int8 kernel alone
+          ran the real 270M's prefill slower (27 tok/s against 200 dequantising) and its decode
+          faster (10.5 tok/s against 4.6).
         - "int4-cuda": tinygemm (`_weight_int4pack_mm`), bf16 on sm80+.
         - "nf4-dense": bf16/fp16 on the CPU, nf4 dequantised once at load. No torch CPU kernel
           reads a 16-level codebook: dequantising nf4 each step decoded the real 270M at 2.5
@@ -128,7 +130,8 @@ class TorchBackend(Backend):
                 fused = _cuda_int4_or_none(rows, row_scale, fused_scale, group_size or 0, name)
                 if fused is None:
                     return (None, _static(rows), _static(row_scale)), None
-        keep_rows = roles_of(name) == {"embedding"}  # the embedding is gathered by rows as well
+        # the embedding is gathered by rows as well; on the CPU a prompt's rows dequantise them
+        keep_rows = roles_of(name) == {"embedding"} or kernel in ("int8-cpu", "int4-cpu")
         return ((_static(fused), _static(rows) if keep_rows else None,
                  _static(row_scale) if keep_rows else None), _static(fused_scale))
 
