@@ -67,8 +67,9 @@ def _safe_end(text: str, stops: Sequence[str]) -> int:
     return end
 
 
-class _Rows:
-    """Per-row state: generated ids, finish reasons, streamed text."""
+class RowState:
+    """Per-row state of a generation: generated ids, finish reasons, streamed text and stop
+    strings (shared by `generate`, speculative decoding and the serving engine)."""
 
     def __init__(self, n: int, tokenizer: GemmaTokenizer | None, stops: Sequence[str]) -> None:
         self.ids: list[list[int]] = [[] for _ in range(n)]
@@ -146,7 +147,7 @@ def generate_stream(model: Model, prompts: Prompt | Sequence[Prompt] | None = No
     eos_list = list(eos_token_ids if eos_token_ids is not None else default_eos_ids(model))
     eos = set(eos_list)
     rng = np.random.default_rng(seed)
-    rows = _Rows(len(rows_ids), tokenizer, tuple(stop_strings))
+    rows = RowState(len(rows_ids), tokenizer, tuple(stop_strings))
     logprobs: list[list[float]] = [[] for _ in rows_ids]
     tops: list[list[list[tuple[int, float]]]] = [[] for _ in rows_ids]
     owned = cache is None or donate_cache

@@ -40,7 +40,7 @@ from gemma_core.decoding import (
     stop_cut,
 )
 from gemma_core.errors import InputError
-from gemma_core.generation import StepEvent, _Rows
+from gemma_core.generation import RowState, StepEvent
 from gemma_core.processors import ProcessorConfig, apply_all, log_softmax, stopped, top_entries
 from gemma_core.sampling import SamplingConfig, choose
 
@@ -214,7 +214,7 @@ def speculative_stream(model: Model, prompts: Prompt | Sequence[Prompt] | None =
     if threshold is None:
         threshold = DEFAULT_CONFIDENCE
     draft = None if assistant_model is None else _Draft(assistant_model, ids, mask, max_new_tokens)
-    rows = _Rows(1, model.tokenizer, tuple(stop_strings))
+    rows = RowState(1, model.tokenizer, tuple(stop_strings))
     gen = rows.ids[0]
     seq = list(rows_ids[0])  # the real ids: prompt, then what was generated
     logprobs: list[float] = []

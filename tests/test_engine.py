@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 from conftest import exhaustive
+from serving_helpers import wait_idle
 
 import gemma_core
 from gemma_core.cache import shift_slots, write_row
@@ -20,7 +21,6 @@ from gemma_core.serving.engine import (
     QueueFull,
     SamplingParams,
     TokenEvent,
-    wait_idle,
 )
 
 # the whole engine on jax and tensorflow takes minutes of compiles or eager dispatch: their cache

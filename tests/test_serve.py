@@ -22,8 +22,10 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from serving_helpers import wait_idle  # noqa: E402
+
 import gemma_core  # noqa: E402
-from gemma_core.serving.engine import Engine, wait_idle  # noqa: E402
+from gemma_core.serving.engine import Engine  # noqa: E402
 from gemma_core.serving.server import create_app, make_server  # noqa: E402
 
 KEY = "test-key"

@@ -124,11 +124,11 @@ def test_streamed_text_is_the_whole_decode(tok: GemmaTokenizer, text: str) -> No
     """generate's incremental detokenisation (a window of the last tokens, not the whole row
     each step) gives, at every step, a prefix of the whole decode, and at the end all of it
     (byte-fallback tokens of one character arriving apart, control tokens skipped)."""
-    from gemma_core.generation import _Rows
+    from gemma_core.generation import RowState
 
     ids = tok.encode(text, add_special_tokens=False)
     ids = [*ids[:5], tok.bos_id, *ids[5:]]  # a control token mid-stream: skipped
-    rows = _Rows(1, tok, ())
+    rows = RowState(1, tok, ())
     for token in ids:
         rows.ids[0].append(token)
         assert tok.decode(rows.ids[0], skip_special_tokens=True).startswith(rows.text(0))
@@ -137,12 +137,12 @@ def test_streamed_text_is_the_whole_decode(tok: GemmaTokenizer, text: str) -> No
 
 def test_streamed_text_of_random_ids(tok: GemmaTokenizer) -> None:
     """Random ids (stray UTF-8 continuation bytes among them) stream to the whole decode too."""
-    from gemma_core.generation import _Rows
+    from gemma_core.generation import RowState
 
     rng = np.random.default_rng(0)
     for _ in range(20):
         ids = rng.integers(0, tok.vocab_size, 40).tolist()
-        rows = _Rows(1, tok, ())
+        rows = RowState(1, tok, ())
         for token in ids:
             rows.ids[0].append(token)
             rows.text(0)

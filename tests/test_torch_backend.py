@@ -146,9 +146,9 @@ def test_cuda_int4_packing_checks_itself_on_load(monkeypatch: pytest.MonkeyPatch
                                                        ("int4", 32, "_weight_int4pack_mm_for_cpu")])
 def test_the_cpu_kernels_run_decode_rows_and_prompts_dequantise(
         monkeypatch: pytest.MonkeyPatch, scheme: str, group: int | None, kernel: str, dtype: str) -> None:
-    """int8/int4 weights on the CPU: the kernel for up to KERNEL_ROWS rows (float32 scales in
-    float32), one dequantised GEMM above (the real 270M's bf16 prefill: int4 514 -> 1208 tok/s);
-    both equal the product of the dequantised weight (to bf16 rounding)."""
+    """int8/int4 weights on the CPU: the kernel for up to KERNEL_ROWS (float32, its scales in
+    float32) or NARROW_KERNEL_ROWS rows (bf16), one dequantised GEMM above; both equal the
+    product of the dequantised weight (to bf16 rounding)."""
     from backends.torch import TorchBackend, ops
     from gemma_core.quant import dequantize, quantize
 
@@ -162,13 +162,14 @@ def test_the_cpu_kernels_run_decode_rows_and_prompts_dequantise(
     monkeypatch.setattr(torch, kernel, lambda x, *args: calls.append(len(x)) or real(x, *args))
     want = torch.from_numpy(dequantize(values, scale, scheme, group))
     policy = ops.Policy(dtype)
-    for rows in (1, ops.KERNEL_ROWS, ops.KERNEL_ROWS + 1, 40):
+    most = ops.KERNEL_ROWS if dtype == "float32" else ops.NARROW_KERNEL_ROWS
+    for rows in (1, most, most + 1, 2 * most + 8):
         x = torch.randn(1, rows, 64).to(dt)
         got = ops.qlinear(policy, x, packed, fused_scale, scheme=scheme, group_size=group).float()
         exact = x.float() @ want.t()
         tol = 1e-5 if dtype == "float32" else 2e-2 * float(exact.std())
         torch.testing.assert_close(got, exact, rtol=tol, atol=tol)
-    assert calls == [1, ops.KERNEL_ROWS]
+    assert calls == [1, most]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])

@@ -48,12 +48,14 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, scheme: str, group_siz
 
 # Query x key positions up to which narrow-dtype CPU attention runs as float32 matmuls.
 SMALL_SCORES = 1 << 18
-# The CPU int8 and int4 kernels run up to this many rows (decode, small batches): they read the
-# quantised weights instead of dequantising them all each step (real 270M float32 int8 decode
-# ~5x faster), while for a prompt's many rows one dequantisation and a GEMM in the compute dtype
-# are faster (real 270M prefill of 512 tokens: float32 int8 27 -> 200 tok/s; bf16 int4 514 -> 1208,
-# bf16 int8 369 -> 951, against 1244 for the float bf16 model)
-KERNEL_ROWS = 16
+# The CPU int8 and int4 kernels run up to this many rows (decode, small batches, short prompts):
+# they read the quantised weights instead of dequantising them all, while for more rows one
+# dequantisation and a GEMM in the compute dtype are faster. Measured on the real 270M: float32
+# int8 decode ~5x faster on the kernel, its prefill 27 -> 200 tok/s dequantised; in bf16 the
+# kernels win up to ~64 (int8) and ~200 (int4) rows, a 512-token prompt dequantised ran int4
+# 514 -> 1208 tok/s and int8 369 -> 951 (the float bf16 model: 1244).
+KERNEL_ROWS = 16  # float32 activations
+NARROW_KERNEL_ROWS = 128  # bf16/fp16 activations
 
 
 class Policy:
@@ -181,7 +183,9 @@ def qlinear(p: Policy, x: torch.Tensor, values: Any, scale: Any, *, scheme: str,
     # the CPU kernels run decode's few rows, where they read a half to an eighth of the bytes;
     # a prompt's many rows dequantise faster (where the gemma-core rows are kept: on the CPU;
     # not in a compiled bf16/fp16 step, whose frozen weights would be folded dense)
-    few = len(flat) <= KERNEL_ROWS or (x.dtype != torch.float32 and torch.compiler.is_compiling())
+    narrow = x.dtype != torch.float32
+    few = (len(flat) <= (NARROW_KERNEL_ROWS if narrow else KERNEL_ROWS)
+           or (narrow and torch.compiler.is_compiling()))
     if fused is not None and (few or rows is None):
         if scheme == "int8":  # CPU int8 weight-only GEMM
             return torch._weight_int8pack_mm(flat, fused, scale).view(*x.shape[:-1], -1)

@@ -33,7 +33,6 @@ import itertools
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +41,7 @@ import numpy as np
 from gemma_core.cache import KVCache, batch_ids, reorder_cache, shift_slots, write_row
 from gemma_core.decoding import _bucket, _left_pad, default_eos_ids, stop_cut
 from gemma_core.errors import InputError
-from gemma_core.generation import _Rows
+from gemma_core.generation import RowState
 from gemma_core.processors import ProcessorConfig, log_softmax, plain_greedy, top_entries
 from gemma_core.sampling import SamplingConfig, choose, process
 from gemma_core.serving.prefix import PrefixCache
@@ -165,7 +164,7 @@ class _Row:
         self.request, self.params = request, request.params
         self.sampling = request.params.sampling()
         self.rng = np.random.default_rng(request.params.seed)
-        self.text = _Rows(1, tokenizer, request.params.stop)
+        self.text = RowState(1, tokenizer, request.params.stop)
         self.eos = frozenset() if request.params.ignore_eos else eos
         self.start = start  # the row's first slot
         self.last = -1  # the token to feed next
@@ -545,14 +544,3 @@ class Engine:
             self._free(i, event)
         else:
             self._emit(row.request, event)
-
-
-def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
-    """Whether the engine's queue and batch emptied within `timeout` seconds (tests)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        m = engine.metrics()
-        if m.queue_depth == 0 and m.active == 0:
-            return True
-        time.sleep(0.01)
-    return False
