@@ -65,11 +65,9 @@ class TorchBackend(Backend):
           bf16/fp16 activations on the CPU, scales in that dtype.
         - "int8-cpu-decode" and "int4-cpu-decode": the same kernels for float32 activations,
           scales in float32.
-          On the CPU the kernels run up to `ops.KERNEL_ROWS` (float32) or `NARROW_KERNEL_ROWS` rows
-          and a prompt's rows dequantise
-          the gemma-core rows kept beside them: with float32 activations the int8 kernel alone
-          ran the real 270M's prefill slower (27 tok/s against 200 dequantising) and its decode
-          faster (10.5 tok/s against 4.6).
+          On the CPU the kernels run up to `ops.KERNEL_ROWS` (float32) or
+          `ops.NARROW_KERNEL_ROWS` rows; more rows dequantise the gemma-core rows kept beside
+          them (measured there).
         - "int4-cuda": tinygemm (`_weight_int4pack_mm`), bf16 on sm80+.
         - "nf4-dense": bf16/fp16 on the CPU, nf4 dequantised once at load. No torch CPU kernel
           reads a 16-level codebook: dequantising nf4 each step decoded the real 270M at 2.5
