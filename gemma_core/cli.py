@@ -268,7 +268,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """`gemma cache info|clear`: the user cache of compiled steps (gemma_core.compile_cache)."""
+    """`gemma cache info|clear`: the user cache (gemma_core.compile_cache) of compiled steps,
+    decoded GGUF files (load/) and torch's prepared weights (prepared/)."""
     from gemma_core import compile_cache
 
     if args.action == "clear":
@@ -616,13 +617,14 @@ class _SubParser(argparse.ArgumentParser):
         self.exit(2, f"gemma: error: {message} (see gemma {self.prog.split()[-1]} --help)\n")
 
 
-
 def _add_prefill_chunk_size(p: argparse.ArgumentParser) -> None:
+    """`--prefill-chunk-size`, shared by generate and serve."""
     from gemma_core.model import DEFAULT_PREFILL_CHUNK
 
     p.add_argument("--prefill-chunk-size", type=_nonnegative_int, default=DEFAULT_PREFILL_CHUNK,
                    help="prefill longer prompts in steps of this many tokens, bounding their memory "
                         "(llama.cpp's --ubatch-size; 0: the whole prompt in one step)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from gemma_core.backend import BackendChoices

@@ -66,11 +66,44 @@ class TokenizerState:
 
 class EntryWeights(dict):  # type: ignore[type-arg]
     """An entry's weights, carrying the entry's key: what derived caches key on
-    (gemma_core.prepared_cache)."""
+    (gemma_core.prepared_cache). A dict changed in any way carries no key any more (its arrays
+    are copy-on-write views of the file: change them by replacing, not in place)."""
 
     def __init__(self, weights: Mapping[str, np.ndarray], entry_key: str) -> None:
         super().__init__(weights)
-        self.entry_key = entry_key
+        self.entry_key: str | None = entry_key
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        self.entry_key = None
+        super().__setitem__(name, value)
+
+    def __delitem__(self, name: str) -> None:
+        self.entry_key = None
+        super().__delitem__(name)
+
+    def __ior__(self, other: Any) -> EntryWeights:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self.entry_key = None
+        super().update(*args, **kwargs)
+
+    def pop(self, *args: Any) -> Any:  # type: ignore[override]
+        self.entry_key = None
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.entry_key = None
+        return super().popitem()
+
+    def setdefault(self, *args: Any) -> Any:  # type: ignore[override]
+        self.entry_key = None
+        return super().setdefault(*args)
+
+    def clear(self) -> None:
+        self.entry_key = None
+        super().clear()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,13 +57,19 @@ def entry_key(source: str, backend: Backend, dtype: str, device: str | None, tas
         return None  # (kept for the host only: a mapped file is host memory)
     return json.dumps({"format": FORMAT, "source": source, "backend": backend.name,
                        "framework": backend.framework_version(), "code": _code_hash(backend),
-                       "dtype": dtype, "device": device, "task": task}, sort_keys=True)
+                       "dtype": dtype, "device": "cpu", "task": task}, sort_keys=True)
 
 
 def entry_path(key: str) -> Path:
+    """Where the entry of `key` lives: named for its source entry's file, backend, dtype and
+    task only, so a changed source, code or framework rewrites it instead of adding another."""
+    from gemma_core import load_cache
     from gemma_core.compile_cache import cache_dir
 
-    return cache_dir() / "prepared" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
+    k = json.loads(key)
+    source = load_cache.entry_path(json.loads(k["source"]))
+    name = json.dumps([str(source), k["backend"], k["dtype"], k["task"]])
+    return cache_dir() / "prepared" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.bin"
 
 
 def lookup(key: str, backend: Backend, expected: Mapping[str, tuple[tuple[int, ...], str]]

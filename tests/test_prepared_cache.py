@@ -188,3 +188,39 @@ def test_the_key_holds_the_backend_framework_and_code() -> None:
     assert prepared_cache.entry_key("source-key", backend, "bfloat16", "cuda", "causal-lm") is None
     numpy = gemma_core.backend.get_backend("numpy")
     assert prepared_cache.entry_key("source-key", numpy, "float32", None, "causal-lm") is None
+
+
+def test_a_failed_write_warns_and_the_load_goes_on(gguf_file: Path, cache: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos")
+
+    monkeypatch.setattr(torch, "save", full)  # how torch reports a full disk
+    with pytest.warns(UserWarning, match="prepared-weights cache: not kept"):
+        model = _load(gguf_file)
+    assert model.forward(IDS).logits is not None and not _entries(cache)
+
+
+def test_weights_changed_after_the_load_are_prepared_anew(gguf_file: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from gemma_core.formats.gguf import load_gguf
+
+    cached = _logits(_load(gguf_file))  # its entry written
+    config, weights, _ = load_gguf(gguf_file, query_pre_attn_scalar=SCALAR)
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1.0
+    prepares = _prepares(monkeypatch)
+    changed = gemma_core.Model(config, weights, backend="torch", dtype="bfloat16")
+    assert prepares == ["bfloat16"] and _logits(changed) != cached
+
+
+def test_a_new_key_rewrites_the_entry_of_the_same_source(gguf_file: Path, cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another torch, code or source state: the same file is replaced, not joined by another."""
+    _load(gguf_file)
+    (before,) = _entries(cache)
+    monkeypatch.setattr(prepared_cache, "_code_hash", lambda backend: "changed")
+    prepares = _prepares(monkeypatch)
+    _load(gguf_file)
+    assert prepares == ["bfloat16"] and _entries(cache) == [before]
+    _load(gguf_file, device="cpu")  # the default device by name: the same entry
+    assert prepares == ["bfloat16"]

@@ -138,11 +138,18 @@ class TorchBackend(Backend):
         return f"torch {torch.__version__}"
 
     def save_prepared(self, path: Any, key: str, weights: dict[str, Any]) -> None:
-        torch.save({"key": key, "weights": weights}, path)
+        try:
+            torch.save({"key": key, "weights": weights}, path)
+        except RuntimeError as e:  # torch's writer reports I/O failures (a full disk) this way
+            raise OSError(str(e)) from None
 
     def load_prepared(self, path: Any) -> tuple[Any, Any]:
-        # mmap: the arrays are copy-on-write pages of the file; weights_only: no code runs
-        saved = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        import mmap
+
+        # mmap: the arrays are pages of the file, copy-on-write (MAP_PRIVATE, whatever the
+        # process's default): nothing written to them reaches it; weights_only: no code runs
+        with torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE):
+            saved = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
         return saved["key"], saved["weights"]
 
     def array_signature(self, x: Any) -> tuple[tuple[int, ...], str]:

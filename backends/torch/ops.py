@@ -184,7 +184,7 @@ def qlinear(p: Policy, x: torch.Tensor, values: Any, scale: Any, *, scheme: str,
     # a prompt's many rows dequantise faster (where the gemma-core rows are kept: on the CPU;
     # not in a compiled bf16/fp16 step, whose frozen weights would be folded dense)
     narrow = x.dtype != torch.float32
-    few = (len(flat) <= (NARROW_KERNEL_ROWS if narrow else KERNEL_ROWS)
+    few = (not p.on_cpu(x) or len(flat) <= (NARROW_KERNEL_ROWS if narrow else KERNEL_ROWS)
            or (narrow and torch.compiler.is_compiling()))
     if fused is not None and (few or rows is None):
         if scheme == "int8":  # CPU int8 weight-only GEMM
