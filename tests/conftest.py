@@ -79,6 +79,15 @@ def exhaustive(*values: object, id: str | None = None) -> object:
 
 
 @pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty user cache folder (GEMMA_CACHE_DIR) with the load cache on and the default bound."""
+    monkeypatch.setenv("GEMMA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("GEMMA_LOAD_CACHE", raising=False)
+    monkeypatch.delenv("GEMMA_CACHE_MAX_BYTES", raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 

@@ -30,11 +30,8 @@ SETTINGS = {"quant": None, "query_pre_attn_scalar": SCALAR, "allow_nonfinite": F
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("GEMMA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("GEMMA_LOAD_CACHE", raising=False)
-    monkeypatch.delenv("GEMMA_CACHE_MAX_BYTES", raising=False)
-    return tmp_path / "cache"
+def cache(fresh_cache: Path) -> Path:
+    return fresh_cache
 
 
 def _tokenizer_triple(spm_file: Path) -> tuple[list[str], list[float], list[int]]:

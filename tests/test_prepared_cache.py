@@ -23,11 +23,8 @@ IDS = np.array([[2, 7, 9, 11, 13, 17]])
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("GEMMA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("GEMMA_LOAD_CACHE", raising=False)
-    monkeypatch.delenv("GEMMA_CACHE_MAX_BYTES", raising=False)
-    return tmp_path / "cache"
+def cache(fresh_cache: Path) -> Path:
+    return fresh_cache
 
 
 @pytest.fixture
