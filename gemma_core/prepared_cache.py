@@ -60,15 +60,20 @@ def entry_key(source: str, backend: Backend, dtype: str, device: str | None, tas
                        "dtype": dtype, "device": "cpu", "task": task}, sort_keys=True)
 
 
+def _source_path(key: str) -> Path:
+    """The load-cache entry file the prepared entry of `key` derives from."""
+    from gemma_core import load_cache
+
+    return load_cache.entry_path(json.loads(json.loads(key)["source"]))
+
+
 def entry_path(key: str) -> Path:
     """Where the entry of `key` lives: named for its source entry's file, backend, dtype and
     task only, so a changed source, code or framework rewrites it instead of adding another."""
-    from gemma_core import load_cache
     from gemma_core.compile_cache import cache_dir
 
     k = json.loads(key)
-    source = load_cache.entry_path(json.loads(k["source"]))
-    name = json.dumps([str(source), k["backend"], k["dtype"], k["task"]])
+    name = json.dumps([str(_source_path(key)), k["backend"], k["dtype"], k["task"]])
     return cache_dir() / "prepared" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.bin"
 
 
@@ -100,11 +105,10 @@ def store(key: str, backend: Backend, weights: Mapping[str, Any], nbytes: int) -
     least recently used files first (the source entry was just used: it goes last); None when
     the entry would not fit the bound beside its source entry, or cannot be written (a warning
     says why: the load itself goes on)."""
-    from gemma_core import load_cache
     from gemma_core.compile_cache import max_bytes, trim
     from gemma_core.transaction import write_transaction
 
-    source = load_cache.entry_path(json.loads(json.loads(key)["source"]))
+    source = _source_path(key)
     if nbytes + (source.stat().st_size if source.is_file() else 0) > max_bytes():
         return None
     path = entry_path(key)

@@ -62,12 +62,9 @@ class TorchBackend(Backend):
         """The weight-only kernel that runs a quantised [O, I] weight, or None.
 
         - "int8-cpu" (`_weight_int8pack_mm`) and "int4-cpu" (`_weight_int4pack_mm_for_cpu`):
-          bf16/fp16 activations on the CPU, scales in that dtype.
-        - "int8-cpu-decode" and "int4-cpu-decode": the same kernels for float32 activations,
-          scales in float32.
-          On the CPU the kernels run up to `ops.KERNEL_ROWS` (float32) or
-          `ops.NARROW_KERNEL_ROWS` rows; more rows dequantise the gemma-core rows kept beside
-          them (measured there).
+          float32, bf16 or fp16 activations on the CPU, scales in that dtype. They run up to
+          `ops.KERNEL_ROWS` (float32) or `ops.NARROW_KERNEL_ROWS` rows; more rows dequantise
+          the gemma-core rows kept beside them (measured there).
         - "int4-cuda": tinygemm (`_weight_int4pack_mm`), bf16 on sm80+.
         - "nf4-dense": bf16/fp16 on the CPU, nf4 dequantised once at load. No torch CPU kernel
           reads a 16-level codebook: dequantising nf4 each step decoded the real 270M at 2.5
@@ -77,17 +74,12 @@ class TorchBackend(Backend):
         - None: the op converts int8 values inside the product (scaled after it) or dequantises
           4-bit codes each step (nf4 in float32, shapes or devices no kernel takes)."""
         out, inner = shape[0], shape[1] * 2  # 4-bit codes are packed two per byte
-        if dev.type == "cpu" and dt == torch.float32:  # the kernel for a few rows (decode),
-            if scheme == "int8":  # dequantised for more
-                return "int8-cpu-decode"
-            if scheme == "int4" and out % 16 == 0:
-                return "int4-cpu-decode"
-        if dev.type == "cpu" and dt in (torch.bfloat16, torch.float16):
+        if dev.type == "cpu" and dt in (torch.float32, torch.bfloat16, torch.float16):
             if scheme == "int8":
                 return "int8-cpu"
             if scheme == "int4" and out % 16 == 0:  # the CPU packing tiles 16 output rows
                 return "int4-cpu"
-            if scheme == "nf4":
+            if scheme == "nf4" and dt != torch.float32:
                 return "nf4-dense"
         if (dev.type == "cuda" and dt == torch.bfloat16 and scheme == "int4" and out % 8 == 0
                 and inner % 32 == 0 and group_size in (32, 64, 128, 256)
@@ -112,12 +104,7 @@ class TorchBackend(Backend):
         kernel = self.quant_kernel(dev, dt, scheme, tuple(rows.shape), group_size)
         if kernel is None:
             return (None, _static(rows), _static(row_scale)), None
-        if kernel == "int8-cpu-decode":  # both layouts: the kernel's is gemma-core's
-            return (_static(rows), _static(rows), _static(row_scale)), _static(row_scale)
-        if kernel == "int4-cpu-decode":  # both layouts; float32 scales and zeros: not rounded
-            return ((_static(int4_pack(rows, "int4-cpu")), _static(rows), _static(row_scale)),
-                    _static(int4_scales_and_zeros(row_scale, dt)))
-        if kernel == "int8-cpu":
+        if kernel == "int8-cpu":  # the kernel's layout is gemma-core's
             fused, fused_scale = rows, row_scale.to(dt)
         elif kernel == "nf4-dense":  # the weight each step would dequantise, made once
             fused, fused_scale = dequantize(rows, row_scale, scheme, group_size, dt), row_scale
