@@ -193,6 +193,45 @@ def test_cancel_queue_full_and_shutdown(tiny3: gemma_core.Model) -> None:
         engine.submit([5], long, lambda ev: None)
 
 
+def _view(model: gemma_core.Model, forward) -> object:  # type: ignore[no-untyped-def]
+    """A view of `model` for an engine, with another `forward`."""
+    view = type("M", (), {})()
+    for name in ("config", "tokenizer", "backend", "dtype", "device", "static_shapes", "new_cache",
+                 "to_numpy", "greedy_tokens"):
+        setattr(view, name, getattr(model, name))
+    view.forward = forward
+    return view
+
+
+def test_a_request_being_prefilled_is_counted_and_cancelled(tiny3: gemma_core.Model) -> None:
+    """Between the queue and the batch (its prefill running) a request is active in `metrics()`,
+    so the engine never looks idle while it holds work, and `shutdown(cancel=True)` ends it."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entered.set()
+        assert release.wait(30)
+        return tiny3.forward(*args, **kwargs)
+
+    engine = Engine(tiny3, max_batch=2, context=200)
+    engine.model = _view(tiny3, slow)
+    events: list[TokenEvent] = []
+    request = engine.submit([4, 5, 6], SamplingParams(max_tokens=150, temperature=0, ignore_eos=True),
+                            events.append)
+    engine.start()
+    assert entered.wait(30)
+    m = engine.metrics()
+    assert (m.queue_depth, m.active) == (0, 1) and not wait_idle(engine, 0.2)
+    closing = threading.Thread(target=engine.shutdown, kwargs={"cancel": True})
+    closing.start()
+    time.sleep(0.1)
+    release.set()
+    closing.join(30)
+    assert not closing.is_alive() and request.done.is_set()
+    assert events[-1].finish_reason == "cancelled" and len(events) < 150
+    assert engine.metrics().active == 0
+
+
 def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(tiny3: gemma_core.Model) -> None:
     engine = Engine(tiny3, max_batch=2, context=32)
     real, calls = tiny3.forward, []
@@ -203,11 +242,7 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(tiny3: gemma_co
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
 
-    engine.model = type("M", (), {})()  # a view of the model whose forward fails once
-    for name in ("config", "tokenizer", "backend", "dtype", "device", "static_shapes", "new_cache",
-                 "to_numpy", "greedy_tokens"):
-        setattr(engine.model, name, getattr(tiny3, name))
-    engine.model.forward = flaky
+    engine.model = _view(tiny3, flaky)
     engine.start()
     try:
         evs = list(engine.stream([4, 5], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
@@ -255,11 +290,6 @@ def test_the_batch_rows_follow_the_load(tiny3: gemma_core.Model) -> None:
                   lambda ev: seen.append(len(engine._rows)))
     engine.start()
     try:
-        # (its events first: between the queue and the batch a request is counted in neither,
-        # so the engine can look idle before its first step; CI's run saw that once)
-        end = time.monotonic() + 60
-        while len(seen) < 3 and time.monotonic() < end:
-            time.sleep(0.01)
         assert wait_idle(engine, 60) and seen == [1, 1, 1]
         params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in range(2, 8)]
         events = _collect(engine, _prompts(6, seed=2), params)

@@ -130,7 +130,7 @@ class EngineMetrics:
     """Counters since the engine started, and its state now."""
 
     queue_depth: int
-    active: int
+    active: int  # in the batch, or taken from the queue and being prefilled into it
     max_batch: int
     requests_total: int
     prompt_tokens_total: int
@@ -199,6 +199,7 @@ class Engine:
         self._prefix = PrefixCache(model, prefix_cache) if prefix_cache > 0 else None
         self._rows: list[_Row | None] = [None]
         self._queue: collections.deque[Request] = collections.deque()
+        self._admitting: list[Request] = []  # out of the queue, not yet in a row
         self._cv = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -258,7 +259,8 @@ class Engine:
         with self._cv:
             c = self._counts
             p = self._prefix
-            return EngineMetrics(len(self._queue), sum(r is not None for r in self._rows), self.max_batch,
+            active = sum(r is not None for r in self._rows) + len(self._admitting)
+            return EngineMetrics(len(self._queue), active, self.max_batch,
                                  c["requests"], c["prompt_tokens"], c["tokens"], c["steps"], c["compactions"],
                                  p.hits if p else 0, p.tokens_saved if p else 0)
 
@@ -305,7 +307,7 @@ class Engine:
         return ids
 
     def _cancel_all(self) -> None:
-        for request in self._queue:
+        for request in (*self._queue, *self._admitting):
             request.cancelled = True
         for row in self._rows:
             if row is not None:
@@ -336,6 +338,7 @@ class Engine:
                     return
                 active = sum(r is not None for r in self._rows)
                 joins = [self._queue.popleft() for _ in range(min(self.max_batch - active, len(self._queue)))]
+                self._admitting = list(joins)
             try:
                 self._fit(active + len(joins))
                 free = [i for i, r in enumerate(self._rows) if r is None]
@@ -351,6 +354,7 @@ class Engine:
     def _fail(self, joins: list[Request], error: Exception) -> None:
         event = TokenEvent(None, "", finish_reason="error", error=f"{type(error).__name__}: {error}")
         with self._cv:
+            self._admitting = []
             for request in joins:
                 if not request.done.is_set():
                     self._emit(request, event)
@@ -462,6 +466,7 @@ class Engine:
             row = _Row(request, self.tokenizer, self._eos, cache.length - width)
             with self._cv:
                 self._rows[i] = row
+                self._admitting.remove(request)
                 self._advance(i, row, logits[j])
 
     def _shift(self, cache: KVCache, shift: int) -> KVCache:
