@@ -116,8 +116,9 @@ def _compile_notice(args: argparse.Namespace) -> None:
     compiled = args.compile if name == "torch" else (
         name in ("jax", "tensorflow") and args.compile is not False)
     if not compiled or not (sys.stderr.isatty() or args.verbose):
-        return
-    kept = {"torch": "in each process: frozen bf16 graphs are not cacheable",
+        return  # (torch's kept decode program says so itself when it compiles: backends/torch/aot)
+    kept = {"torch": "prefill in each process: frozen bf16 graphs are not cacheable; the decode "
+                     "program is kept",
             "jax": "first run; cached for next time"}
     print(f"gemma: compiling the decode step for {name} {args.dtype} "
           f"({kept.get(name, 'every run')})...", file=sys.stderr, flush=True)

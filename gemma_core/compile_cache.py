@@ -2,8 +2,11 @@
 JAX's persistent compilation cache, in one folder with a size bound (`gemma cache info|clear`).
 
 The folder is `$GEMMA_CACHE_DIR`, else `$XDG_CACHE_HOME/gemma-core`, else `~/.cache/gemma-core`;
-`torch/` and `jax/` below it, and `load/`, the decoded GGUF files of `gemma_core.load_cache`
-(which trims the folder after writing an entry). The bound is `$GEMMA_CACHE_MAX_BYTES` (default 2 GiB): when a
+`torch/` and `jax/` below it, `load/`, the decoded GGUF files of `gemma_core.load_cache`
+(which trims the folder after writing an entry), `prepared/` (`gemma_core.prepared_cache`) and
+`torch-aot/`, torch's kept decode programs (`backends/torch/aot.py`). The bound is
+`$GEMMA_CACHE_MAX_BYTES` (default 4 GiB: the real 270M's load entry, prepared weights and decode
+program take 2.5 GB together): when a
 compiling process starts and when it exits, the least recently written files go until the folder
 fits. Nothing here runs at import of gemma_core: a backend calls `enable_torch`/`enable_jax` when
 it is asked to compile, and a cache location the user set (TORCHINDUCTOR_CACHE_DIR,
@@ -12,7 +15,9 @@ jax_compilation_cache_dir) is left as it is.
 What each engine gets from it on the CPU: JAX reads its compiled executables back, so a warm
 process skips XLA's compile (a tiny preset's process: 31 s cold, 10 s warm, on a loaded 2-core
 VM). Unfrozen torch graphs (float32, dequantised 4-bit) hit inductor's FX graph cache whole in
-the next process. Torch's frozen bf16 step is not reusable on torch 2.13: inductor bypasses the
+the next process. Torch's frozen bf16 step under `torch.compile` is not reusable on torch
+2.13 (its decode step is kept as an AOTInductor program instead, `backends/torch/aot.py`):
+inductor bypasses the
 FX graph cache for graphs holding oneDNN-packed weights ("mkldnn tensors unpickleable"),
 AOTAutograd's cache refuses frozen graphs, and the C++ it generates differs between processes
 (a second process on the real 270M compiled for as long as the first: 252 s of inductor
@@ -27,7 +32,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MAX_BYTES = 2 * 2**30
+DEFAULT_MAX_BYTES = 4 * 2**30
 # XLA programs that compiled faster than this are not written (JAX's default is 1 s: the decode
 # step of a tiny preset compiles in less, the real 270M's in ~10 s)
 JAX_MIN_COMPILE_SECS = 0.2
@@ -44,7 +49,7 @@ def cache_dir() -> Path:
 
 
 def max_bytes() -> int:
-    """The size bound: `$GEMMA_CACHE_MAX_BYTES` (a byte count; 0 keeps nothing), else 2 GiB."""
+    """The size bound: `$GEMMA_CACHE_MAX_BYTES` (a byte count; 0 keeps nothing), else 4 GiB."""
     value = os.environ.get("GEMMA_CACHE_MAX_BYTES")
     if not value:
         return DEFAULT_MAX_BYTES

@@ -4,6 +4,7 @@ builds one from a checkpoint or preset)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -123,8 +124,10 @@ class Model:
             self.graph, groups = fuse_projections(self.graph, shapes)
         keep = from_entry is not None and config.quantization is None and lora is None and task in (
             "causal-lm", "base")
-        self.weights = _prepare(self.backend, config, weights, groups, dtype, device, task,
-                                from_entry if keep else None)
+        from gemma_core import prepared_cache
+
+        prepared = prepared_cache.entry_key(from_entry, self.backend, dtype, device, task) if keep else None
+        self.weights = _prepare(self.backend, config, weights, groups, dtype, device, task, prepared)
         outputs = self.graph.outputs  # logits (or hidden and x0..x{L-1}), then the caches
         self.ops = self.backend.op_table(dtype)  # binds the graph to the ops and weights
         self.tokenizer = tokenizer
@@ -135,7 +138,12 @@ class Model:
             run_bound(plan, env)
             return {k: env[k] for k in outputs}
 
-        options = {"compile": compile, "device": device, "dtype": dtype}
+        options: dict[str, Any] = {"compile": compile, "device": device, "dtype": dtype}
+        if prepared is not None:  # the weights and graph have an identity across processes: a
+            # backend may keep a compiled step by it (torch's decode programs, backends/torch/aot)
+            options["weights_key"] = json.dumps({"weights": prepared, "config": repr(config)})
+            options["weights_name"] = prepared_cache.entry_name(prepared)  # stable across versions
+            options["layer_windows"] = tuple(config.window(i) for i in range(config.num_layers))
         self.raw_step = step  # the uncompiled step, for backends that trace it into larger loops
         self._step = self.backend.compile_step(step, options)
         self._step_options = options
@@ -506,12 +514,11 @@ def _check_mask(mask: Any, shape: tuple[int, ...], to_numpy: Any) -> np.ndarray:
 
 def _prepare(backend: Backend, config: GemmaConfig, weights: Mapping[str, np.ndarray],
              groups: Mapping[str, Sequence[str]], dtype: str, device: str | None, task: str,
-             entry: str | None) -> dict[str, Any]:
+             key: str | None) -> dict[str, Any]:
     """The backend's weights: `weights` with each fused group stacked, converted by the
-    backend; for float weights of a load-cache `entry`, through the prepared-weights cache."""
+    backend; through the prepared-weights cache under `key` (`prepared_cache.entry_key`)."""
     from gemma_core import prepared_cache
 
-    key = prepared_cache.entry_key(entry, backend, dtype, device, task) if entry else None
     if key is not None:
         expected = {**{n: (tuple(w.shape), dtype) for n, w in weights.items()
                        if not any(n in sources for sources in groups.values())},

@@ -67,14 +67,21 @@ def _source_path(key: str) -> Path:
     return load_cache.entry_path(json.loads(json.loads(key)["source"]))
 
 
+def entry_name(key: str) -> str:
+    """What names the entry of `key`, and anything else kept of these weights (torch's decode
+    programs): the source file's path and load settings, the backend, dtype and task; not the
+    code or framework versions, so a changed key replaces a file rather than adding another."""
+    k = json.loads(key)
+    source = json.loads(k["source"])
+    return json.dumps([source["path"], source["settings"], k["backend"], k["dtype"], k["task"]],
+                      sort_keys=True)
+
+
 def entry_path(key: str) -> Path:
-    """Where the entry of `key` lives: named for its source entry's file, backend, dtype and
-    task only, so a changed source, code or framework rewrites it instead of adding another."""
+    """Where the entry of `key` lives: a hash of `entry_name(key)`."""
     from gemma_core.compile_cache import cache_dir
 
-    k = json.loads(key)
-    name = json.dumps([str(_source_path(key)), k["backend"], k["dtype"], k["task"]])
-    return cache_dir() / "prepared" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.bin"
+    return cache_dir() / "prepared" / f"{hashlib.sha256(entry_name(key).encode()).hexdigest()[:32]}.bin"
 
 
 def lookup(key: str, backend: Backend, expected: Mapping[str, tuple[tuple[int, ...], str]]

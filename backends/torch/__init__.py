@@ -251,6 +251,10 @@ class TorchBackend(Backend):
                 return {k: (v.clone() if k == "logits" else v) for k, v in out.items()}
 
             run = replay
+        if options.get("weights_key") and options.get("compile") is not False:
+            from backends.torch.aot import with_programs
+
+            run = with_programs(step, options, run)  # decode steps by a program kept on disk
         return torch.inference_mode()(run)
 
 

@@ -1,0 +1,177 @@
+"""Torch's decode program kept across processes (backends/torch/aot.py): its logits and caches
+conform to the NumPy reference at any batch and cache length from one compile; a new process
+loads it without compiling; a damaged file or a failed compile falls back to the eager step with
+a warning; what gets no program."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from gguf_writer import write_gguf
+
+import gemma_core
+from conformance.compare import compare_logits, compare_tensor
+from conformance.tolerances import TOLERANCES
+from gemma_core.presets import get_preset
+from gemma_core.weights import random_weights
+
+pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+aot = pytest.importorskip("backends.torch.aot")
+
+SCALAR = 16  # tiny-gemma3's query_pre_attn_scalar (GGUF does not record it)
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MIN_PARAMS = aot.MIN_PARAMS
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A tiny Gemma 3 GGUF, a user cache for this module, and the programs built in it (the
+    tiny model is under MIN_PARAMS: the default would run it eagerly)."""
+    folder = tmp_path_factory.mktemp("aot")
+    config = get_preset("tiny-gemma3")
+    path = write_gguf(folder / "m.gguf", config, random_weights(config, 5), qtype="F16")
+    builds: list[Path] = []
+    real = aot.DecodePrograms._build
+
+    def counted(self, env, dims, where):  # type: ignore[no-untyped-def]
+        builds.append(where)
+        return real(self, env, dims, where)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GEMMA_CACHE_DIR", str(folder / "cache"))
+        mp.delenv("GEMMA_LOAD_CACHE", raising=False)
+        mp.delenv("GEMMA_CACHE_MAX_BYTES", raising=False)
+        mp.setattr(aot, "MIN_PARAMS", 0)
+        mp.setattr(aot.DecodePrograms, "_build", counted)
+        yield {"path": path, "cache": folder / "cache", "builds": builds}
+
+
+def _load(path: Path, backend: str = "torch", dtype: str = "bfloat16", **kw: object) -> gemma_core.Model:
+    return gemma_core.load(path, backend=backend, dtype=dtype, query_pre_attn_scalar=SCALAR, **kw)
+
+
+def _decode(model: gemma_core.Model, prompts: np.ndarray, tokens: np.ndarray, length: int
+            ) -> tuple[list[np.ndarray], Any]:
+    """Prefill `prompts` into a cache of `length`, then feed `tokens` one step at a time: each
+    step's logits, and the exported cache after the last."""
+    out = model.forward(prompts, cache=model.new_cache(len(prompts), length), last_only=True)
+    logits = []
+    for t in tokens.T:
+        out = model.forward(t[:, None], cache=out.cache)
+        logits.append(model.to_numpy(out.logits)[:, -1].astype(np.float64))
+    return logits, model.export_cache(out.cache)
+
+
+def _conforms(ours: list[np.ndarray], ours_cache: Any, ref: list[np.ndarray], ref_cache: Any) -> None:
+    """The bf16 conformance bounds: logits as distributions, caches by relative L2 error."""
+    tol = TOLERANCES["bfloat16"]
+    real = np.ones((len(ours[0]), len(ours)), bool)
+    ok, why = compare_logits(np.stack(ref, 1), np.stack(ours, 1), real, tol)
+    assert ok, why
+    ours_layers, ref_layers = (*ours_cache.keys, *ours_cache.values), (*ref_cache.keys, *ref_cache.values)
+    for a, b in zip(ours_layers, ref_layers, strict=True):
+        ok, why = compare_tensor(b, a, tol)
+        assert ok, why
+
+
+@pytest.mark.parametrize("batch, length", [(2, 40), (1, 6), (3, 100)])
+def test_one_program_conforms_at_every_batch_and_length(kept: dict, batch: int, length: int) -> None:
+    """One compile (the first case) serves every batch and cache length: rings that wrap (40,
+    100 slots against a window of 8) and caches shorter than the window (6)."""
+    rng = np.random.default_rng(batch * 1000 + length)
+    prompts = rng.integers(3, 500, (batch, 3))
+    tokens = rng.integers(3, 500, (batch, min(length - 3, 12)))
+    ours, ours_cache = _decode(_load(kept["path"]), prompts, tokens, length)
+    ref, ref_cache = _decode(_load(kept["path"], "numpy", "float32"), prompts, tokens, length)
+    _conforms(ours, ours_cache, ref, ref_cache)
+    assert len(kept["builds"]) == 1 and len(list((kept["cache"] / "torch-aot").glob("*.so"))) == 1
+
+
+def test_a_new_process_loads_the_kept_program(kept: dict) -> None:
+    ids = [[4, 9, 21]]
+    here = _load(kept["path"]).generate(ids, max_new_tokens=6, eos_token_ids=[]).token_ids[0]
+    assert kept["builds"]  # (built by now, in this process or by the test before)
+    script = (
+        "import sys, gemma_core, backends.torch.aot as aot\n"
+        "aot.MIN_PARAMS = 0\n"
+        "def refuse(*a, **k): raise SystemExit('compiled again')\n"
+        "aot.DecodePrograms._build = refuse\n"
+        f"m = gemma_core.load({str(kept['path'])!r}, backend='torch', dtype='bfloat16', "
+        f"query_pre_attn_scalar={SCALAR})\n"
+        f"print(m.generate({ids!r}, max_new_tokens=6, eos_token_ids=[]).token_ids[0])\n")
+    env = {**os.environ, "GEMMA_CACHE_DIR": str(kept["cache"])}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == str(here)
+
+
+def test_a_damaged_program_or_a_failed_compile_runs_eagerly(kept: dict, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    _load(kept["path"]).generate([[4, 5]], max_new_tokens=2, eos_token_ids=[])  # built by now
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(kept["cache"], cache)
+    monkeypatch.setenv("GEMMA_CACHE_DIR", str(cache))
+    (program,) = (cache / "torch-aot").glob("*.so")
+    program.write_bytes(b"not a shared object")
+
+    def no_compiler(self, env, dims, where):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(aot.DecodePrograms, "_build", no_compiler)
+    prompts, tokens = np.array([[4, 9, 21]]), np.array([[7, 8, 9]])
+    with caplog.at_level(logging.WARNING, logger="gemma_core"):
+        ours, _ = _decode(_load(kept["path"]), prompts, tokens, 20)
+    assert "did not load" in caplog.text and "runs eagerly" in caplog.text
+    eager, _ = _decode(_load(kept["path"], compile=False), prompts, tokens, 20)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, eager, strict=True))  # the eager step
+
+
+def test_what_gets_no_program(tmp_path: Path, fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the default a small model, and under any setting float32, --no-compile, quantised
+    weights and weights without a load-cache entry, run without a program (and compile none)."""
+    monkeypatch.setattr(aot, "MIN_PARAMS", DEFAULT_MIN_PARAMS)
+    config = get_preset("tiny-gemma3")
+    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config, 5), qtype="F16")
+    model = _load(path)  # bf16, default compile: under MIN_PARAMS
+    options = model._step_options
+    assert options["weights_key"] and options["layer_windows"] == tuple(
+        config.window(i) for i in range(config.num_layers))
+    assert not aot.wanted(options, model.weights)
+    assert aot.wanted({**options, "compile": True}, model.weights)
+    assert not aot.wanted({**options, "compile": False}, model.weights)
+    assert not aot.wanted({**options, "compile": True, "dtype": "float32"}, model.weights)
+    assert not aot.wanted({**options, "compile": True, "device": "meta"}, model.weights)
+    quantised = _load(path, quantize="int8")
+    assert "weights_key" not in quantised._step_options
+    assert "weights_key" not in gemma_core.load("tiny-gemma3", backend="torch", dtype="bfloat16",
+                                                seed=1)._step_options
+    model.generate([[4, 5, 6]], max_new_tokens=3, eos_token_ids=[])
+    assert not (fresh_cache / "torch-aot").exists()
+
+
+def test_the_key_names_the_weights_and_the_inputs() -> None:
+    env = {"ids": torch.zeros(1, 1, dtype=torch.int64), "logit_index": torch.zeros(1, dtype=torch.int64),
+           "mask[global]": torch.zeros(1, 1, 1, 7, dtype=torch.bool),
+           "cache.0": (torch.zeros(1, 1, 7, 4, dtype=torch.bfloat16),) * 2}
+    dims = aot._dims(env, (None,))
+    key = aot.package_key("w", env, dims)
+    assert aot.package_key("w", {**env, "mask[global]": env["mask[global]"][..., :3]}, dims) == key
+    other = aot.package_key("w", {**env, "cache.0": (torch.zeros(1, 1, 7, 4, dtype=torch.float16),) * 2},
+                            dims)
+    assert other != key
+    assert aot.package_path("w", key).name.split("-")[0] == aot.package_path("w", other).name.split("-")[0]
+    assert aot.package_path("v", key).name.split("-")[0] != aot.package_path("w", key).name.split("-")[0]
+    assert aot.is_decode(env) and not aot.is_decode({**env, "ids": torch.zeros(1, 2, dtype=torch.int64)})
