@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("transformers", "numpy", "torch", "torch-compile", "jax", "tensorflow")
+# "torch" is the default engine (a GGUF model's decode by its kept AOT program, prefill eager);
+# "torch-eager" is --no-compile
+ENGINES = ("transformers", "numpy", "torch", "torch-eager", "torch-compile", "jax", "tensorflow")
 # Opt-in engines: weight-only quantised torch (quantised on load; run them with --dtypes bfloat16,
 # the dtype torch's int8/int4 CPU kernels take), and llama.cpp (llama-cpp-python) on the GGUF
 # file itself (--model embedded or a .gguf), in the interpreter given by --llama-python.
@@ -177,7 +179,8 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
         quantize = QUANT_ENGINES.get(engine)
         model = gemma_core.load(gguf if quantize and gguf else folder, backend=backend, dtype=dtype,
                                 device=device if backend == "torch" else None,
-                                compile=True if engine.startswith("torch-compile") else None,
+                                compile=True if engine.startswith("torch-compile") else
+                                False if engine == "torch-eager" else None,
                                 quantize=quantize)
         vocab = model.config.vocab_size
         read_bytes = weight_bytes(model.config, dtype)

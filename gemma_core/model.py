@@ -143,6 +143,7 @@ class Model:
             # backend may keep a compiled step by it (torch's decode programs, backends/torch/aot)
             options["weights_key"] = json.dumps({"weights": prepared, "config": repr(config)})
             options["weights_name"] = prepared_cache.entry_name(prepared)  # stable across versions
+            options["weights"] = self.weights  # the set the key names (not one put in its place)
             options["layer_windows"] = tuple(config.window(i) for i in range(config.num_layers))
         self.raw_step = step  # the uncompiled step, for backends that trace it into larger loops
         self._step = self.backend.compile_step(step, options)
@@ -173,6 +174,8 @@ class Model:
     def ops(self, table: Mapping[str, Any]) -> None:
         self._ops = table
         self._plan = bind(self.graph, table, self.weights)
+        if hasattr(self, "_step_options"):  # a patched table is not what a kept step was made of
+            self._step_options.pop("weights_key", None)
 
     def new_cache(self, batch_size: int, max_length: int, *, dynamic: bool = False) -> KVCache:
         """An empty static cache for `batch_size` rows and up to `max_length` tokens. A step
@@ -302,7 +305,9 @@ class Model:
                 run_bound(plan, env)
                 return {k: env[k] for k in graph.outputs}
 
-            self._hidden_step = (table, self.backend.compile_step(step, self._step_options))
+            # (no kept step: its outputs are not the plain step's, and it is rarely used)
+            self._hidden_step = (table, self.backend.compile_step(step, {**self._step_options,
+                                                                         "weights_key": None}))
         return self._hidden_step[1]
 
     def _grow_cache(self, cache: KVCache, needed: int, share: bool) -> KVCache:

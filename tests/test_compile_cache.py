@@ -40,7 +40,7 @@ def test_the_folder_is_gemma_cache_dir_else_xdg_else_home(tmp_path: Path,
     assert not (tmp_path / "home").exists()  # resolving creates nothing
 
 
-def test_the_bound_defaults_to_2_gib_and_refuses_a_non_number(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_bound_defaults_to_4_gib_and_refuses_a_non_number(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GEMMA_CACHE_MAX_BYTES", raising=False)
     assert compile_cache.max_bytes() == 4 * 2**30
     monkeypatch.setenv("GEMMA_CACHE_MAX_BYTES", "1000")

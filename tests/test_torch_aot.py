@@ -40,19 +40,26 @@ def kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     config = get_preset("tiny-gemma3")
     path = write_gguf(folder / "m.gguf", config, random_weights(config, 5), qtype="F16")
     builds: list[Path] = []
-    real = aot.DecodePrograms._build
+    ran: list[bool] = []  # per decode step offered to a program: whether it ran it
+    real, call = aot.DecodeProgram._build, aot.DecodeProgram.__call__
 
     def counted(self, env, dims, where):  # type: ignore[no-untyped-def]
         builds.append(where)
         return real(self, env, dims, where)
+
+    def running(self, env):  # type: ignore[no-untyped-def]
+        out = call(self, env)
+        ran.append(out is not None)
+        return out
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GEMMA_CACHE_DIR", str(folder / "cache"))
         mp.delenv("GEMMA_LOAD_CACHE", raising=False)
         mp.delenv("GEMMA_CACHE_MAX_BYTES", raising=False)
         mp.setattr(aot, "MIN_PARAMS", 0)
-        mp.setattr(aot.DecodePrograms, "_build", counted)
-        yield {"path": path, "cache": folder / "cache", "builds": builds}
+        mp.setattr(aot.DecodeProgram, "_build", counted)
+        mp.setattr(aot.DecodeProgram, "__call__", running)
+        yield {"path": path, "cache": folder / "cache", "builds": builds, "ran": ran}
 
 
 def _load(path: Path, backend: str = "torch", dtype: str = "bfloat16", **kw: object) -> gemma_core.Model:
@@ -90,7 +97,9 @@ def test_one_program_conforms_at_every_batch_and_length(kept: dict, batch: int, 
     rng = np.random.default_rng(batch * 1000 + length)
     prompts = rng.integers(3, 500, (batch, 3))
     tokens = rng.integers(3, 500, (batch, min(length - 3, 12)))
+    kept["ran"].clear()
     ours, ours_cache = _decode(_load(kept["path"]), prompts, tokens, length)
+    assert kept["ran"] == [True] * tokens.shape[1]  # every decode step ran the program
     ref, ref_cache = _decode(_load(kept["path"], "numpy", "float32"), prompts, tokens, length)
     _conforms(ours, ours_cache, ref, ref_cache)
     assert len(kept["builds"]) == 1 and len(list((kept["cache"] / "torch-aot").glob("*.so"))) == 1
@@ -104,7 +113,7 @@ def test_a_new_process_loads_the_kept_program(kept: dict) -> None:
         "import sys, gemma_core, backends.torch.aot as aot\n"
         "aot.MIN_PARAMS = 0\n"
         "def refuse(*a, **k): raise SystemExit('compiled again')\n"
-        "aot.DecodePrograms._build = refuse\n"
+        "aot.DecodeProgram._build = refuse\n"
         f"m = gemma_core.load({str(kept['path'])!r}, backend='torch', dtype='bfloat16', "
         f"query_pre_attn_scalar={SCALAR})\n"
         f"print(m.generate({ids!r}, max_new_tokens=6, eos_token_ids=[]).token_ids[0])\n")
@@ -130,13 +139,48 @@ def test_a_damaged_program_or_a_failed_compile_runs_eagerly(kept: dict, tmp_path
     def no_compiler(self, env, dims, where):  # type: ignore[no-untyped-def]
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(aot.DecodePrograms, "_build", no_compiler)
+    monkeypatch.setattr(aot.DecodeProgram, "_build", no_compiler)
     prompts, tokens = np.array([[4, 9, 21]]), np.array([[7, 8, 9]])
     with caplog.at_level(logging.WARNING, logger="gemma_core"):
         ours, _ = _decode(_load(kept["path"]), prompts, tokens, 20)
     assert "did not load" in caplog.text and "runs eagerly" in caplog.text
     eager, _ = _decode(_load(kept["path"], compile=False), prompts, tokens, 20)
     assert all(np.array_equal(a, b) for a, b in zip(ours, eager, strict=True))  # the eager step
+
+
+def test_what_the_program_does_not_run(kept: dict) -> None:
+    """The hidden-states step (other outputs), a patched op table and a weight set put in the
+    model's place run eagerly; the plain step beside them keeps its program."""
+    prompts, tokens = np.array([[4, 9, 21]]), np.array([[7, 8, 9]])
+    model, eager = _load(kept["path"]), _load(kept["path"], compile=False)
+    out = model.forward(prompts, cache=model.new_cache(1, 20), last_only=True)
+    kept["ran"].clear()
+    step = model.forward([[7]], cache=out.cache, output_hidden_states=True)
+    ref = eager.forward(prompts, cache=eager.new_cache(1, 20), last_only=True)
+    ref = eager.forward([[7]], cache=ref.cache, output_hidden_states=True)
+    assert kept["ran"] == [] and len(step.hidden_states) == model.config.num_layers + 1
+    assert np.array_equal(model.to_numpy(step.logits), eager.to_numpy(ref.logits))
+    model.forward([[8]], cache=step.cache)
+    assert kept["ran"] == [True]
+
+    calls: list[str] = []
+    table = dict(model.ops)
+    real = table["rms_norm"]
+
+    def patched(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("rms_norm")
+        return real(*args, **kwargs)
+
+    model.ops = {**table, "rms_norm": patched}
+    kept["ran"].clear()
+    _decode(model, prompts, tokens, 20)
+    assert kept["ran"] == [] and calls  # the patched op ran in every step, decode too
+
+    other = _load(kept["path"])
+    other.weights = dict(other.weights)  # another set: not the one the program was made of
+    kept["ran"].clear()
+    _decode(other, prompts, tokens, 20)
+    assert kept["ran"] == []
 
 
 def test_what_gets_no_program(tmp_path: Path, fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,11 +21,13 @@ eager step's 53 ms in one process; the first export and compile took ~60 s; a wa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import threading
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +46,7 @@ FORMAT = 1
 # asks for the package at any size
 MIN_PARAMS = 50_000_000
 _SHARED = ("gemma_core", "backends/torch")  # the code whose hash is part of every key
+_BUILDING = threading.Lock()
 
 
 def wanted(options: Mapping[str, Any], weights: Mapping[str, Any]) -> bool:
@@ -59,12 +62,17 @@ def wanted(options: Mapping[str, Any], weights: Mapping[str, Any]) -> bool:
         return False
     if not all(isinstance(v, torch.Tensor) and v.layout == torch.strided for v in weights.values()):
         return False
+    if not hasattr(torch._C, "_aoti") or not hasattr(torch._C._aoti, "AOTIModelContainerRunnerCpu"):
+        return False  # a torch without the CPU runner of AOTInductor (a private API)
     if compile is True:
         return True
     from gemma_core.compile_cache import max_bytes
 
-    size = sum(v.numel() * v.element_size() for v in weights.values())  # ~ the program's
-    return sum(v.numel() for v in weights.values()) >= MIN_PARAMS and size <= max_bytes()
+    # the folder holds the load entry (float32: 2x these bytes), the prepared weights (1x) and
+    # the program (1.6x on the 270M, whose tied LM head is packed apart from the embedding): a
+    # model whose three would not fit runs eagerly rather than evict its own entries each run
+    size = sum(v.numel() * v.element_size() for v in weights.values())
+    return sum(v.numel() for v in weights.values()) >= MIN_PARAMS and 4.6 * size <= max_bytes()
 
 
 def is_decode(env: Mapping[str, Any]) -> bool:
@@ -136,11 +144,20 @@ def _code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def _cpu() -> str:
+    """The CPU the program is compiled for: inductor builds with -march=native, so every
+    instruction-set flag counts (a program from another CPU could stop the process on SIGILL)."""
+    flags = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        flags = next((line for line in f if line.startswith("flags")), "")
+    digest = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
+    return f"{torch.backends.cpu.get_cpu_capability()} {digest}"
+
+
 def package_key(weights_key: str, env: Mapping[str, Any], dims: Mapping[str, Any]) -> str:
     """The whole key of the decode program for `env` of the weights of `weights_key`."""
     return json.dumps({"format": FORMAT, "weights": weights_key, "inputs": _signature(env, dims),
-                       "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
-                       "code": _code_hash()}, sort_keys=True)
+                       "torch": torch.__version__, "cpu": _cpu(), "code": _code_hash()}, sort_keys=True)
 
 
 def package_path(weights_name: str, key: str) -> Path:
@@ -152,15 +169,16 @@ def package_path(weights_name: str, key: str) -> Path:
     return cache_dir() / "torch-aot" / f"{weights}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
-class DecodePrograms:
-    """The kept decode program of one weight set, loaded or built at its first decode step;
-    `__call__(env)` runs it. `fallback` runs the steps it does not take."""
+class DecodeProgram:
+    """The kept decode program of one weight set, loaded (or built and kept) at its first decode
+    step; `__call__(env)` runs it, or says it cannot (the caller then runs the eager step)."""
 
     def __init__(self, step: StepFn, weights: Mapping[str, Any], options: Mapping[str, Any]) -> None:
         self.step, self.weights = step, weights
         self.weights_key: str = options["weights_key"]
         self.weights_name: str = options.get("weights_name") or self.weights_key
         self.windows: tuple[int | None, ...] = tuple(options["layer_windows"])
+        self.runs = 0  # decode steps the program ran (tests)
         self._runner: Any = None
         self._specs: tuple[Any, Any] | None = None
         self._failed = False
@@ -169,27 +187,25 @@ class DecodePrograms:
         return not self._failed and is_decode(env)
 
     def __call__(self, env: dict[str, Any]) -> dict[str, Any] | None:
-        """The step's outputs, or None where no program could be had (the caller runs eagerly)."""
-        if self._runner is None and not self._open(env):
-            return None
+        """The step's outputs, or None where no program could be had."""
+        if self._runner is None:
+            with _BUILDING:  # one export/compile at a time (inductor's config patch is global)
+                if self._runner is None and not self._open(env):
+                    return None
         flat, spec = pytree.tree_flatten(((env,), {}))
         in_spec, out_spec = self._specs  # type: ignore[misc]
-        if spec != in_spec:  # another set of inputs than the program's: not this program's step
+        if spec != in_spec:  # inputs in another order or of other names: not this program's step
+            log.debug("gemma-core: a decode step's inputs differ from the kept program's; eager")
             return None
+        self.runs += 1
         return pytree.tree_unflatten(self._runner.run(flat), out_spec)
 
     def _open(self, env: Mapping[str, Any]) -> bool:
         dims = _dims(env, self.windows)
         key = package_key(self.weights_key, env, dims)
         path = package_path(self.weights_name, key)
-        if path.is_file():
-            try:
-                self._load(path)
-                os.utime(path)  # a use counts for the folder's LRU bound
-                return True
-            except Exception as e:  # damaged, or from another build: compiled again below
-                log.warning("gemma-core: the kept decode program %s did not load (%s); compiling it again",
-                            path, e)
+        if path.is_file() and self._load_kept(path):
+            return True
         try:
             self._build(env, dims, path)
         except Exception as e:  # an export or compile failure must not stop generation
@@ -197,6 +213,17 @@ class DecodePrograms:
             log.warning("gemma-core: torch's decode step could not be compiled ahead of time (%s: %s); "
                         "it runs eagerly", type(e).__name__, e)
             return False
+        return True
+
+    def _load_kept(self, path: Path) -> bool:
+        try:
+            self._load(path)
+        except Exception as e:  # damaged, or from another build: compiled again
+            log.warning("gemma-core: the kept decode program %s did not load (%s); compiling it again",
+                        path, e)
+            return False
+        with contextlib.suppress(OSError):  # a use counts for the folder's LRU bound
+            os.utime(path)
         return True
 
     def _load(self, path: Path) -> None:
@@ -207,8 +234,6 @@ class DecodePrograms:
 
     def _build(self, env: Mapping[str, Any], dims: Mapping[str, Any], path: Path) -> None:
         from backends.torch import FrozenWeights
-        from gemma_core.compile_cache import max_bytes, trim
-        from gemma_core.transaction import write_transaction
 
         log.warning("gemma-core: compiling torch's decode step for these weights, once (about a "
                     "minute for a 270M model on 2 cores); later runs load it from %s", path.parent)
@@ -221,18 +246,32 @@ class DecodePrograms:
             with torch._inductor.config.patch(freezing=True):
                 package = torch._inductor.aoti_compile_and_package(
                     program, package_path=os.path.join(tmp, "step.pt2"))
-            so = _extract_so(package, Path(tmp))
-            for old in path.parent.glob(path.name.split("-")[0] + "-*.so"):
-                old.unlink(missing_ok=True)  # the same weights' program of another key
-            if so.stat().st_size <= max_bytes():
+            self._keep(_extract_so(package, Path(tmp)), path)
+
+    def _keep(self, so: Path, path: Path) -> None:
+        """Place the built `so` at `path` and load it; where it cannot be kept (beyond the
+        cache's bound, or the folder cannot be written), load it for this process only."""
+        from gemma_core.compile_cache import max_bytes, trim
+        from gemma_core.errors import GemmaError
+        from gemma_core.transaction import write_transaction
+
+        for old in path.parent.glob(path.name.split("-")[0] + "-*.so"):
+            with contextlib.suppress(OSError):
+                old.unlink()  # the same weights' program of another key (code, torch, CPU)
+        why = f"{so.stat().st_size >> 20} MiB exceed the cache bound (GEMMA_CACHE_MAX_BYTES)" \
+            if so.stat().st_size > max_bytes() else None
+        if why is None:
+            try:
                 with write_transaction(path, overwrite=True) as dst:
                     os.replace(so, dst)
+            except (GemmaError, OSError) as e:
+                why = str(e)
+            else:
                 self._load(path)
                 trim()
-            else:  # too large for the cache's bound: used in this process only
-                log.warning("gemma-core: the decode program (%d MiB) exceeds the cache bound "
-                            "(GEMMA_CACHE_MAX_BYTES): not kept", so.stat().st_size >> 20)
-                self._load(so)  # (the mapping outlives the file)
+                return
+        log.warning("gemma-core: the decode program is used in this process only, not kept (%s)", why)
+        self._load(so)  # (its mapping outlives the file)
 
 
 def _extract_so(package: str, folder: Path) -> Path:
@@ -249,20 +288,20 @@ def _extract_so(package: str, folder: Path) -> Path:
 
 
 def with_programs(step: StepFn, options: Mapping[str, Any], fallback: StepFn) -> StepFn:
-    """`fallback`, with decode steps of a weight set that `wanted` run by its kept program."""
-    programs: dict[int, tuple[Mapping[str, Any], DecodePrograms | None]] = {}
+    """`fallback`, with the decode steps of the weight set the options' key names
+    (`options["weights"]`, while the model's op table is the one the key was made for: the
+    model drops `weights_key` when its ops are patched) run by its kept program, if `wanted`."""
+    made: list[DecodeProgram | None] = []  # [program or None], decided at the first step
 
     def run(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-        if id(weights) not in programs:
-            programs[id(weights)] = (weights, DecodePrograms(step, weights, options)
-                                     if wanted(options, weights) else None)
-        made = programs[id(weights)][1]
-        if made is not None and made.accepts(env):
-            out = made(env)
-            if out is not None:
-                return out
+        if weights is options.get("weights") and options.get("weights_key"):
+            if not made:
+                made.append(DecodeProgram(step, weights, options) if wanted(options, weights) else None)
+            program = made[0]
+            if program is not None and program.accepts(env):
+                out = program(env)
+                if out is not None:
+                    return out
         return fallback(weights, env)
 
     return run
-
-
