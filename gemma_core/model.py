@@ -122,12 +122,12 @@ class Model:
         if self.backend.fuse_projections:
             shapes = {name: shape for name, shape, _ in iter_params(config, task, num_labels)}
             self.graph, groups = fuse_projections(self.graph, shapes)
-        keep = from_entry is not None and config.quantization is None and lora is None and task in (
-            "causal-lm", "base")
         from gemma_core import prepared_cache
 
-        prepared = prepared_cache.entry_key(from_entry, self.backend, dtype, device, task) if keep else None
-        self.weights = _prepare(self.backend, config, weights, groups, dtype, device, task, prepared)
+        keyed = from_entry is not None and lora is None and task in ("causal-lm", "base")
+        prepared = prepared_cache.entry_key(from_entry, self.backend, dtype, device, task) if keyed else None
+        self.weights = _prepare(self.backend, config, weights, groups, dtype, device, task,
+                                prepared if config.quantization is None else None)  # float only
         outputs = self.graph.outputs  # logits (or hidden and x0..x{L-1}), then the caches
         self.ops = self.backend.op_table(dtype)  # binds the graph to the ops and weights
         self.tokenizer = tokenizer

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import exhaustive
 from gguf_writer import write_gguf
 
 import gemma_core
@@ -62,8 +63,8 @@ def kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         yield {"path": path, "cache": folder / "cache", "builds": builds, "ran": ran}
 
 
-def _load(path: Path, backend: str = "torch", dtype: str = "bfloat16", **kw: object) -> gemma_core.Model:
-    return gemma_core.load(path, backend=backend, dtype=dtype, query_pre_attn_scalar=SCALAR, **kw)
+def _load(path: Path, backend: str = "torch", dtype: str = "bfloat16", **kw: Any) -> gemma_core.Model:
+    return gemma_core.load(path, backend=backend, dtype=dtype, **{"query_pre_attn_scalar": SCALAR, **kw})
 
 
 def _decode(model: gemma_core.Model, prompts: np.ndarray, tokens: np.ndarray, length: int
@@ -184,8 +185,8 @@ def test_what_the_program_does_not_run(kept: dict) -> None:
 
 
 def test_what_gets_no_program(tmp_path: Path, fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under the default a small model, and under any setting float32, --no-compile, quantised
-    weights and weights without a load-cache entry, run without a program (and compile none)."""
+    """Under the default a small model, and under any setting float32, --no-compile, another
+    device and weights without a load-cache entry, run without a program (and compile none)."""
     monkeypatch.setattr(aot, "MIN_PARAMS", DEFAULT_MIN_PARAMS)
     config = get_preset("tiny-gemma3")
     path = write_gguf(tmp_path / "m.gguf", config, random_weights(config, 5), qtype="F16")
@@ -198,8 +199,8 @@ def test_what_gets_no_program(tmp_path: Path, fresh_cache: Path, monkeypatch: py
     assert not aot.wanted({**options, "compile": False}, model.weights)
     assert not aot.wanted({**options, "compile": True, "dtype": "float32"}, model.weights)
     assert not aot.wanted({**options, "compile": True, "device": "meta"}, model.weights)
-    quantised = _load(path, quantize="int8")
-    assert "weights_key" not in quantised._step_options
+    quantised = _load(path, quantize="int8")  # keyed too: its config (quantization) is in the key
+    assert quantised._step_options["weights_key"] != options["weights_key"]
     assert "weights_key" not in gemma_core.load("tiny-gemma3", backend="torch", dtype="bfloat16",
                                                 seed=1)._step_options
     model.generate([[4, 5, 6]], max_new_tokens=3, eos_token_ids=[])
@@ -219,3 +220,30 @@ def test_the_key_names_the_weights_and_the_inputs() -> None:
     assert aot.package_path("w", key).name.split("-")[0] == aot.package_path("w", other).name.split("-")[0]
     assert aot.package_path("v", key).name.split("-")[0] != aot.package_path("w", key).name.split("-")[0]
     assert aot.is_decode(env) and not aot.is_decode({**env, "ids": torch.zeros(1, 2, dtype=torch.int64)})
+
+
+@pytest.mark.parametrize("scheme", ["int4", exhaustive("int8", id="int8")])
+def test_quantised_weights_keep_their_kernels_in_the_program(scheme: str, tmp_path: Path,
+                                                             fresh_cache: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8/int4 weights quantised from a GGUF's entry at load: the program holds the CPU
+    kernels' packed layouts (not a dense copy) and conforms to the reference's quantised model."""
+    monkeypatch.setattr(aot, "MIN_PARAMS", 0)
+    config = get_preset("tiny-gemma2")  # (tiny-gemma3's 48 inputs do not split into int4's groups)
+    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config, 5), qtype="F16")
+    scalar = {"query_pre_attn_scalar": config.query_pre_attn_scalar}
+    model = _load(path, quantize=scheme, **scalar)
+    assert aot.wanted(model._step_options, model.weights)
+    ran: list[Any] = []
+    call = aot.DecodeProgram.__call__
+    monkeypatch.setattr(aot.DecodeProgram, "__call__", lambda self, env: ran.append(self) or call(self, env))
+    rng = np.random.default_rng(3)
+    prompts, tokens = rng.integers(3, 500, (2, 3)), rng.integers(3, 500, (2, 8))
+    ours, ours_cache = _decode(model, prompts, tokens, 24)
+    ref, ref_cache = _decode(_load(path, "numpy", "float32", quantize=scheme, **scalar), prompts, tokens, 24)
+    _conforms(ours, ours_cache, ref, ref_cache)
+    assert len(ran) == tokens.shape[1] and ran[0].runs == tokens.shape[1]
+    # the program's constants: the kernels' uint8 (int4) / int8 packs, one per quantised weight
+    dtypes = list(ran[0]._runner.get_constant_names_to_dtypes().values())
+    quantised = sum(isinstance(w, tuple) for w in model.weights.values())
+    assert quantised > 0 and dtypes.count(0) + dtypes.count(1) >= quantised  # torch's uint8, int8

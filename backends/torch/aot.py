@@ -8,15 +8,22 @@ of the program) into a shared object, and keeps that file in the user cache
 (`compile_cache.cache_dir()/torch-aot/`, under its size bound). A later process loads it with
 torch's AOTInductor runner in well under a second, without importing dynamo or compiling.
 
-Only a model whose weights have an identity across processes (a load-cache entry: the
-`weights_key` compile option, `gemma_core.model`) and run on the host in bfloat16 or float16
-unquantised gets one. The file's name holds a hash of its whole key: the weights' key and
-config, the step inputs' names, dtypes and static dimensions, torch's version, the CPU's
-instruction set (the program is compiled for it) and a hash of the code that builds the step;
-a changed key writes a new file and removes the old one of the same weights.
+Only a model whose weights have an identity across processes (a GGUF file's load-cache entry,
+float or quantised from it at load: the `weights_key` compile option, `gemma_core.model`), run
+on the host in bfloat16 or float16, gets one; int8/int4 weights keep their CPU kernels' packed
+layouts as constants (a weight the step dequantises each time, e.g. nf4 on float32, gets none).
+The file's name holds a hash of its whole key: the weights' key and config (its quantization
+too), the step inputs' names, dtypes and static dimensions, torch's version, the CPU's
+instruction-set flags (inductor compiles for this CPU) and a hash of the code that builds the
+step; a changed key writes a new file and removes the old one of the same weights.
 
-Measured on the real Gemma 3 270M (2-core CPU, bf16): the decode step took 26 ms against the
-eager step's 53 ms in one process; the first export and compile took ~60 s; a warm load ~0.6 s.
+Weights are frozen into the program: a weight set put in the model's place, or a patched op
+table, runs the eager step instead; weights edited in place are not seen by it (as under
+`torch.compile` with freezing). Use `compile=False` (`--no-compile`) for either.
+
+Measured on the real Gemma 3 270M (2-core CPU, `benchmarks/results-cpu-e2e.md`, session 28):
+bf16 decode 72 tok/s against the eager step's 19; int4 101 tok/s (1.35x llama.cpp's Q4_K_M in
+the same run) against eager int4's 70; the first export and compile ~60 s; a warm load ~0.6 s.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ def wanted(options: Mapping[str, Any], weights: Mapping[str, Any]) -> bool:
         return False
     if options.get("dtype") not in ("bfloat16", "float16"):
         return False
-    if not all(isinstance(v, torch.Tensor) and v.layout == torch.strided for v in weights.values()):
+    if not all(_frozen_form(v) for v in weights.values()):
         return False
     if not hasattr(torch._C, "_aoti") or not hasattr(torch._C._aoti, "AOTIModelContainerRunnerCpu"):
         return False  # a torch without the CPU runner of AOTInductor (a private API)
@@ -71,8 +78,18 @@ def wanted(options: Mapping[str, Any], weights: Mapping[str, Any]) -> bool:
     # the folder holds the load entry (float32: 2x these bytes), the prepared weights (1x) and
     # the program (1.6x on the 270M, whose tied LM head is packed apart from the embedding): a
     # model whose three would not fit runs eagerly rather than evict its own entries each run
-    size = sum(v.numel() * v.element_size() for v in weights.values())
-    return sum(v.numel() for v in weights.values()) >= MIN_PARAMS and 4.6 * size <= max_bytes()
+    parts = [t for v in weights.values() for t in (v if isinstance(v, tuple) else (v,)) if t is not None]
+    size = sum(t.numel() * t.element_size() for t in parts)
+    return sum(t.numel() for t in parts) >= MIN_PARAMS and 4.6 * size <= max_bytes()
+
+
+def _frozen_form(value: Any) -> bool:
+    """A weight the program can hold as constants: a plain tensor, or a quantised weight whose
+    kernel layout the decode step reads (int8/int4 CPU kernels; not one dequantised each step,
+    whose dense copy freezing would fold in)."""
+    if isinstance(value, tuple):
+        return value[0] is not None and all(v is None or _frozen_form(v) for v in value)
+    return isinstance(value, torch.Tensor) and value.layout == torch.strided
 
 
 def is_decode(env: Mapping[str, Any]) -> bool:

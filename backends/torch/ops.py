@@ -184,8 +184,8 @@ def qlinear(p: Policy, x: torch.Tensor, values: Any, scale: Any, *, scheme: str,
     # a prompt's many rows dequantise faster (where the gemma-core rows are kept: on the CPU;
     # not in a compiled bf16/fp16 step, whose frozen weights would be folded dense)
     narrow = x.dtype != torch.float32
-    few = (not p.on_cpu(x) or len(flat) <= (NARROW_KERNEL_ROWS if narrow else KERNEL_ROWS)
-           or (narrow and torch.compiler.is_compiling()))
+    few = ((narrow and torch.compiler.is_compiling()) or not p.on_cpu(x)  # (first: no guard on
+           or len(flat) <= (NARROW_KERNEL_ROWS if narrow else KERNEL_ROWS))  # an exported batch)
     if fused is not None and (few or rows is None):
         if scheme == "int8":  # CPU int8 weight-only GEMM
             return torch._weight_int8pack_mm(flat, fused, scale).view(*x.shape[:-1], -1)
