@@ -100,31 +100,38 @@ def is_decode(env: Mapping[str, Any]) -> bool:
 
 
 def _dims(env: Mapping[str, Any], windows: tuple[int | None, ...]) -> dict[str, Any]:
-    """`torch.export`'s dynamic shapes of a decode env: the batch, and the cache slots of each
-    attention window (a ring of min(window, length) slots, or the whole length)."""
-    from torch.export import Dim
-
-    batch = Dim("batch")
-    slots: dict[int | None, Any] = {}
-
-    def slot(window: int | None) -> Any:
-        if window not in slots:
-            slots[window] = Dim("slots_global" if window is None else f"slots_{window}")
-        return slots[window]
+    """The dynamic dimensions of a decode env, by name (`_export_dims` makes them torch.export's;
+    importing it costs ~0.5 s, which a kept program's load does not pay): the batch, and the
+    cache slots of each attention window (a ring of min(window, length) slots, or the length)."""
+    def slot(window: int | None) -> str:
+        return "slots_global" if window is None else f"slots_{window}"
 
     dims: dict[str, Any] = {}
     for name in env:
         if name in ("ids", "positions"):
-            dims[name] = {0: batch}
+            dims[name] = {0: "batch"}
         elif name.startswith("mask["):
             window = None if name == "mask[global]" else int(name[len("mask[window="):-1])
-            dims[name] = {0: batch, 3: slot(window)}
+            dims[name] = {0: "batch", 3: slot(window)}
         elif name.startswith("cache."):
-            d = {0: batch, 2: slot(windows[int(name.split(".")[1])])}
+            d = {0: "batch", 2: slot(windows[int(name.split(".")[1])])}
             dims[name] = (d, d)
         else:  # query_slots, logit_index: [1] in every decode step
             dims[name] = None
     return dims
+
+
+def _export_dims(dims: Mapping[str, Any]) -> dict[str, Any]:
+    """`dims` with each name a `torch.export.Dim` (one object per name)."""
+    from torch.export import Dim
+
+    made: dict[str, Any] = {}
+
+    def dim(spec: Mapping[int, str] | None) -> Any:
+        return None if spec is None else {axis: made.setdefault(n, Dim(n)) for axis, n in spec.items()}
+
+    return {name: tuple(dim(s) for s in spec) if isinstance(spec, tuple) else dim(spec)
+            for name, spec in dims.items()}
 
 
 def _example(env: Mapping[str, Any], dims: Mapping[str, Any]) -> dict[str, Any]:
@@ -257,7 +264,8 @@ class DecodeProgram:
         module = FrozenWeights(self.weights, self.step).eval()
         with torch.inference_mode(False), torch.no_grad():
             example = _example(env, dims)
-            program = torch.export.export(module, (example,), dynamic_shapes=(dims,), strict=False)
+            program = torch.export.export(module, (example,), dynamic_shapes=(_export_dims(dims),),
+                                          strict=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
             with torch._inductor.config.patch(freezing=True):
