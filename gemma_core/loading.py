@@ -82,13 +82,7 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
             else:
                 config, weights, tokenizer = _read_converted(key, fmt, progress, allow_nonfinite)
     if quantize is not None:
-        entry = getattr(weights, "entry_key", None)
         config, weights = quantize_model(config, weights, quantize, task)
-        if entry is not None:  # quantised from a load-cache entry, deterministically: the entry
-            # and the config (its quantization) still name them (torch's kept decode programs)
-            from gemma_core.load_cache import EntryWeights
-
-            weights = EntryWeights(weights, entry)
     rows = int(weights[SCORE].shape[0]) if SCORE in weights else 0
     if task not in ("sequence-classification", "token-classification") or (
             labels is not None and len(labels) != rows):

@@ -199,8 +199,13 @@ def test_what_gets_no_program(tmp_path: Path, fresh_cache: Path, monkeypatch: py
     assert not aot.wanted({**options, "compile": False}, model.weights)
     assert not aot.wanted({**options, "compile": True, "dtype": "float32"}, model.weights)
     assert not aot.wanted({**options, "compile": True, "device": "meta"}, model.weights)
-    quantised = _load(path, quantize="int8")  # keyed too: its config (quantization) is in the key
+    quantised = _load(path, quantize="int8")  # keyed too, and named apart (its own entry): the
+    # float and the int8 program of one file are kept side by side
     assert quantised._step_options["weights_key"] != options["weights_key"]
+    assert quantised._step_options["weights_name"] != options["weights_name"]
+    rows, scale = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1)
+    assert not aot._frozen_form((None, rows, scale))  # dequantised at each step: no program
+    assert aot._frozen_form((rows, rows, scale)) and aot._frozen_form((torch.zeros(4, 8), None, None))
     assert "weights_key" not in gemma_core.load("tiny-gemma3", backend="torch", dtype="bfloat16",
                                                 seed=1)._step_options
     model.generate([[4, 5, 6]], max_new_tokens=3, eos_token_ids=[])
@@ -214,6 +219,8 @@ def test_the_key_names_the_weights_and_the_inputs() -> None:
     dims = aot._dims(env, (None,))
     key = aot.package_key("w", env, dims)
     assert aot.package_key("w", {**env, "mask[global]": env["mask[global]"][..., :3]}, dims) == key
+    wider = {**env, "cache.0": (torch.zeros(1, 1, 7, 8, dtype=torch.bfloat16),) * 2}  # head_dim 8
+    assert aot.package_key("w", wider, dims) != key
     other = aot.package_key("w", {**env, "cache.0": (torch.zeros(1, 1, 7, 4, dtype=torch.float16),) * 2},
                             dims)
     assert other != key
@@ -238,11 +245,15 @@ def test_quantised_weights_keep_their_kernels_in_the_program(scheme: str, tmp_pa
     call = aot.DecodeProgram.__call__
     monkeypatch.setattr(aot.DecodeProgram, "__call__", lambda self, env: ran.append(self) or call(self, env))
     rng = np.random.default_rng(3)
-    prompts, tokens = rng.integers(3, 500, (2, 3)), rng.integers(3, 500, (2, 8))
-    ours, ours_cache = _decode(model, prompts, tokens, 24)
-    ref, ref_cache = _decode(_load(path, "numpy", "float32", quantize=scheme, **scalar), prompts, tokens, 24)
-    _conforms(ours, ours_cache, ref, ref_cache)
-    assert len(ran) == tokens.shape[1] and ran[0].runs == tokens.shape[1]
+    reference = _load(path, "numpy", "float32", quantize=scheme, **scalar)
+    steps = 0
+    for batch, length in ((2, 24), (1, 6)):  # one program: the ring wraps; a cache under the window
+        prompts, tokens = rng.integers(3, 500, (batch, 3)), rng.integers(3, 500, (batch, length - 3))
+        ours, ours_cache = _decode(model, prompts, tokens, length)
+        ref, ref_cache = _decode(reference, prompts, tokens, length)
+        _conforms(ours, ours_cache, ref, ref_cache)
+        steps += tokens.shape[1]
+    assert len(ran) == steps and ran[0].runs == steps
     # the program's constants: the kernels' uint8 (int4) / int8 packs, one per quantised weight
     dtypes = list(ran[0]._runner.get_constant_names_to_dtypes().values())
     quantised = sum(isinstance(w, tuple) for w in model.weights.values())

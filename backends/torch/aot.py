@@ -58,8 +58,8 @@ _BUILDING = threading.Lock()
 
 def wanted(options: Mapping[str, Any], weights: Mapping[str, Any]) -> bool:
     """Whether the step of `weights` under `options` gets a kept decode program: a cross-process
-    identity, the host, bf16/fp16, plain tensors only (no quantised kernel), compile not refused,
-    and a model large enough under the default (see MIN_PARAMS)."""
+    identity, the host, bf16/fp16, weights the program can hold (`_frozen_form`), compile not
+    refused, and under the default a model large enough (MIN_PARAMS) whose cache files fit."""
     compile = options.get("compile")
     if compile is False or not options.get("weights_key") or not options.get("layer_windows"):
         return False
@@ -78,15 +78,31 @@ def wanted(options: Mapping[str, Any], weights: Mapping[str, Any]) -> bool:
     # the folder holds the load entry (float32: 2x these bytes), the prepared weights (1x) and
     # the program (1.6x on the 270M, whose tied LM head is packed apart from the embedding): a
     # model whose three would not fit runs eagerly rather than evict its own entries each run
-    parts = [t for v in weights.values() for t in (v if isinstance(v, tuple) else (v,)) if t is not None]
-    size = sum(t.numel() * t.element_size() for t in parts)
-    return sum(t.numel() for t in parts) >= MIN_PARAMS and 4.6 * size <= max_bytes()
+    params, size = _count(weights)
+    return params >= MIN_PARAMS and 4.6 * size <= max_bytes()
+
+
+def _count(weights: Mapping[str, Any]) -> tuple[int, int]:
+    """(values, bytes) of the weights' tensors, each storage once (int8's kernel layout and its
+    gemma-core rows are one tensor), a quantised weight counted by its first (kernel) part."""
+    seen: set[int] = set()
+    params = size = 0
+    for value in weights.values():
+        parts = [t for t in (value if isinstance(value, tuple) else (value,)) if t is not None]
+        if parts:  # (int4's kernel layout packs two values a byte)
+            params += parts[0].numel() * (2 if parts[0].dtype == torch.uint8 else 1)
+        for t in parts:
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                size += t.numel() * t.element_size()
+    return params, size
 
 
 def _frozen_form(value: Any) -> bool:
     """A weight the program can hold as constants: a plain tensor, or a quantised weight whose
-    kernel layout the decode step reads (int8/int4 CPU kernels; not one dequantised each step,
-    whose dense copy freezing would fold in)."""
+    first part the decode step reads (the int8/int4 CPU kernels' layouts; nf4 dequantised once
+    at load on bf16/fp16, "nf4-dense"); not one dequantised at each step (no kernel for its
+    shape, or nf4 on float32), whose dense copy freezing would fold in."""
     if isinstance(value, tuple):
         return value[0] is not None and all(v is None or _frozen_form(v) for v in value)
     return isinstance(value, torch.Tensor) and value.layout == torch.strided
@@ -151,9 +167,10 @@ def _example(env: Mapping[str, Any], dims: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _signature(env: Mapping[str, Any], dims: Mapping[str, Any]) -> list[Any]:
-    """What of `env` the program is compiled for: names, dtypes and the static dimensions."""
+    """What of `env` the program is compiled for: names, dtypes, the static dimensions and the
+    names of the dynamic ones (which cache's slots go with which mask)."""
     def sig(x: torch.Tensor, spec: Any) -> list[Any]:
-        return [str(x.dtype), [None if spec and i in spec else n for i, n in enumerate(x.shape)]]
+        return [str(x.dtype), [spec[i] if spec and i in spec else n for i, n in enumerate(x.shape)]]
 
     return [[name, [sig(v, s) for v, s in zip(value, dims[name], strict=True)]
              if isinstance(value, tuple) else sig(value, dims[name])] for name, value in env.items()]
