@@ -28,6 +28,9 @@ pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 aot = pytest.importorskip("backends.torch.aot")
 
+# one worker builds the module's program (pytest -n 2 would build it on each)
+pytestmark = pytest.mark.xdist_group("torch-aot")
+
 SCALAR = 16  # tiny-gemma3's query_pre_attn_scalar (GGUF does not record it)
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MIN_PARAMS = aot.MIN_PARAMS
@@ -258,3 +261,10 @@ def test_quantised_weights_keep_their_kernels_in_the_program(scheme: str, tmp_pa
     dtypes = list(ran[0]._runner.get_constant_names_to_dtypes().values())
     quantised = sum(isinstance(w, tuple) for w in model.weights.values())
     assert quantised > 0 and dtypes.count(0) + dtypes.count(1) >= quantised  # torch's uint8, int8
+
+
+def test_the_module_runs_on_one_worker(request: pytest.FixtureRequest) -> None:
+    """Under pytest -n 2 --dist loadgroup the module's xdist_group holds (pytest-xdist 3.8 marks
+    a grouped test's id; pytest 9.2 ignored the mark, and the program was built on each worker)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and request.config.getoption("dist") == "loadgroup":
+        assert request.node.nodeid.endswith("@torch-aot")
