@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,16 @@ DEFAULT_MAX_BYTES = 4 * 2**30
 JAX_MIN_COMPILE_SECS = 0.2
 
 _enabled: set[str] = set()
+
+
+def code_hash(paths: Iterable[Path]) -> str:
+    """16 hex digits of the SHA-256 of `paths`' bytes, in the order given: the code a cache
+    entry's key depends on (the load cache's readers, the prepared weights' code, torch's
+    decode programs)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cache_dir() -> Path:

@@ -134,16 +134,14 @@ def _code_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     from gemma_core import __version__
+    from gemma_core.compile_cache import code_hash
 
-    digest = hashlib.sha256()
     root = Path(__file__).parent
-    for name in _READERS:
-        digest.update((root / name).read_bytes())
     try:
         gguf = version("gguf")
     except PackageNotFoundError:
         gguf = "none"
-    return f"{__version__} {digest.hexdigest()[:16]} gguf {gguf}"
+    return f"{__version__} {code_hash(root / name for name in _READERS)} gguf {gguf}"
 
 
 def source_key(path: str | os.PathLike[str], settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,14 +37,11 @@ _PREPARING = ("model.py", "graph.py", "backend.py", "weights.py", "prepared_cach
 
 
 def _code_hash(backend: Backend) -> str:
-    digest = hashlib.sha256()
+    from gemma_core.compile_cache import code_hash
+
     root = Path(__file__).parent
-    for name in _PREPARING:
-        digest.update((root / name).read_bytes())
     package = Path(sys.modules[type(backend).__module__].__file__ or "").parent
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return code_hash([*(root / name for name in _PREPARING), *sorted(package.glob("*.py"))])
 
 
 def entry_key(source: str, backend: Backend, dtype: str, device: str | None, task: str) -> str | None:

@@ -177,12 +177,10 @@ def _signature(env: Mapping[str, Any], dims: Mapping[str, Any]) -> list[Any]:
 
 
 def _code_hash() -> str:
-    digest = hashlib.sha256()
+    from gemma_core.compile_cache import code_hash
+
     root = Path(__file__).resolve().parents[2]
-    for part in _SHARED:
-        for path in sorted((root / part).glob("*.py")):
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return code_hash(path for part in _SHARED for path in sorted((root / part).glob("*.py")))
 
 
 def _cpu() -> str:
