@@ -215,7 +215,7 @@ class DecodeProgram:
     def __init__(self, step: StepFn, weights: Mapping[str, Any], options: Mapping[str, Any]) -> None:
         self.step, self.weights = step, weights
         self.weights_key: str = options["weights_key"]
-        self.weights_name: str = options.get("weights_name") or self.weights_key
+        self.weights_name: str = options["weights_name"]
         self.windows: tuple[int | None, ...] = tuple(options["layer_windows"])
         self.runs = 0  # decode steps the program ran (tests)
         self._runner: Any = None
