@@ -40,7 +40,8 @@ def load(path_or_preset: str | os.PathLike[str], backend: str | Backend | None =
     unmerged over the weights as loaded (over quantised weights: QLoRA).
     The default backend stays the NumPy reference (or $GEMMA_BACKEND); `backend="auto"` runs the
     fastest installed engine, as the CLI does by default (`gemma_core.engine_choice`: torch
-    eager bf16, then jax, then numpy); `dtype="auto"` is the backend's fastest dtype."""
+    bf16 with its kept decode program for a GGUF model, then jax, then numpy); `dtype="auto"`
+    is the backend's fastest dtype."""
     from gemma_core.presets import PRESETS
     from gemma_core.weights import random_weights
 

@@ -145,6 +145,7 @@ class Model:
             options["weights_name"] = prepared_cache.entry_name(prepared)  # stable across versions
             options["weights"] = self.weights  # the set the key names (not one put in its place)
             options["layer_windows"] = tuple(config.window(i) for i in range(config.num_layers))
+            options["graph"], options["ops"] = self.graph, self.ops  # what the step runs
         self.raw_step = step  # the uncompiled step, for backends that trace it into larger loops
         self._step = self.backend.compile_step(step, options)
         self._step_options = options

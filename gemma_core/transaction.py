@@ -141,7 +141,8 @@ def _replace(tmp: Path, dst: Path) -> None:
     remove(old)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -161,7 +162,7 @@ def clean_leftovers(dst: Path) -> list[Path]:
     for kind in ("partial", "old"):
         for path in sorted(parent.glob(f".{dst.stem}.{kind}-*{dst.suffix}")):
             pid = path.name[len(f".{dst.stem}.{kind}-"):].split("-", 1)[0]
-            if not pid.isdigit() or _pid_alive(int(pid)):
+            if not pid.isdigit() or pid_alive(int(pid)):
                 continue
             found.append(path)
             if kind == "old" and not (dst.exists() or dst.is_symlink()):

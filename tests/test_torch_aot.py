@@ -45,6 +45,7 @@ def kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     path = write_gguf(folder / "m.gguf", config, random_weights(config, 5), qtype="F16")
     builds: list[Path] = []
     ran: list[bool] = []  # per decode step offered to a program: whether it ran it
+    programs: list[Any] = []  # the program offered each step
     real, call = aot.DecodeProgram._build, aot.DecodeProgram.__call__
 
     def counted(self, env, dims, where):  # type: ignore[no-untyped-def]
@@ -54,6 +55,7 @@ def kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     def running(self, env):  # type: ignore[no-untyped-def]
         out = call(self, env)
         ran.append(out is not None)
+        programs.append(self)
         return out
 
     with pytest.MonkeyPatch.context() as mp:
@@ -63,7 +65,8 @@ def kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         mp.setattr(aot, "MIN_PARAMS", 0)
         mp.setattr(aot.DecodeProgram, "_build", counted)
         mp.setattr(aot.DecodeProgram, "__call__", running)
-        yield {"path": path, "cache": folder / "cache", "builds": builds, "ran": ran}
+        yield {"path": path, "cache": folder / "cache", "builds": builds, "ran": ran,
+               "programs": programs}
 
 
 def _load(path: Path, backend: str = "torch", dtype: str = "bfloat16", **kw: Any) -> gemma_core.Model:
@@ -102,8 +105,10 @@ def test_one_program_conforms_at_every_batch_and_length(kept: dict, batch: int, 
     prompts = rng.integers(3, 500, (batch, 3))
     tokens = rng.integers(3, 500, (batch, min(length - 3, 12)))
     kept["ran"].clear()
+    kept["programs"].clear()
     ours, ours_cache = _decode(_load(kept["path"]), prompts, tokens, length)
     assert kept["ran"] == [True] * tokens.shape[1]  # every decode step ran the program
+    assert kept["programs"][-1]._embed is not None  # the ids embedded before it (split_embedding)
     ref, ref_cache = _decode(_load(kept["path"], "numpy", "float32"), prompts, tokens, length)
     _conforms(ours, ours_cache, ref, ref_cache)
     assert len(kept["builds"]) == 1 and len(list((kept["cache"] / "torch-aot").glob("*.so"))) == 1
@@ -213,6 +218,38 @@ def test_what_gets_no_program(tmp_path: Path, fresh_cache: Path, monkeypatch: py
                                                 seed=1)._step_options
     model.generate([[4, 5, 6]], max_new_tokens=3, eos_token_ids=[])
     assert not (fresh_cache / "torch-aot").exists()
+
+
+def test_the_embedding_runs_before_the_program() -> None:
+    """The program starts from the embedded rows where the graph's first op embeds ids that no
+    other op reads (a float or quantised table); not for the base model (it outputs x0) nor for
+    sequence classification (its pooling reads the ids)."""
+    from gemma_core.graph import build_graph
+    from gemma_core.quant import parse_scheme
+
+    config = get_preset("tiny-gemma3")
+    for c in (config, config.replace(quantization=parse_scheme("int8"))):
+        graph = build_graph(c)
+        first, rest = aot.split_embedding(graph)
+        assert first is graph.ops[0] and first.kind == ("embed" if c is config else "qembed")
+        assert rest.ops == graph.ops[1:] and rest.outputs == graph.outputs
+        assert "x0" in rest.inputs and "ids" not in rest.inputs
+    assert aot.split_embedding(build_graph(config, "base")) is None
+    assert aot.split_embedding(build_graph(config, "sequence-classification")) is None
+    assert aot._dims({"x0": torch.zeros(1, 1, 4)}, (None,)) == {"x0": {0: "batch"}}
+
+
+def test_an_interrupted_build_is_removed_by_the_next(tmp_path: Path) -> None:
+    """A build folder whose process is gone (a compile killed midway) is removed; a running
+    build's, and anything else in the folder, stay."""
+    dead, live = tmp_path / ".build-999999999-x", tmp_path / f".build-{os.getpid()}-y"
+    other = tmp_path / "0123-4567.so"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "step.pt2").write_bytes(b"partial")
+    other.write_bytes(b"kept")
+    assert aot.remove_dead_builds(tmp_path) == [dead]
+    assert not dead.exists() and (live / "step.pt2").exists() and other.exists()
 
 
 def test_the_key_names_the_weights_and_the_inputs() -> None:

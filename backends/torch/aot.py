@@ -4,7 +4,8 @@
 again in every process (`gemma_core.compile_cache`). This module exports the decode step once
 (`torch.export`, batch and cache slots dynamic, so one program serves every batch size and cache
 length), compiles it with inductor's freezing (the GEMM weights packed for oneDNN, as constants
-of the program) into a shared object, and keeps that file in the user cache
+of the program; the embedding's gather runs before it, `split_embedding`) into a shared
+object, and keeps that file in the user cache
 (`compile_cache.cache_dir()/torch-aot/`, under its size bound). A later process loads it with
 torch's AOTInductor runner in well under a second, without importing dynamo or compiling.
 
@@ -33,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import zipfile
@@ -44,6 +46,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from gemma_core.backend import StepFn
+from gemma_core.graph import Graph, GraphError, Op, bind, run_bound
 
 log = logging.getLogger("gemma_core")
 
@@ -76,10 +79,10 @@ def wanted(options: Mapping[str, Any], weights: Mapping[str, Any]) -> bool:
     from gemma_core.compile_cache import max_bytes
 
     # the folder holds the load entry (float32: 2x these bytes), the prepared weights (1x) and
-    # the program (1.6x on the 270M, whose tied LM head is packed apart from the embedding): a
-    # model whose three would not fit runs eagerly rather than evict its own entries each run
+    # the program (1x on the 270M: its weights, the embedding's gather run apart): a model whose
+    # three would not fit runs eagerly rather than evict its own entries each run
     params, size = _count(weights)
-    return params >= MIN_PARAMS and 4.6 * size <= max_bytes()
+    return params >= MIN_PARAMS and 4.2 * size <= max_bytes()
 
 
 def _count(weights: Mapping[str, Any]) -> tuple[int, int]:
@@ -124,17 +127,33 @@ def _dims(env: Mapping[str, Any], windows: tuple[int | None, ...]) -> dict[str, 
 
     dims: dict[str, Any] = {}
     for name in env:
-        if name in ("ids", "positions"):
-            dims[name] = {0: "batch"}
+        if name in ("query_slots", "logit_index"):  # [1] in every decode step
+            dims[name] = None
         elif name.startswith("mask["):
             window = None if name == "mask[global]" else int(name[len("mask[window="):-1])
             dims[name] = {0: "batch", 3: slot(window)}
         elif name.startswith("cache."):
             d = {0: "batch", 2: slot(windows[int(name.split(".")[1])])}
             dims[name] = (d, d)
-        else:  # query_slots, logit_index: [1] in every decode step
-            dims[name] = None
+        else:  # ids (or the embedded rows, `split_embedding`), positions
+            dims[name] = {0: "batch"}
     return dims
+
+
+def split_embedding(graph: Graph) -> tuple[Op, Graph] | None:
+    """The graph's first op where it embeds the ids, which no other op reads, and the rest of the
+    graph, which starts from its output; None for another graph (the base model outputs the
+    embedded rows). The program runs the rest: the embedding's gather reads a row a token, so it
+    runs eagerly, and a tied table (read again by the LM head, packed apart) is not a second
+    constant of the program (335 MB of the real 270M's, in the file and copied into memory)."""
+    first = graph.ops[0] if graph.ops else None
+    if first is None or first.kind not in ("embed", "qembed") or first.inputs != ("ids",):
+        return None
+    inputs = tuple(first.outputs[0] if name == "ids" else name for name in graph.inputs)
+    try:
+        return first, Graph(graph.ops[1:], inputs, graph.outputs)
+    except GraphError:  # the ids read again (classification's pooling), or x0 an output
+        return None
 
 
 def _export_dims(dims: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,6 +233,18 @@ class DecodeProgram:
 
     def __init__(self, step: StepFn, weights: Mapping[str, Any], options: Mapping[str, Any]) -> None:
         self.step, self.weights = step, weights
+        self._embed: Any = None  # the embedding op, bound to the weights, run before the program
+        split = split_embedding(options["graph"]) if options.get("graph") is not None else None
+        if split is not None:
+            first, body = split
+            table = options["ops"]
+            self._embed = bind([first], table, weights)[0]
+
+            def rest(weights: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+                run_bound(bind(body, table, weights), env)
+                return {k: env[k] for k in body.outputs}
+
+            self.step, self.weights = rest, {name: weights[name] for name in body.params}
         self.weights_key: str = options["weights_key"]
         self.weights_name: str = options["weights_name"]
         self.windows: tuple[int | None, ...] = tuple(options["layer_windows"])
@@ -227,6 +258,7 @@ class DecodeProgram:
 
     def __call__(self, env: dict[str, Any]) -> dict[str, Any] | None:
         """The step's outputs, or None where no program could be had."""
+        env = self._embedded(env)
         if self._runner is None:
             with _BUILDING:  # one export/compile at a time (inductor's config patch is global)
                 if self._runner is None and not self._open(env):
@@ -238,6 +270,14 @@ class DecodeProgram:
             return None
         self.runs += 1
         return pytree.tree_unflatten(self._runner.run(flat), out_spec)
+
+    def _embedded(self, env: dict[str, Any]) -> dict[str, Any]:
+        """`env` with the ids replaced by their embedded rows, where the embedding runs apart."""
+        if self._embed is None:
+            return env
+        fn, _, params, attrs, (out,) = self._embed
+        return {out if name == "ids" else name: fn(value, *params, **attrs) if name == "ids" else value
+                for name, value in env.items()}
 
     def _open(self, env: Mapping[str, Any]) -> bool:
         dims = _dims(env, self.windows)
@@ -282,7 +322,8 @@ class DecodeProgram:
             program = torch.export.export(module, (example,), dynamic_shapes=(_export_dims(dims),),
                                           strict=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
+        remove_dead_builds(path.parent)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".build-{os.getpid()}-") as tmp:
             with torch._inductor.config.patch(freezing=True):
                 package = torch._inductor.aoti_compile_and_package(
                     program, package_path=os.path.join(tmp, "step.pt2"))
@@ -312,6 +353,18 @@ class DecodeProgram:
                 return
         log.warning("gemma-core: the decode program is used in this process only, not kept (%s)", why)
         self._load(so)  # (its mapping outlives the file)
+
+
+def remove_dead_builds(folder: Path) -> list[Path]:
+    """Remove the build folders (`.build-<pid>-*`: the package and its shared object, the size
+    of the program) of builds whose process is gone, a compile killed midway; returns them."""
+    from gemma_core.transaction import pid_alive
+
+    dead = [p for p in folder.glob(".build-*") if p.is_dir()
+            and (pid := p.name[len(".build-"):].split("-", 1)[0]).isdigit() and not pid_alive(int(pid))]
+    for build in dead:
+        shutil.rmtree(build, ignore_errors=True)
+    return dead
 
 
 def _extract_so(package: str, folder: Path) -> Path:
