@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import LLAMA, QUANT_ENGINES, _median, _peak_mb
+from decode import LLAMA, QUANT_ENGINES, _median, _peak_mb, engine_compile
 
 from gemma_core.model import DEFAULT_PREFILL_CHUNK
 
@@ -236,8 +236,7 @@ def _load(engine: str, dtype: str, gguf: str) -> Any:
     import gemma_core
 
     backend = engine.split("-")[0]
-    compile_ = True if engine.startswith("torch-compile") else None
-    return gemma_core.load(gguf, backend=backend, dtype=dtype, compile=compile_,
+    return gemma_core.load(gguf, backend=backend, dtype=dtype, compile=engine_compile(engine),
                            quantize=QUANT_ENGINES.get(engine))
 
 

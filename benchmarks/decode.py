@@ -44,6 +44,12 @@ LLAMA = "llama.cpp"
 HF_STATIC = "transformers-static"
 
 
+def engine_compile(engine: str) -> bool | None:
+    """The `compile` setting of a gemma engine name: "torch-compile*" True, "torch-eager" False,
+    any other None (the backend's default: for torch, a GGUF model's kept decode program)."""
+    return True if engine.startswith("torch-compile") else False if engine == "torch-eager" else None
+
+
 def _weights_folder(model: str, work: Path, dtype: str = "float32") -> Path:
     """A Hugging Face folder holding the benchmark weights (random ones in `dtype`)."""
     import gemma_core
@@ -179,8 +185,7 @@ def worker(engine: str, dtype: str, folder: str, device: str, prompt_len: int, n
         quantize = QUANT_ENGINES.get(engine)
         model = gemma_core.load(gguf if quantize and gguf else folder, backend=backend, dtype=dtype,
                                 device=device if backend == "torch" else None,
-                                compile=True if engine.startswith("torch-compile") else
-                                False if engine == "torch-eager" else None,
+                                compile=engine_compile(engine),
                                 quantize=quantize)
         vocab = model.config.vocab_size
         read_bytes = weight_bytes(model.config, dtype)

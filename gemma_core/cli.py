@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from gemma_core.config import GemmaConfig
 from gemma_core.errors import GemmaError
+from gemma_core.notices import printing
 
 
 def _config_arg(value: str) -> GemmaConfig:
@@ -813,7 +814,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.unraisablehook = lambda unraisable: None
         threading.excepthook = lambda exc: None
     try:
-        return _run(args)
+        with printing():  # gemma-core's own notices (a cold compile) even with logging off
+            return _run(args)
     finally:
         if argv is not None:  # called in-process: leave the caller's process as it was; as the
             # program itself (argv from sys.argv) the quiet hooks stay until exit, since

@@ -9,7 +9,7 @@ The order, from the decode tables of the real Gemma 3 270M on this project's 2-c
    file (a load-cache entry, so its weights have an identity across processes) with at least
    50M parameters decodes through a program compiled once and kept in the user cache
    (`backends/torch/aot.py`): the real 270M's decode step 26 ms against the eager step's 53 ms,
-   ~60-90 s to compile the first time (a line on stderr says so), ~0.6 s to load afterwards
+   ~60-110 s to compile the first time (a line on stderr says so), ~0.4 s to load afterwards
    (`--quantize int4`: 101 tok/s through its program, 1.35x llama.cpp's Q4_K_M).
    Other models run eagerly (31 tok/s on the 270M from a folder, transformers' speed; nothing to
    compile). `--compile` also compiles prefill (in every process: inductor cannot reuse a graph

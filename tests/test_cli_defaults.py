@@ -78,6 +78,29 @@ def test_tensorflow_logs_nothing_by_default(folder: Path) -> None:
     assert out.stderr == ""
 
 
+def test_a_notice_of_gemma_core_is_shown_while_third_parties_are_quiet(
+        monkeypatch: pytest.MonkeyPatch, capsys, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The quiet default turns Python logging off (absl, jax, orbax lines), but gemma-core's own
+    notices (a cold compile of a minute: backends/torch/aot) still reach stderr, once."""
+    import logging
+
+    from gemma_core.notices import notice
+
+    def run(args):  # type: ignore[no-untyped-def]
+        logging.getLogger("absl").warning("third-party noise")
+        notice("gemma-core: compiling %s, once", "the step")
+        return 0
+
+    monkeypatch.setattr("gemma_core.cli._run", run)
+    assert main(["generate", "hi"]) == 0
+    assert capsys.readouterr().err == "gemma-core: compiling the step, once\n"
+    assert not caplog.records
+    assert main(["--verbose", "generate", "hi"]) == 0  # both logged, the notice not printed too
+    assert capsys.readouterr().err == ""
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("absl", "third-party noise"), ("gemma_core", "gemma-core: compiling the step, once")]
+
+
 @pytest.mark.parametrize(("flags", "backend", "dtype", "compile"), [
     (["--dtype", "auto"], "numpy", "float32", None),  # the reference's bfloat16 is an emulation
     (["--dtype", "auto", "--backend", "torch", "--compile"], "torch", "bfloat16", True),

@@ -22,9 +22,12 @@ Weights are frozen into the program: a weight set put in the model's place, or a
 table, runs the eager step instead; weights edited in place are not seen by it (as under
 `torch.compile` with freezing). Use `compile=False` (`--no-compile`) for either.
 
-Measured on the real Gemma 3 270M (2-core CPU, `benchmarks/results-cpu-e2e.md`, session 28):
-bf16 decode 72 tok/s against the eager step's 19; int4 101 tok/s (1.35x llama.cpp's Q4_K_M in
-the same run) against eager int4's 70; the first export and compile ~60 s; a warm load ~0.6 s.
+Measured on the real Gemma 3 270M (2-core CPU, `benchmarks/results-cpu-e2e.md`): in session 28
+bf16 decode 72 tok/s against the eager step's 19, int4 101 tok/s (1.35x llama.cpp's Q4_K_M in
+the same run). Since session 29 inductor autotunes the GEMMs (`COMPILE_OPTIONS`): its C++
+template runs the int8 weight-only GEMMs (the int8 table of the int4/int8 schemes as the LM
+head: 79 -> 14 ms at 16 rows, 14 -> 9 ms at one, measured alone), so quantised decode scales
+with the batch; the first export and compile takes ~100 s, a warm load ~0.4 s.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from torch.utils import _pytree as pytree
 
 from gemma_core.backend import StepFn
 from gemma_core.graph import Graph, GraphError, Op, bind, run_bound
+from gemma_core.notices import notice
 
 log = logging.getLogger("gemma_core")
 
@@ -57,6 +61,9 @@ FORMAT = 1
 MIN_PARAMS = 50_000_000
 _SHARED = ("gemma_core", "backends/torch")  # the code whose hash is part of every key
 _BUILDING = threading.Lock()
+# inductor's settings for the program: freezing (constants, GEMM weights packed ahead of time);
+# max_autotune lets inductor's C++ GEMM template bid against the aten kernels, shape by shape
+COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def wanted(options: Mapping[str, Any], weights: Mapping[str, Any]) -> bool:
@@ -289,7 +296,7 @@ class DecodeProgram:
             self._build(env, dims, path)
         except Exception as e:  # an export or compile failure must not stop generation
             self._failed = True
-            log.warning("gemma-core: torch's decode step could not be compiled ahead of time (%s: %s); "
+            notice("gemma-core: torch's decode step could not be compiled ahead of time (%s: %s); "
                         "it runs eagerly", type(e).__name__, e)
             return False
         return True
@@ -298,7 +305,7 @@ class DecodeProgram:
         try:
             self._load(path)
         except Exception as e:  # damaged, or from another build: compiled again
-            log.warning("gemma-core: the kept decode program %s did not load (%s); compiling it again",
+            notice("gemma-core: the kept decode program %s did not load (%s); compiling it again",
                         path, e)
             return False
         with contextlib.suppress(OSError):  # a use counts for the folder's LRU bound
@@ -314,8 +321,8 @@ class DecodeProgram:
     def _build(self, env: Mapping[str, Any], dims: Mapping[str, Any], path: Path) -> None:
         from backends.torch import FrozenWeights
 
-        log.warning("gemma-core: compiling torch's decode step for these weights, once (about a "
-                    "minute for a 270M model on 2 cores); later runs load it from %s", path.parent)
+        notice("gemma-core: compiling torch's decode step for these weights, once (one to two "
+                    "minutes for a 270M model on 2 cores); later runs load it from %s", path.parent)
         module = FrozenWeights(self.weights, self.step).eval()
         with torch.inference_mode(False), torch.no_grad():
             example = _example(env, dims)
@@ -324,7 +331,7 @@ class DecodeProgram:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_builds(path.parent)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".build-{os.getpid()}-") as tmp:
-            with torch._inductor.config.patch(freezing=True):
+            with torch._inductor.config.patch(COMPILE_OPTIONS):
                 package = torch._inductor.aoti_compile_and_package(
                     program, package_path=os.path.join(tmp, "step.pt2"))
             self._keep(_extract_so(package, Path(tmp)), path)
@@ -351,7 +358,7 @@ class DecodeProgram:
                 self._load(path)
                 trim()
                 return
-        log.warning("gemma-core: the decode program is used in this process only, not kept (%s)", why)
+        notice("gemma-core: the decode program is used in this process only, not kept (%s)", why)
         self._load(so)  # (its mapping outlives the file)
 
 
