@@ -426,7 +426,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or (Path(args.model).stem if args.model else "embedded")
     model = _load_model(args)
     if model.backend.name == "torch" and not model.static_shapes:  # torch's decode program (built
-        # the first time, ~1 min: backends/torch/aot.py) before the first request rather than in it
+        # the first time, ~2 min: backends/torch/aot.py) before the first request rather than in it
         model.generate([[model.config.bos_token_id]], max_new_tokens=2, eos_token_ids=[])
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context)
     key = args.api_key or os.environ.get("GEMMA_API_KEY") or None

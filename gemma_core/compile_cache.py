@@ -6,10 +6,10 @@ The folder is `$GEMMA_CACHE_DIR`, else `$XDG_CACHE_HOME/gemma-core`, else `~/.ca
 (which trims the folder after writing an entry), `prepared/` (`gemma_core.prepared_cache`) and
 `torch-aot/`, torch's kept decode programs (`backends/torch/aot.py`). The bound is
 `$GEMMA_CACHE_MAX_BYTES` (default 4 GiB: the real 270M's load entry, prepared weights and decode
-program take 2.5 GB together): when a
-compiling process starts and when it exits, the least recently written files go until the folder
-fits. Nothing here runs at import of gemma_core: a backend calls `enable_torch`/`enable_jax` when
-it is asked to compile, and a cache location the user set (TORCHINDUCTOR_CACHE_DIR,
+program take 2.2 GB together): when a compiling process starts and when it exits, the least
+recently written files go until the folder fits (a write still running is left alone). Nothing
+here runs at import of gemma_core: a backend calls `enable_torch`/`enable_jax` when it is asked
+to compile, and a cache location the user set (TORCHINDUCTOR_CACHE_DIR,
 jax_compilation_cache_dir) is left as it is.
 
 What each engine gets from it on the CPU: JAX reads its compiled executables back, so a warm
@@ -90,6 +90,20 @@ def _files(root: Path) -> list[tuple[float, int, Path]]:
     return out
 
 
+def _in_flight(rel: Path) -> bool:
+    """Whether `rel` (below the cache folder) is, or lies in, the output of a write still running:
+    a decode program's build folder (empty for most of its compile) or a partial output
+    (`gemma_core.transaction`) whose writer has not ended. `trim` leaves those alone."""
+    from gemma_core.transaction import writer_gone
+
+    for part in rel.parts:
+        if part.startswith(".build-"):
+            return not writer_gone(part[len(".build-"):])
+        if part.startswith(".") and ".partial-" in part:
+            return not writer_gone(part.split(".partial-", 1)[1])
+    return False
+
+
 @dataclass(frozen=True)
 class CacheInfo:
     """What `gemma cache info` prints: the folder, its bytes and files, per engine, and the bound."""
@@ -125,13 +139,15 @@ def trim(limit: int | None = None) -> int:
     for _, size, path in files:
         if total - removed <= limit:
             break
+        if _in_flight(path.relative_to(root)):
+            continue
         try:
             path.unlink()
         except OSError:
             continue
         removed += size
     for folder, _, _ in os.walk(root, topdown=False):  # children first; a full folder stays
-        if folder != str(root):
+        if folder != str(root) and not _in_flight(Path(folder).relative_to(root)):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
     return removed

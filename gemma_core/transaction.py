@@ -2,8 +2,8 @@
 
 `check_destination(src, dst, overwrite)` refuses a destination that is, contains or lies inside
 the source (symlinks resolved). `write_transaction(dst, overwrite)` yields a temporary path
-beside `dst` named `.{stem}.partial-{pid}-{hex}{suffix}`; when the block ends it is renamed into
-place in one step:
+beside `dst` named `.{stem}.partial-{pid}-{host}-{hex}{suffix}` (`writer_tag`); when the block
+ends it is renamed into place in one step:
 
 - new destination: `renameat2(RENAME_NOREPLACE)`, so of two writers racing for one new path
   exactly one succeeds (the other gets a clear error, not a silent lost update);
@@ -15,7 +15,9 @@ place in one step:
 SIGTERM and SIGHUP during the block remove the partial output and end the process with
 128 + signal (the `Interrupted` exception carries it). Leftovers of a process killed outright
 (SIGKILL, power loss) are found by the next write to the same destination: partial outputs of
-dead processes are removed, and a previous output moved aside is put back.
+dead processes are removed, and a previous output moved aside is put back. A process is judged
+dead only by the machine it ran on (the name's host): a folder shared between machines (NFS, a
+volume of several containers) keeps another machine's partial outputs.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import secrets
 import shutil
 import signal
+import socket
 import threading
 import warnings
 from collections.abc import Iterator
@@ -131,7 +135,7 @@ def _replace(tmp: Path, dst: Path) -> None:
     if not tmp.is_dir() and not dst.is_dir():
         os.replace(tmp, dst)
         return
-    old = dst.parent / f".{dst.stem}.old-{os.getpid()}-{secrets.token_hex(4)}{dst.suffix}"
+    old = dst.parent / f".{dst.stem}.old-{writer_tag()}-{secrets.token_hex(4)}{dst.suffix}"
     os.rename(dst, old)
     try:
         os.rename(tmp, dst)
@@ -141,11 +145,28 @@ def _replace(tmp: Path, dst: Path) -> None:
     remove(old)
 
 
-def pid_alive(pid: int) -> bool:
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def writer_tag(pid: int | None = None) -> str:
+    """`<pid>-<host>`, the writer's part of a partial output's name: this process (or `pid`) on
+    this machine (8 hex digits of its name)."""
+    return f"{os.getpid() if pid is None else pid}-{_HOST}"
+
+
+def writer_gone(tag: str) -> bool:
+    """Whether the writer named at the start of `tag` (`<pid>-<host>-...`, `writer_tag`) is known
+    to have ended: a process of this machine that no longer runs. Another machine's writer, or a
+    name of another form, is not judged."""
+    pid, _, rest = tag.partition("-")
+    return pid.isdigit() and rest.split("-", 1)[0] == _HOST and not _pid_alive(int(pid))
+
+
+def _pid_alive(pid: int) -> bool:
     """Whether process `pid` runs (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (a pid beyond the kernel's range runs nowhere)
         return False
     except PermissionError:
         return True
@@ -161,8 +182,7 @@ def clean_leftovers(dst: Path) -> list[Path]:
         return found
     for kind in ("partial", "old"):
         for path in sorted(parent.glob(f".{dst.stem}.{kind}-*{dst.suffix}")):
-            pid = path.name[len(f".{dst.stem}.{kind}-"):].split("-", 1)[0]
-            if not pid.isdigit() or pid_alive(int(pid)):
+            if not writer_gone(path.name[len(f".{dst.stem}.{kind}-"):]):
                 continue
             found.append(path)
             if kind == "old" and not (dst.exists() or dst.is_symlink()):
@@ -210,7 +230,7 @@ def write_transaction(dst: str | os.PathLike[str], overwrite: bool = False) -> I
     clean_leftovers(dst)
     if (dst.exists() or dst.is_symlink()) and not overwrite:
         raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
-    tmp = dst.parent / f".{dst.stem}.partial-{os.getpid()}-{secrets.token_hex(4)}{dst.suffix}"
+    tmp = dst.parent / f".{dst.stem}.partial-{writer_tag()}-{secrets.token_hex(4)}{dst.suffix}"
     try:
         with _signals_raise():
             try:

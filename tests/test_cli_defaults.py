@@ -101,6 +101,26 @@ def test_a_notice_of_gemma_core_is_shown_while_third_parties_are_quiet(
         ("absl", "third-party noise"), ("gemma_core", "gemma-core: compiling the step, once")]
 
 
+def test_a_notice_that_cannot_be_printed_is_dropped(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys) -> None:  # type: ignore[no-untyped-def]
+    """A printer that fails (a closed stderr) must not stop the work the notice tells of, and a
+    process without stderr does not get the notice in its stdout (the generated text)."""
+    import logging
+
+    from gemma_core.notices import notice, printing
+
+    def broken(text: str) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(logging.root.manager, "disable", logging.CRITICAL)
+    with printing(broken):
+        notice("gemma-core: compiling")
+    with monkeypatch.context() as m, printing():
+        m.setattr("sys.stderr", None)
+        notice("gemma-core: compiling")
+    assert capsys.readouterr() == ("", "")
+
+
 @pytest.mark.parametrize(("flags", "backend", "dtype", "compile"), [
     (["--dtype", "auto"], "numpy", "float32", None),  # the reference's bfloat16 is an emulation
     (["--dtype", "auto", "--backend", "torch", "--compile"], "torch", "bfloat16", True),

@@ -69,6 +69,19 @@ def test_trim_removes_the_least_recently_used_files_first(cache: Path) -> None:
     assert compile_cache.trim(limit=0) == 800 and not new.exists() and cache.is_dir()
 
 
+def test_trim_leaves_a_write_still_running_alone(cache: Path) -> None:
+    """A decode program's build folder (empty for most of its compile) and a partial output of
+    a live writer stay; a dead writer's partial output is trimmed like any file."""
+    from gemma_core.transaction import writer_tag
+
+    building = cache / "torch-aot" / f".build-{writer_tag()}-x"
+    building.mkdir(parents=True)
+    live = _file(cache / "load" / f".e.partial-{writer_tag()}-ab.npz", 400, age=300)
+    dead = _file(cache / "load" / f".e.partial-{writer_tag(999999999)}-cd.npz", 400, age=300)
+    assert compile_cache.trim(limit=0) == 400
+    assert building.is_dir() and live.exists() and not dead.exists()
+
+
 def test_gemma_cache_info_and_clear(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _file(cache / "jax" / "entry", 3 * 2**20, age=0)
     _file(cache / "torch" / "k" / "kernel.so", 2**20, age=0)

@@ -21,6 +21,7 @@ from gguf_writer import write_gguf
 import gemma_core
 from conformance.compare import compare_logits, compare_tensor
 from conformance.tolerances import TOLERANCES
+from gemma_core.graph import GraphError
 from gemma_core.presets import get_preset
 from gemma_core.weights import random_weights
 
@@ -237,19 +238,46 @@ def test_the_embedding_runs_before_the_program() -> None:
     assert aot.split_embedding(build_graph(config, "base")) is None
     assert aot.split_embedding(build_graph(config, "sequence-classification")) is None
     assert aot._dims({"x0": torch.zeros(1, 1, 4)}, (None,)) == {"x0": {0: "batch"}}
+    with pytest.raises(GraphError, match="'extra'"):  # a new input: its dimensions named first
+        aot._dims({"extra": torch.zeros(1)}, (None,))
 
 
 def test_an_interrupted_build_is_removed_by_the_next(tmp_path: Path) -> None:
     """A build folder whose process is gone (a compile killed midway) is removed; a running
     build's, and anything else in the folder, stay."""
-    dead, live = tmp_path / ".build-999999999-x", tmp_path / f".build-{os.getpid()}-y"
+    from gemma_core.transaction import writer_tag
+
+    dead, live = tmp_path / f".build-{writer_tag(999999999)}-x", tmp_path / f".build-{writer_tag()}-y"
+    elsewhere = tmp_path / ".build-999999999-0000beef-z"  # another machine's (a shared folder)
     other = tmp_path / "0123-4567.so"
-    for folder in (dead, live):
+    for folder in (dead, live, elsewhere):
         folder.mkdir()
         (folder / "step.pt2").write_bytes(b"partial")
     other.write_bytes(b"kept")
     assert aot.remove_dead_builds(tmp_path) == [dead]
     assert not dead.exists() and (live / "step.pt2").exists() and other.exists()
+    assert (elsewhere / "step.pt2").exists()
+
+
+def test_a_program_of_another_key_of_the_same_weights_stays_once(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new key's program (other code, torch or CPU) keeps the most recently used program of
+    the same weights (a second venv's) and removes older ones; other weights' stay."""
+    monkeypatch.setenv("GEMMA_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "torch-aot"
+    folder.mkdir()
+    old, recent, theirs = folder / "aaaa-0001.so", folder / "aaaa-0002.so", folder / "bbbb-0001.so"
+    for age, path in enumerate((recent, old, theirs)):
+        path.write_bytes(b"so")
+        os.utime(path, (1_700_000_000 - age * 100,) * 2)
+    program = aot.DecodeProgram.__new__(aot.DecodeProgram)
+    loaded: list[Path] = []
+    monkeypatch.setattr(program, "_load", loaded.append)
+    built = tmp_path / "step.so"
+    built.write_bytes(b"new")
+    program._keep(built, folder / "aaaa-0003.so")
+    assert sorted(p.name for p in folder.glob("*.so")) == ["aaaa-0002.so", "aaaa-0003.so", "bbbb-0001.so"]
+    assert loaded == [folder / "aaaa-0003.so"]
 
 
 def test_the_key_names_the_weights_and_the_inputs() -> None:

@@ -19,7 +19,7 @@ from gemma_core.cli import main
 from gemma_core.errors import CheckpointError
 from gemma_core.formats.convert import convert, detect, quantize
 from gemma_core.presets import PRESETS
-from gemma_core.transaction import LeftoverWarning, write_transaction
+from gemma_core.transaction import LeftoverWarning, write_transaction, writer_tag
 from gemma_core.weights import random_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def test_leftovers_of_a_killed_write_are_removed_by_the_next_one(tmp_path: Path,
 
 def test_a_previous_output_moved_aside_by_a_killed_write_is_restored(tmp_path: Path) -> None:
     dst = tmp_path / "out"
-    aside = tmp_path / ".out.old-999999999-abcd"  # a dead pid: its writer is gone
+    aside = tmp_path / f".out.old-{writer_tag(999999999)}-abcd"  # a dead pid: its writer is gone
     aside.mkdir()
     (aside / "f").write_text("previous")
     with pytest.warns(LeftoverWarning, match="restored the previous output"), \
@@ -230,6 +230,18 @@ def test_a_previous_output_moved_aside_by_a_killed_write_is_restored(tmp_path: P
         (tmp / "f").write_text("new")
     assert snapshot(dst) == {"f": b"new"}
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_another_machines_partial_output_is_left_alone(tmp_path: Path) -> None:
+    """In a folder shared between machines (NFS, containers' volume), a writer is judged only by
+    the machine it runs on: another's partial output, or a name of another form, stays."""
+    theirs = tmp_path / ".out.partial-999999999-0000beef-abcd"
+    odd = tmp_path / ".out.partial-999999999-abcd"
+    for path in (theirs, odd):
+        path.write_bytes(b"half")
+    with write_transaction(tmp_path / "out") as tmp:
+        tmp.write_bytes(b"whole")
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", theirs.name, odd.name])
 
 
 @pytest.mark.parametrize("to", ["hf", "gguf", "gemma-pytorch", "keras-hub", "flax"])

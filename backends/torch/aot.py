@@ -3,11 +3,12 @@
 `torch.compile` of the frozen bf16 step doubles the CPU decode speed, but torch 2.13 compiles it
 again in every process (`gemma_core.compile_cache`). This module exports the decode step once
 (`torch.export`, batch and cache slots dynamic, so one program serves every batch size and cache
-length), compiles it with inductor's freezing (the GEMM weights packed for oneDNN, as constants
-of the program; the embedding's gather runs before it, `split_embedding`) into a shared
-object, and keeps that file in the user cache
-(`compile_cache.cache_dir()/torch-aot/`, under its size bound). A later process loads it with
-torch's AOTInductor runner in well under a second, without importing dynamo or compiling.
+length), compiles it with inductor's freezing and GEMM autotuning (the weights constants of the
+program, each GEMM's packed for the kernel that won: oneDNN's, aten's or inductor's C++
+template; the embedding's gather runs before it, `split_embedding`) into a shared object, and
+keeps that file in the user cache (`compile_cache.cache_dir()/torch-aot/`, under its size
+bound). A later process loads it with torch's AOTInductor runner in well under a second,
+without importing dynamo or compiling.
 
 Only a model whose weights have an identity across processes (a GGUF file's load-cache entry,
 float or quantised from it at load: the `weights_key` compile option, `gemma_core.model`), run
@@ -16,11 +17,14 @@ layouts as constants (a weight the step dequantises each time, e.g. nf4 on float
 The file's name holds a hash of its whole key: the weights' key and config (its quantization
 too), the step inputs' names, dtypes and static dimensions, torch's version, the CPU's
 instruction-set flags (inductor compiles for this CPU) and a hash of the code that builds the
-step; a changed key writes a new file and removes the old one of the same weights.
+step; a changed key writes a new file, keeping the most recently used one of another key of the
+same weights (`KEEP_OTHER_KEYS`: two venvs of one model do not compile in turn) and removing older.
 
 Weights are frozen into the program: a weight set put in the model's place, or a patched op
 table, runs the eager step instead; weights edited in place are not seen by it (as under
-`torch.compile` with freezing). Use `compile=False` (`--no-compile`) for either.
+`torch.compile` with freezing), except the embedding table by its gather, which runs outside
+the program (a tied LM head inside it keeps the old values). Use `compile=False`
+(`--no-compile`) for either.
 
 Measured on the real Gemma 3 270M (2-core CPU, `benchmarks/results-cpu-e2e.md`): in session 28
 bf16 decode 72 tok/s against the eager step's 19, int4 101 tok/s (1.35x llama.cpp's Q4_K_M in
@@ -56,11 +60,12 @@ log = logging.getLogger("gemma_core")
 
 FORMAT = 1
 # parameters below which the default (compile=None) keeps the eager step: a small model's step
-# is fast already and its compile (~20 s even for a tiny one) would not repay; compile=True
+# is fast already and its compile (~30 s even for a tiny one) would not repay; compile=True
 # asks for the package at any size
 MIN_PARAMS = 50_000_000
 _SHARED = ("gemma_core", "backends/torch")  # the code whose hash is part of every key
 _BUILDING = threading.Lock()
+KEEP_OTHER_KEYS = 1  # programs of the same weights under other keys kept beside a new one
 # inductor's settings for the program: freezing (constants, GEMM weights packed ahead of time);
 # max_autotune lets inductor's C++ GEMM template bid against the aten kernels, shape by shape
 COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
@@ -142,8 +147,10 @@ def _dims(env: Mapping[str, Any], windows: tuple[int | None, ...]) -> dict[str, 
         elif name.startswith("cache."):
             d = {0: "batch", 2: slot(windows[int(name.split(".")[1])])}
             dims[name] = (d, d)
-        else:  # ids (or the embedded rows, `split_embedding`), positions
+        elif name in ("ids", "x0", "positions"):  # (x0: the embedded rows, `split_embedding`)
             dims[name] = {0: "batch"}
+        else:
+            raise GraphError(f"decode program: no dimensions known for the input {name!r}")
     return dims
 
 
@@ -287,12 +294,11 @@ class DecodeProgram:
                 for name, value in env.items()}
 
     def _open(self, env: Mapping[str, Any]) -> bool:
-        dims = _dims(env, self.windows)
-        key = package_key(self.weights_key, env, dims)
-        path = package_path(self.weights_name, key)
-        if path.is_file() and self._load_kept(path):
-            return True
         try:
+            dims = _dims(env, self.windows)
+            path = package_path(self.weights_name, package_key(self.weights_key, env, dims))
+            if path.is_file() and self._load_kept(path):
+                return True
             self._build(env, dims, path)
         except Exception as e:  # an export or compile failure must not stop generation
             self._failed = True
@@ -320,6 +326,7 @@ class DecodeProgram:
 
     def _build(self, env: Mapping[str, Any], dims: Mapping[str, Any], path: Path) -> None:
         from backends.torch import FrozenWeights
+        from gemma_core.transaction import writer_tag
 
         notice("gemma-core: compiling torch's decode step for these weights, once (one to two "
                     "minutes for a 270M model on 2 cores); later runs load it from %s", path.parent)
@@ -330,7 +337,7 @@ class DecodeProgram:
                                           strict=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_builds(path.parent)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".build-{os.getpid()}-") as tmp:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".build-{writer_tag()}-") as tmp:
             with torch._inductor.config.patch(COMPILE_OPTIONS):
                 package = torch._inductor.aoti_compile_and_package(
                     program, package_path=os.path.join(tmp, "step.pt2"))
@@ -343,9 +350,12 @@ class DecodeProgram:
         from gemma_core.errors import GemmaError
         from gemma_core.transaction import write_transaction
 
-        for old in path.parent.glob(path.name.split("-")[0] + "-*.so"):
+        # the same weights' programs of other keys (code, torch, CPU): the most recently used
+        # stays (two venvs or checkouts of one model alternate without compiling each time)
+        others = [p for p in path.parent.glob(path.name.split("-")[0] + "-*.so") if p != path]
+        for old in sorted(others, key=_last_use, reverse=True)[KEEP_OTHER_KEYS:]:
             with contextlib.suppress(OSError):
-                old.unlink()  # the same weights' program of another key (code, torch, CPU)
+                old.unlink()
         why = f"{so.stat().st_size >> 20} MiB exceed the cache bound (GEMMA_CACHE_MAX_BYTES)" \
             if so.stat().st_size > max_bytes() else None
         if why is None:
@@ -362,13 +372,20 @@ class DecodeProgram:
         self._load(so)  # (its mapping outlives the file)
 
 
-def remove_dead_builds(folder: Path) -> list[Path]:
-    """Remove the build folders (`.build-<pid>-*`: the package and its shared object, the size
-    of the program) of builds whose process is gone, a compile killed midway; returns them."""
-    from gemma_core.transaction import pid_alive
+def _last_use(path: Path) -> float:
+    try:
+        return path.stat().st_mtime  # (a load touches it: `_load_kept`)
+    except OSError:
+        return 0.0
 
-    dead = [p for p in folder.glob(".build-*") if p.is_dir()
-            and (pid := p.name[len(".build-"):].split("-", 1)[0]).isdigit() and not pid_alive(int(pid))]
+
+def remove_dead_builds(folder: Path) -> list[Path]:
+    """Remove the build folders (`.build-<pid>-<host>-*`: the package and its shared object, the
+    size of the program) of builds whose process is gone, a compile killed midway; returns them.
+    Another machine's builds (a shared cache folder) are left to it."""
+    from gemma_core.transaction import writer_gone
+
+    dead = [p for p in folder.glob(".build-*") if p.is_dir() and writer_gone(p.name[len(".build-"):])]
     for build in dead:
         shutil.rmtree(build, ignore_errors=True)
     return dead
