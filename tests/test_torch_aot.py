@@ -5,6 +5,8 @@ a warning; what gets no program."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import subprocess
@@ -45,13 +47,18 @@ def kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     config = get_preset("tiny-gemma3")
     path = write_gguf(folder / "m.gguf", config, random_weights(config, 5), qtype="F16")
     builds: list[Path] = []
+    printed: list[str] = []  # stderr of each build
     ran: list[bool] = []  # per decode step offered to a program: whether it ran it
     programs: list[Any] = []  # the program offered each step
     real, call = aot.DecodeProgram._build, aot.DecodeProgram.__call__
 
     def counted(self, env, dims, where):  # type: ignore[no-untyped-def]
         builds.append(where)
-        return real(self, env, dims, where)
+        with contextlib.redirect_stderr(io.StringIO()) as err:  # (what a build prints)
+            try:
+                return real(self, env, dims, where)
+            finally:
+                printed.append(err.getvalue())
 
     def running(self, env):  # type: ignore[no-untyped-def]
         out = call(self, env)
@@ -61,13 +68,14 @@ def kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GEMMA_CACHE_DIR", str(folder / "cache"))
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))  # cold: autotuning runs
         mp.delenv("GEMMA_LOAD_CACHE", raising=False)
         mp.delenv("GEMMA_CACHE_MAX_BYTES", raising=False)
         mp.setattr(aot, "MIN_PARAMS", 0)
         mp.setattr(aot.DecodeProgram, "_build", counted)
         mp.setattr(aot.DecodeProgram, "__call__", running)
         yield {"path": path, "cache": folder / "cache", "builds": builds, "ran": ran,
-               "programs": programs}
+               "programs": programs, "printed": printed}
 
 
 def _load(path: Path, backend: str = "torch", dtype: str = "bfloat16", **kw: Any) -> gemma_core.Model:
@@ -113,6 +121,7 @@ def test_one_program_conforms_at_every_batch_and_length(kept: dict, batch: int, 
     ref, ref_cache = _decode(_load(kept["path"], "numpy", "float32"), prompts, tokens, length)
     _conforms(ours, ours_cache, ref, ref_cache)
     assert len(kept["builds"]) == 1 and len(list((kept["cache"] / "torch-aot").glob("*.so"))) == 1
+    assert kept["printed"] == [""]  # (inductor's autotuning tables went to stderr)
 
 
 def test_a_new_process_loads_the_kept_program(kept: dict) -> None:

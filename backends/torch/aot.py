@@ -69,6 +69,15 @@ KEEP_OTHER_KEYS = 1  # programs of the same weights under other keys kept beside
 # inductor's settings for the program: freezing (constants, GEMM weights packed ahead of time);
 # max_autotune lets inductor's C++ GEMM template bid against the aten kernels, shape by shape
 COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# autotuning writes its tables on stderr (hundreds of lines for the 270M), which the quiet
+# default must not show; inductor's own variables still ask for them
+_QUIET = (("autotune_num_choices_displayed", 0, "TORCHINDUCTOR_AUTOTUNE_NUM_CHOICES_DISPLAYED"),
+          ("max_autotune_report_choices_stats", False, "TORCHINDUCTOR_MAX_AUTOTUNE_REPORT_CHOICES_STATS"))
+
+
+def _build_options() -> dict[str, Any]:
+    """COMPILE_OPTIONS, and inductor's stderr reports off unless its variables are set."""
+    return {**COMPILE_OPTIONS, **{name: value for name, value, env in _QUIET if env not in os.environ}}
 
 
 def wanted(options: Mapping[str, Any], weights: Mapping[str, Any]) -> bool:
@@ -338,7 +347,7 @@ class DecodeProgram:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_builds(path.parent)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".build-{writer_tag()}-") as tmp:
-            with torch._inductor.config.patch(COMPILE_OPTIONS):
+            with torch._inductor.config.patch(_build_options()):
                 package = torch._inductor.aoti_compile_and_package(
                     program, package_path=os.path.join(tmp, "step.pt2"))
             self._keep(_extract_so(package, Path(tmp)), path)
