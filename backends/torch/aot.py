@@ -31,7 +31,7 @@ bf16 decode 72 tok/s against the eager step's 19, int4 101 tok/s (1.35x llama.cp
 the same run). Since session 29 inductor autotunes the GEMMs (`COMPILE_OPTIONS`): its C++
 template runs the int8 weight-only GEMMs (the int8 table of the int4/int8 schemes as the LM
 head: 79 -> 14 ms at 16 rows, 14 -> 9 ms at one, measured alone), so quantised decode scales
-with the batch; the first export and compile takes ~100 s, a warm load ~0.4 s.
+with the batch; the first export and compile takes ~110-170 s, a warm load ~0.4 s.
 """
 
 from __future__ import annotations
@@ -337,8 +337,8 @@ class DecodeProgram:
         from backends.torch import FrozenWeights
         from gemma_core.transaction import writer_tag
 
-        notice("gemma-core: compiling torch's decode step for these weights, once (one to two "
-                    "minutes for a 270M model on 2 cores); later runs load it from %s", path.parent)
+        notice("gemma-core: compiling torch's decode step for these weights, once (two to three "
+               "minutes for a 270M model on 2 cores); later runs load it from %s", path.parent)
         module = FrozenWeights(self.weights, self.step).eval()
         with torch.inference_mode(False), torch.no_grad():
             example = _example(env, dims)
