@@ -852,5 +852,26 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
 
+def entry() -> NoReturn:
+    """The `gemma` command: `main()`, then the exit handlers and a flush of the streams, and an
+    exit without Python's finalisation, which frees torch's objects one by one (~0.7 s of a
+    warm `gemma generate` on the real 270M, after its last token). Where another thread still
+    runs, or a stream cannot be flushed, the exit is Python's own."""
+    import atexit
+    import threading
+
+    code = main()
+    main_thread = threading.main_thread()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not main_thread):
+        sys.exit(code)  # (Python waits for them)
+    atexit._run_exitfuncs()  # (CPython's: what sys.exit would run first; each runs once)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: Python's exit reports it as it always does
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

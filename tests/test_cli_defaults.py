@@ -68,6 +68,40 @@ def test_graph_and_mask_default_to_the_embedded_model_and_its_tokenizer(capsys) 
     assert " capital" in out and " France" in out  # SentencePiece pieces, not whitespace words
 
 
+_ENTRY = """
+import atexit, sys, threading, time
+import gemma_core.cli as cli
+atexit.register(lambda: print("exit handler ran", file=sys.stderr))
+if sys.argv[1] == "thread":  # a thread still running after main: Python's own exit waits for it
+    done, main = threading.Event(), cli.main
+    def ended():
+        try:
+            return main()
+        finally:
+            done.set()
+    cli.main = ended
+    threading.Thread(target=lambda: (done.wait(), time.sleep(0.2), print("thread done"))).start()
+sys.argv = ["gemma", *sys.argv[2:]]
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize("thread", ["", "thread"])
+def test_the_command_exits_with_its_status_its_output_whole_and_its_exit_handlers_run(
+        folder: Path, thread: str) -> None:
+    """`gemma` skips Python's finalisation (`cli.entry`), never what an exit must do."""
+    run = [sys.executable, "-c", _ENTRY, thread]
+    ok = subprocess.run([*run, "generate", "--model", str(folder), "--backend", "numpy",
+                         "--max-new-tokens", "3", "hi"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stderr.endswith("exit handler ran\n")
+    assert ok.stdout.endswith("\nthread done\n" if thread else "\n") and len(ok.stdout) > 1
+    bad = subprocess.run([*run, "generate", "--model", "/no/such/model", "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "gemma: error: " in bad.stderr
+    assert bad.stderr.endswith("exit handler ran\n")
+
+
 @pytest.mark.slow
 def test_tensorflow_logs_nothing_by_default(folder: Path) -> None:
     pytest.importorskip("tensorflow")
