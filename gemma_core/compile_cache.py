@@ -74,9 +74,22 @@ def max_bytes() -> int:
     return max(n, 0)
 
 
+def _used(st: os.stat_result) -> float:
+    """A file's last use: the later of its access and modification times (access times are
+    coarse or off on many mounts); the order in which `trim` removes files."""
+    return max(st.st_atime, st.st_mtime)
+
+
+def last_use(path: Path) -> float:
+    """`path`'s last use (`_used`), 0 where it cannot be read (removed meanwhile)."""
+    try:
+        return _used(path.stat())
+    except OSError:
+        return 0.0
+
+
 def _files(root: Path) -> list[tuple[float, int, Path]]:
-    """(last use, size, path) of every regular file below `root`; last use is the later of the
-    access and modification times (access times are coarse or off on many mounts)."""
+    """(last use, size, path) of every regular file below `root`."""
     out = []
     for folder, _, names in os.walk(root):
         for name in names:
@@ -86,7 +99,7 @@ def _files(root: Path) -> list[tuple[float, int, Path]]:
             except OSError:  # removed by another process meanwhile
                 continue
             if not path.is_symlink():
-                out.append((max(st.st_atime, st.st_mtime), st.st_size, path))
+                out.append((_used(st), st.st_size, path))
     return out
 
 

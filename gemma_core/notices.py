@@ -18,7 +18,7 @@ _printers: list[Callable[[str], None]] = []
 def notice(message: str, *args: object) -> None:
     """Log `message % args` as a warning; where logging is turned off and a printer is set
     (`printing`), print it there instead."""
-    printer = _printers[-1] if _printers else None  # (read once: another thread may pop it)
+    printer = next(iter(_printers[-1:]), None)  # (one read: another thread may pop it)
     if printer is not None and logging.root.manager.disable >= logging.WARNING:
         with contextlib.suppress(Exception):
             printer(message % args if args else message)

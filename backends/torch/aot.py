@@ -355,14 +355,14 @@ class DecodeProgram:
     def _keep(self, so: Path, path: Path) -> None:
         """Place the built `so` at `path` and load it; where it cannot be kept (beyond the
         cache's bound, or the folder cannot be written), load it for this process only."""
-        from gemma_core.compile_cache import max_bytes, trim
+        from gemma_core.compile_cache import last_use, max_bytes, trim
         from gemma_core.errors import GemmaError
         from gemma_core.transaction import write_transaction
 
         # the same weights' programs of other keys (code, torch, CPU): the most recently used
         # stays (two venvs or checkouts of one model alternate without compiling each time)
         others = [p for p in path.parent.glob(path.name.split("-")[0] + "-*.so") if p != path]
-        for old in sorted(others, key=_last_use, reverse=True)[KEEP_OTHER_KEYS:]:
+        for old in sorted(others, key=last_use, reverse=True)[KEEP_OTHER_KEYS:]:
             with contextlib.suppress(OSError):
                 old.unlink()
         why = f"{so.stat().st_size >> 20} MiB exceed the cache bound (GEMMA_CACHE_MAX_BYTES)" \
@@ -379,13 +379,6 @@ class DecodeProgram:
                 return
         notice("gemma-core: the decode program is used in this process only, not kept (%s)", why)
         self._load(so)  # (its mapping outlives the file)
-
-
-def _last_use(path: Path) -> float:
-    try:
-        return path.stat().st_mtime  # (a load touches it: `_load_kept`)
-    except OSError:
-        return 0.0
 
 
 def remove_dead_builds(folder: Path) -> list[Path]:
