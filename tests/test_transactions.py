@@ -244,6 +244,17 @@ def test_another_machines_partial_output_is_left_alone(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == sorted(["out", theirs.name, odd.name])
 
 
+def test_a_pid_beyond_the_kernels_range_is_a_writer_gone(tmp_path: Path) -> None:
+    """A hand-made name with a pid no process can have (os.kill raises OverflowError) must not
+    break every later write to the folder: it is removed like a dead writer's."""
+    huge = tmp_path / f".out.partial-{writer_tag(2**70)}-abcd"
+    huge.write_bytes(b"half")
+    with pytest.warns(LeftoverWarning, match="left by an interrupted write"), \
+            write_transaction(tmp_path / "out") as tmp:
+        tmp.write_bytes(b"whole")
+    assert os.listdir(tmp_path) == ["out"]
+
+
 @pytest.mark.parametrize("to", ["hf", "gguf", "gemma-pytorch", "keras-hub", "flax"])
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, models: Path, to: str) -> None:
     """The file size limit (RLIMIT_FSIZE, SIGXFSZ ignored) stands in for a full disk: every write
