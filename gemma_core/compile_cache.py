@@ -105,16 +105,12 @@ def _files(root: Path) -> list[tuple[float, int, Path]]:
 
 def _in_flight(rel: Path) -> bool:
     """Whether `rel` (below the cache folder) is, or lies in, the output of a write still running:
-    a decode program's build folder (empty for most of its compile) or a partial output
-    (`gemma_core.transaction`) whose writer has not ended. `trim` leaves those alone."""
-    from gemma_core.transaction import writer_gone
+    a decode program's build folder (empty for most of its compile), a partial output or a
+    previous output moved aside for a moment (`gemma_core.transaction`) whose writer has not
+    ended. `trim` leaves those alone."""
+    from gemma_core.transaction import writing
 
-    for part in rel.parts:
-        if part.startswith(".build-"):
-            return not writer_gone(part[len(".build-"):])
-        if part.startswith(".") and ".partial-" in part:
-            return not writer_gone(part.split(".partial-", 1)[1])
-    return False
+    return any(writing(part) for part in rel.parts)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -145,6 +146,7 @@ def _replace(tmp: Path, dst: Path) -> None:
     remove(old)
 
 
+_WRITER = re.compile(r"[0-9]+-[0-9a-f]{8}(-|$)")  # `writer_tag`'s form, then the name's rest
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
@@ -160,6 +162,36 @@ def writer_gone(tag: str) -> bool:
     name of another form, is not judged."""
     pid, _, rest = tag.partition("-")
     return pid.isdigit() and rest.split("-", 1)[0] == _HOST and not _pid_alive(int(pid))
+
+
+TEMPORARY_KINDS = ("partial", "old")  # `.{stem}.{kind}-<writer>-<hex>{suffix}`, this module's
+BUILD_PREFIX = ".build-"  # `.build-<writer>-<random>`: a folder a long build writes into
+
+
+def build_prefix() -> str:
+    """The name prefix of a build folder of this process (`.build-<pid>-<host>-`)."""
+    return f"{BUILD_PREFIX}{writer_tag()}-"
+
+
+def temporary_writer(name: str) -> str | None:
+    """The writer part (`<pid>-<host>-...`) of a temporary name this project makes: a build
+    folder (`build_prefix`), a partial output or a previous output moved aside
+    (`write_transaction`); None for any other name."""
+    if name.startswith(BUILD_PREFIX):
+        return name[len(BUILD_PREFIX):]
+    if name.startswith("."):
+        for kind in TEMPORARY_KINDS:
+            head, sep, writer = name.partition(f".{kind}-")
+            if sep and head:
+                return writer
+    return None
+
+
+def writing(name: str) -> bool:
+    """Whether `name` is a temporary name of a write that may still run (`temporary_writer`,
+    its writer not known to be gone): another process's trim or cleanup leaves it alone."""
+    writer = temporary_writer(name)
+    return writer is not None and _WRITER.match(writer) is not None and not writer_gone(writer)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -180,7 +212,7 @@ def clean_leftovers(dst: Path) -> list[Path]:
     parent = dst.parent if dst.parent.is_dir() else None
     if parent is None:
         return found
-    for kind in ("partial", "old"):
+    for kind in TEMPORARY_KINDS:
         for path in sorted(parent.glob(f".{dst.stem}.{kind}-*{dst.suffix}")):
             if not writer_gone(path.name[len(f".{dst.stem}.{kind}-"):]):
                 continue

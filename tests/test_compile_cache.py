@@ -70,16 +70,21 @@ def test_trim_removes_the_least_recently_used_files_first(cache: Path) -> None:
 
 
 def test_trim_leaves_a_write_still_running_alone(cache: Path) -> None:
-    """A decode program's build folder (empty for most of its compile) and a partial output of
-    a live writer stay; a dead writer's partial output is trimmed like any file."""
+    """A decode program's build folder (empty for most of its compile), a partial output and a
+    previous output moved aside of a live writer stay; a dead writer's are trimmed like any
+    file, and so is a name that only looks like one (not the writer's form)."""
     from gemma_core.transaction import writer_tag
 
     building = cache / "torch-aot" / f".build-{writer_tag()}-x"
     building.mkdir(parents=True)
     live = _file(cache / "load" / f".e.partial-{writer_tag()}-ab.npz", 400, age=300)
+    aside = _file(cache / "load" / f".f.old-{writer_tag()}-ab.npz", 400, age=300)
     dead = _file(cache / "load" / f".e.partial-{writer_tag(999999999)}-cd.npz", 400, age=300)
-    assert compile_cache.trim(limit=0) == 400
-    assert building.is_dir() and live.exists() and not dead.exists()
+    dead_aside = _file(cache / "load" / f".f.old-{writer_tag(999999999)}-cd.npz", 400, age=300)
+    lookalike = _file(cache / "load" / ".g.old-notes.npz", 400, age=300)
+    assert compile_cache.trim(limit=0) == 1200
+    assert building.is_dir() and live.exists() and aside.exists()
+    assert not dead.exists() and not dead_aside.exists() and not lookalike.exists()
 
 
 def test_gemma_cache_info_and_clear(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:

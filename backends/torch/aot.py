@@ -335,7 +335,7 @@ class DecodeProgram:
 
     def _build(self, env: Mapping[str, Any], dims: Mapping[str, Any], path: Path) -> None:
         from backends.torch import FrozenWeights
-        from gemma_core.transaction import writer_tag
+        from gemma_core.transaction import build_prefix
 
         notice("gemma-core: compiling torch's decode step for these weights, once (two to three "
                "minutes for a 270M model on 2 cores); later runs load it from %s", path.parent)
@@ -346,7 +346,7 @@ class DecodeProgram:
                                           strict=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_builds(path.parent)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".build-{writer_tag()}-") as tmp:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=build_prefix()) as tmp:
             with torch._inductor.config.patch(_build_options()):
                 package = torch._inductor.aoti_compile_and_package(
                     program, package_path=os.path.join(tmp, "step.pt2"))
@@ -385,9 +385,9 @@ def remove_dead_builds(folder: Path) -> list[Path]:
     """Remove the build folders (`.build-<pid>-<host>-*`: the package and its shared object, the
     size of the program) of builds whose process is gone, a compile killed midway; returns them.
     Another machine's builds (a shared cache folder) are left to it."""
-    from gemma_core.transaction import writer_gone
+    from gemma_core.transaction import BUILD_PREFIX, writing
 
-    dead = [p for p in folder.glob(".build-*") if p.is_dir() and writer_gone(p.name[len(".build-"):])]
+    dead = [p for p in folder.glob(f"{BUILD_PREFIX}*") if p.is_dir() and not writing(p.name)]
     for build in dead:
         shutil.rmtree(build, ignore_errors=True)
     return dead
