@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,16 @@ def kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
     def counted(self, env, dims, where):  # type: ignore[no-untyped-def]
         builds.append(where)
-        with contextlib.redirect_stderr(io.StringIO()) as err:  # (what a build prints)
+        with contextlib.redirect_stderr(io.StringIO()) as err, \
+                warnings.catch_warnings(record=True) as caught:  # (what a build prints or warns)
+            warnings.simplefilter("always")  # what the command shows (Python's default filters)
+            for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=hidden)
             try:
                 return real(self, env, dims, where)
             finally:
-                printed.append(err.getvalue())
+                printed.append(err.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n"
+                                                        for w in caught))
 
     def running(self, env):  # type: ignore[no-untyped-def]
         out = call(self, env)
@@ -121,7 +127,7 @@ def test_one_program_conforms_at_every_batch_and_length(kept: dict, batch: int, 
     ref, ref_cache = _decode(_load(kept["path"], "numpy", "float32"), prompts, tokens, length)
     _conforms(ours, ours_cache, ref, ref_cache)
     assert len(kept["builds"]) == 1 and len(list((kept["cache"] / "torch-aot").glob("*.so"))) == 1
-    assert kept["printed"] == [""]  # (inductor's autotuning tables went to stderr)
+    assert kept["printed"] == [""]  # (inductor's autotuning tables; torch's TypedStorage warning)
 
 
 def test_a_new_process_loads_the_kept_program(kept: dict) -> None:
