@@ -27,7 +27,6 @@ import ctypes
 import errno
 import hashlib
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -146,7 +145,6 @@ def _replace(tmp: Path, dst: Path) -> None:
     remove(old)
 
 
-_WRITER = re.compile(r"[0-9]+-[0-9a-f]{8}(-|$)")  # `writer_tag`'s form, then the name's rest
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
@@ -189,9 +187,10 @@ def temporary_writer(name: str) -> str | None:
 
 def writing(name: str) -> bool:
     """Whether `name` is a temporary name of a write that may still run (`temporary_writer`,
-    its writer not known to be gone): another process's trim or cleanup leaves it alone."""
+    its writer not known to be gone: another machine's, or a name of another form, e.g. an
+    older version's, counts as running): another process's trim or cleanup leaves it alone."""
     writer = temporary_writer(name)
-    return writer is not None and _WRITER.match(writer) is not None and not writer_gone(writer)
+    return writer is not None and not writer_gone(writer)
 
 
 def _pid_alive(pid: int) -> bool:

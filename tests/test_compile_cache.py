@@ -71,8 +71,8 @@ def test_trim_removes_the_least_recently_used_files_first(cache: Path) -> None:
 
 def test_trim_leaves_a_write_still_running_alone(cache: Path) -> None:
     """A decode program's build folder (empty for most of its compile), a partial output and a
-    previous output moved aside of a live writer stay; a dead writer's are trimmed like any
-    file, and so is a name that only looks like one (not the writer's form)."""
+    previous output moved aside of a live writer stay, and so does such a name of another form
+    (an older version's writer, not judged); a dead writer's are trimmed like any file."""
     from gemma_core.transaction import writer_tag
 
     building = cache / "torch-aot" / f".build-{writer_tag()}-x"
@@ -81,10 +81,10 @@ def test_trim_leaves_a_write_still_running_alone(cache: Path) -> None:
     aside = _file(cache / "load" / f".f.old-{writer_tag()}-ab.npz", 400, age=300)
     dead = _file(cache / "load" / f".e.partial-{writer_tag(999999999)}-cd.npz", 400, age=300)
     dead_aside = _file(cache / "load" / f".f.old-{writer_tag(999999999)}-cd.npz", 400, age=300)
-    lookalike = _file(cache / "load" / ".g.old-notes.npz", 400, age=300)
-    assert compile_cache.trim(limit=0) == 1200
-    assert building.is_dir() and live.exists() and aside.exists()
-    assert not dead.exists() and not dead_aside.exists() and not lookalike.exists()
+    other_form = _file(cache / "load" / ".g.old-1234-abc.npz", 400, age=300)
+    assert compile_cache.trim(limit=0) == 800
+    assert building.is_dir() and live.exists() and aside.exists() and other_form.exists()
+    assert not dead.exists() and not dead_aside.exists()
 
 
 def test_gemma_cache_info_and_clear(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
