@@ -62,9 +62,14 @@ class Served:
     engine: Engine
     server: Any
     thread: threading.Thread
+    clients: list[Any] = dataclasses.field(default_factory=list)  # closed when serving ends
 
     def client(self, key: str | None = KEY) -> Any:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=20)
+        """An openai client of the server, closed with it (a client dropped with its connection
+        open warns of an unclosed socket wherever the garbage collector happens to run)."""
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=20)
+        self.clients.append(client)
+        return client
 
     def post(self, path: str, body: Any, key: str | None = KEY, timeout: float = 20) -> Any:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -88,9 +93,12 @@ def serving(model: Any, *, max_batch: int = 4, max_queue: int = 16, request_time
     while not server.started:
         assert thread.is_alive() and time.monotonic() < end, "the server did not start"
         time.sleep(0.01)
+    served = Served(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, server, thread)
     try:
-        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, server, thread)
+        yield served
     finally:
+        for client in served.clients:
+            client.close()
         server.should_exit = True
         thread.join(15)
         sock.close()
