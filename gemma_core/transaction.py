@@ -27,6 +27,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -164,6 +165,7 @@ def writer_gone(tag: str) -> bool:
 
 TEMPORARY_KINDS = ("partial", "old")  # `.{stem}.{kind}-<writer>-<hex>{suffix}`, this module's
 BUILD_PREFIX = ".build-"  # `.build-<writer>-<random>`: a folder a long build writes into
+_TEMPORARY = re.compile(rf"\..+\.(?:{'|'.join(TEMPORARY_KINDS)})-(.*)", re.DOTALL)
 
 
 def build_prefix() -> str:
@@ -177,12 +179,8 @@ def temporary_writer(name: str) -> str | None:
     (`write_transaction`); None for any other name."""
     if name.startswith(BUILD_PREFIX):
         return name[len(BUILD_PREFIX):]
-    if name.startswith("."):
-        for kind in TEMPORARY_KINDS:
-            head, sep, writer = name.partition(f".{kind}-")
-            if sep and head:
-                return writer
-    return None
+    match = _TEMPORARY.match(name)  # (the last `.partial-`/`.old-`: a stem may hold one too)
+    return match.group(1) if match else None
 
 
 def writing(name: str) -> bool:
@@ -213,7 +211,7 @@ def clean_leftovers(dst: Path) -> list[Path]:
         return found
     for kind in TEMPORARY_KINDS:
         for path in sorted(parent.glob(f".{dst.stem}.{kind}-*{dst.suffix}")):
-            if not writer_gone(path.name[len(f".{dst.stem}.{kind}-"):]):
+            if writing(path.name):
                 continue
             found.append(path)
             if kind == "old" and not (dst.exists() or dst.is_symlink()):

@@ -251,6 +251,16 @@ def package_path(weights_name: str, key: str) -> Path:
     return cache_dir() / "torch-aot" / f"{weights}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
+@contextlib.contextmanager
+def _quiet_build() -> Any:
+    """Torch's own deprecation warnings about its internals (a cold compile's freezing reads
+    `tensor.storage()`: "TypedStorage is deprecated") are not the user's to act on: hidden
+    while a build runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+        yield
+
+
 class DecodeProgram:
     """The kept decode program of one weight set, loaded (or built and kept) at its first decode
     step; `__call__(env)` runs it, or says it cannot (the caller then runs the eager step)."""
@@ -334,6 +344,7 @@ class DecodeProgram:
         self._specs = (pytree.treespec_loads(in_spec), pytree.treespec_loads(out_spec))
         self._runner = runner
 
+    @_quiet_build()
     def _build(self, env: Mapping[str, Any], dims: Mapping[str, Any], path: Path) -> None:
         from backends.torch import FrozenWeights
         from gemma_core.transaction import build_prefix
@@ -341,14 +352,14 @@ class DecodeProgram:
         notice("gemma-core: compiling torch's decode step for these weights, once (two to three "
                "minutes for a 270M model on 2 cores); later runs load it from %s", path.parent)
         module = FrozenWeights(self.weights, self.step).eval()
-        with _quiet_build(), torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             example = _example(env, dims)
             program = torch.export.export(module, (example,), dynamic_shapes=(_export_dims(dims),),
                                           strict=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_builds(path.parent)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=build_prefix()) as tmp:
-            with _quiet_build(), torch._inductor.config.patch(_build_options()):
+            with torch._inductor.config.patch(_build_options()):
                 package = torch._inductor.aoti_compile_and_package(
                     program, package_path=os.path.join(tmp, "step.pt2"))
             self._keep(_extract_so(package, Path(tmp)), path)
@@ -380,15 +391,6 @@ class DecodeProgram:
                 return
         notice("gemma-core: the decode program is used in this process only, not kept (%s)", why)
         self._load(so)  # (its mapping outlives the file)
-
-
-@contextlib.contextmanager
-def _quiet_build() -> Any:
-    """Torch's own deprecation warnings about its internals (a cold compile's freezing reads
-    `tensor.storage()`: "TypedStorage is deprecated") are not the user's to act on: hidden."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
-        yield
 
 
 def remove_dead_builds(folder: Path) -> list[Path]:
