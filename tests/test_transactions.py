@@ -294,3 +294,15 @@ def test_an_unwritable_destination_is_one_line(tmp_path: Path, models: Path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"gemma: error: {target}: cannot write") and "\n" not in err
     assert not target.exists()
+
+
+def test_a_temporary_names_writer_is_read_after_its_last_kind() -> None:
+    """The writer of a partial output or an aside is read after the name's last `.partial-` or
+    `.old-` (a destination stem may hold one); other names have none."""
+    from gemma_core.transaction import build_prefix, temporary_writer
+
+    tag = writer_tag(42)
+    assert temporary_writer(f".a.partial-b.old-{tag}-ff.npz") == f"{tag}-ff.npz"
+    assert temporary_writer(f".a.old-b.partial-{tag}-ff") == f"{tag}-ff"
+    assert temporary_writer(f"{build_prefix()}x") == f"{writer_tag()}-x"
+    assert temporary_writer("plain.npz") is None and temporary_writer(".old-x") is None
